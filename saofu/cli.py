@@ -1,0 +1,284 @@
+"""The `saofu` command line.
+
+Every command that produces results takes `--json` and then prints exactly one JSON object on
+stdout (progress goes to stderr). Bad input is reported as one `error: ...` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from saofu.errors import SaofuError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="saofu: the 福 recogniser's MLOps pipeline.")
+data_app = typer.Typer(no_args_is_help=True, help="Generate and inspect datasets.")
+models_app = typer.Typer(no_args_is_help=True, help="Registered model factories.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (tables side by side with their peers).")
+step_app = typer.Typer(no_args_is_help=True, help="Single pipeline steps on files (what dvc.yaml runs).")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+app.add_typer(step_app, name="step")
+
+JsonOpt = typer.Option(False, "--json", help="Print one machine-readable JSON summary on stdout.")
+
+
+@contextlib.contextmanager
+def _progress_to_stderr(enabled: bool):
+    """With --json, stdout carries only the summary: route progress prints to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _emit(summary: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str))
+    else:
+        print(human)
+
+
+def _quiet_prefect() -> None:
+    """Short flows: no heartbeat thread (it costs ~1 s per flow run to join)."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def _run_flow(flow_fn, params):
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return flow_fn(params)
+
+
+# ---------------------------------------------------------------- data
+@data_app.command("generate")
+def data_generate(
+    out: Path = typer.Option(..., "--out", help="Output folder (ImageFolder tree + manifest.csv)."),
+    n: int = typer.Option(3000, "--n", help="Number of images."),
+    seed: int = typer.Option(0, "--seed"),
+    size: int = typer.Option(64, "--size", help="Image side length in pixels."),
+    merchant: bool = typer.Option(False, "--merchant", help="Add the directional class fu_merchant."),
+    as_json: bool = JsonOpt,
+):
+    """Generate the Fu world: fu / not_fu crops, fonts split between train and test."""
+    from tasks.fu_world import WorldConfig, generate_world
+
+    cfg = WorldConfig(n=n, seed=seed, image_size=size, merchant=merchant)
+    with _progress_to_stderr(as_json):
+        summary = generate_world(out, cfg, progress=lambda d, t: print(f"  {d}/{t} images", flush=True))
+    info = {
+        "out_dir": str(summary.out_dir),
+        "manifest": str(summary.manifest),
+        "counts": summary.counts,
+        "train_font_groups": summary.train_font_groups,
+        "test_font_groups": summary.test_font_groups,
+    }
+    _emit(info, as_json, f"wrote {n} images to {out} (manifest {summary.manifest})")
+
+
+# ---------------------------------------------------------------- models
+@models_app.command("list")
+def models_list(
+    size: int = typer.Option(64, "--size", help="Input size for the FLOP count."),
+    classes: int = typer.Option(2, "--classes", help="Class count of the head."),
+    as_json: bool = JsonOpt,
+):
+    """Name, parameters and MFLOPs (multiply-adds) of every registered model."""
+    from models import count_flops, count_params, create_model, list_models
+
+    rows = []
+    for name in list_models():
+        kwargs = {}
+        if name == "saofu_from_arch":
+            continue  # needs an architecture string; shown through the models it builds
+        m = create_model(name, num_classes=classes, **kwargs)
+        rows.append({"name": name, "params": count_params(m), "mflops": count_flops(m, (size, size)) / 1e6})
+    lines = [f"{'name':<26}{'params':>12}{'MFLOPs@' + str(size):>14}"]
+    lines += [f"{r['name']:<26}{r['params']:>12,}{r['mflops']:>14.2f}" for r in rows]
+    _emit({"input_size": size, "num_classes": classes, "models": rows}, as_json, "\n".join(lines))
+
+
+# ---------------------------------------------------------------- train / demo
+def _check_train_inputs(data: Optional[Path], model: str) -> None:
+    from models import is_model, list_models
+
+    if not is_model(model):
+        raise SaofuError(f"unknown model {model!r}; known: {', '.join(list_models())}")
+    if data is not None:
+        from saofu.settings import get_settings
+        from tasks.data import prepare_dataset
+
+        # Decode (and cache) the data before the flow starts, so bad images are one clear line here
+        # rather than a failed flow run; the flow then reads the cache.
+        prepare_dataset(data, cache_dir=get_settings().cache_dir)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="ImageFolder dataset (flat or train/val/test)."),
+    model: str = typer.Option("saofu_fu", "--model", help="Model factory (see `saofu models list`)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture string (with --model saofu_from_arch)."),
+    epochs: int = typer.Option(15, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(4e-3, "--lr"),
+    image_size: int = typer.Option(64, "--image-size"),
+    val_share: float = typer.Option(0.15, "--val-share", help="Validation share when DIR has no val/ folder."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threshold: float = typer.Option(0.9, "--threshold"),
+    negative_class: Optional[str] = typer.Option(None, "--negative-class", help="Fallback class under the threshold."),
+    registered_model: str = typer.Option("saofu-recognizer", "--registered-model"),
+    experiment: str = typer.Option("saofu-train", "--experiment"),
+    as_json: bool = JsonOpt,
+):
+    """Train on any ImageFolder dataset, export ONNX, evaluate, register in MLflow."""
+    from flows.train import TrainFlowParams, train_flow
+
+    params = TrainFlowParams(
+        data_dir=str(data), model=model, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+        image_size=image_size, val_share=val_share, seed=seed, device=device, threshold=threshold,
+        negative_class=negative_class, registered_model=registered_model, experiment=experiment,
+    )
+    with _progress_to_stderr(as_json):
+        _check_train_inputs(data, model)
+        result = _run_flow(train_flow, params)
+    _emit(result.model_dump(), as_json, _train_summary(result))
+
+
+def _train_summary(r) -> str:
+    return (
+        f"\nvalidation accuracy {r.val_accuracy:.4f}; {r.eval_split} accuracy at threshold: "
+        f"{r.test_accuracy_at_threshold:.4f}\n"
+        f"model: {r.params:,} params, {r.mflops:.2f} MFLOPs, onnxruntime p50 {r.latency_p50_ms:.3f} ms\n"
+        f"MLflow run {r.run_id}, registered {r.registered_model} version {r.version}\n"
+        f"tracking store: {r.tracking_uri}\nONNX: {r.onnx_path}"
+    )
+
+
+@app.command()
+def demo(
+    n: int = typer.Option(3000, "--n", help="Images in the generated Fu world."),
+    epochs: int = typer.Option(15, "--epochs"),
+    as_json: bool = JsonOpt,
+):
+    """The main job on embedded defaults: the Fu world through the training flow."""
+    from flows.train import TrainFlowParams, train_flow
+    from tasks.tracking import mlflow_ui_hint
+
+    params = TrainFlowParams(world_n=n, epochs=epochs)
+    with _progress_to_stderr(as_json):
+        result = _run_flow(train_flow, params)
+    _emit(result.model_dump(), as_json, _train_summary(result) + f"\nbrowse: {mlflow_ui_hint()}")
+
+
+# ---------------------------------------------------------------- steps (dvc.yaml)
+@step_app.command("train")
+def step_train(
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint.pt, history.csv."),
+    model: str = typer.Option("saofu_fu", "--model"),
+    epochs: int = typer.Option(15, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(4e-3, "--lr"),
+    image_size: int = typer.Option(64, "--image-size"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+):
+    """Train only (no MLflow): the offline `dvc repro` step."""
+    from tasks.train_steps import train_recognizer
+    from tasks.training import TrainConfig
+
+    cfg = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed)
+    with _progress_to_stderr(as_json):
+        _check_train_inputs(data, model)
+        outcome = train_recognizer.fn(str(data), cfg, str(out), experiment=None)
+    _emit(outcome.__dict__, as_json, f"val accuracy {outcome.val_accuracy:.4f}; checkpoint {outcome.checkpoint}")
+
+
+@step_app.command("export")
+def step_export(
+    checkpoint: Path = typer.Option(..., "--checkpoint"),
+    out: Path = typer.Option(..., "--out", help="Output .onnx file."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Images for the parity check."),
+    as_json: bool = JsonOpt,
+):
+    """Export a checkpoint to ONNX and check parity with PyTorch."""
+    from tasks.train_steps import export_recognizer
+
+    with _progress_to_stderr(as_json):
+        outcome = export_recognizer.fn(str(checkpoint), str(out), str(data) if data else None)
+    _emit(outcome.__dict__, as_json, f"wrote {outcome.onnx_path} (parity {outcome.parity_max_abs_diff:.2e})")
+
+
+@step_app.command("evaluate")
+def step_evaluate(
+    model: Path = typer.Option(..., "--model", help="ONNX file."),
+    data: Path = typer.Option(..., "--data"),
+    out: Path = typer.Option(..., "--out", help="Report JSON."),
+    image_size: int = typer.Option(64, "--image-size"),
+    threshold: float = typer.Option(0.9, "--threshold"),
+    negative_class: Optional[str] = typer.Option(None, "--negative-class"),
+    as_json: bool = JsonOpt,
+):
+    """Evaluate an ONNX graph: accuracy at threshold, per-class precision/recall, latency."""
+    from tasks.train_steps import evaluate_recognizer
+
+    with _progress_to_stderr(as_json):
+        report = evaluate_recognizer.fn(str(model), str(data), str(out), image_size, threshold, negative_class)
+    _emit(report, as_json, f"accuracy at {threshold}: {report['accuracy_at_threshold']:.4f} (report {out})")
+
+
+# ---------------------------------------------------------------- bench
+@bench_app.command("models")
+def bench_models(
+    n: int = typer.Option(3000, "--n", help="Images in the generated Fu world."),
+    epochs: int = typer.Option(15, "--epochs", help="Training budget, the same for every model."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Use this ImageFolder dataset instead."),
+    out: Path = typer.Option(Path("bench/results/models.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """saofu's default architecture vs torchvision baselines, same data, same budget."""
+    from bench.models import run_models_bench
+
+    with _progress_to_stderr(as_json):
+        result = run_models_bench(n=n, epochs=epochs, data_dir=data, out=out)
+    _emit(result["summary"], as_json, result["table"])
+
+
+def main() -> None:
+    """Entry point: one clear line for bad input, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except SaofuError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and pydantic validation of flow parameters
+        import click
+        import pydantic
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, pydantic.ValidationError):
+            errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            print(f"error: invalid parameters: {errs}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
