@@ -27,6 +27,7 @@ from tasks.training import TrainConfig, fit, load_checkpoint
 @dataclass
 class TrainOutcome:
     checkpoint: str
+    arch: str  # the model's architecture string: enough, with the class map, to rebuild it
     classes: list[str]
     val_accuracy: float
     params: int
@@ -65,11 +66,10 @@ def _print_epoch(total: int):
 @task(name="generate-fu-world")
 def generate_fu_world(out_dir: str, n: int, seed: int, image_size: int = 64, merchant: bool = False) -> str:
     """Generate the Fu world into `out_dir`, reusing it when the same world is already there."""
-    from tasks.fu_world import WorldConfig, generate_world
+    from tasks.fu_world import WorldConfig, generate_world, is_same_world
 
     cfg = WorldConfig(n=n, seed=seed, image_size=image_size, merchant=merchant)
-    world_json = Path(out_dir) / "world.json"
-    if world_json.exists() and json.loads(world_json.read_text()).get("config") == asdict(cfg):
+    if is_same_world(out_dir, cfg):
         print(f"Fu world already generated in {out_dir}", flush=True)
         return out_dir
     print(f"generating the Fu world: {n} images of {image_size}px into {out_dir}", flush=True)
@@ -117,14 +117,15 @@ def train_recognizer(
     params = count_params(result.model)
     mflops = count_flops(result.model, (cfg.image_size, cfg.image_size)) / 1e6
     final_val = result.history[-1]["val_accuracy"]
+    arch = getattr(result.model, "arch_string", "")
     if run_id:
         tracking.log_metrics(run_id, {"params": params, "mflops": mflops, "val_accuracy_final": final_val})
-        client_arch = getattr(result.model, "arch_string", "")
-        tracking.log_dict(run_id, {"arch": client_arch, "classes": data.classes}, "model_card.json")
+        tracking.log_dict(run_id, {"arch": arch, "classes": data.classes}, "model_card.json")
         tracking.log_file(run_id, out / "checkpoint.pt", "checkpoint")
         tracking.log_file(run_id, out / "history.csv")
     return TrainOutcome(
         checkpoint=str(out / "checkpoint.pt"),
+        arch=arch,
         classes=data.classes,
         val_accuracy=final_val,
         params=params,
@@ -190,12 +191,12 @@ def evaluate_recognizer(
     )
     if run_id:
         tracking.log_metrics(run_id, {
-            f"{split_name}_accuracy": report["accuracy"],
-            f"{split_name}_accuracy_at_threshold": report["accuracy_at_threshold"],
+            f"onnx_{split_name}_accuracy": report["accuracy"],
+            f"onnx_{split_name}_accuracy_at_threshold": report["accuracy_at_threshold"],
             "latency_p50_ms": report["latency_p50_ms"],
             "latency_p95_ms": report["latency_p95_ms"],
-            **{f"{split_name}_recall_{c}": m["recall"] for c, m in report["per_class"].items()},
-            **{f"{split_name}_precision_{c}": m["precision"] for c, m in report["per_class"].items()},
+            **{f"onnx_{split_name}_recall_{c}": m["recall"] for c, m in report["per_class"].items()},
+            **{f"onnx_{split_name}_precision_{c}": m["precision"] for c, m in report["per_class"].items()},
         })
         tracking.log_file(run_id, report_path, "evaluation")
     return report
