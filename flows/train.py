@@ -82,10 +82,10 @@ class TrainFlowResult(BaseModel):
 def train_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainFlowResult:
     """Train, export, evaluate and register one recogniser."""
     settings = get_settings()
+    world_name = f"fu_world_n{params.world_n}_s{params.world_seed}" + ("_merchant" if params.merchant else "")
     data_dir = params.data_dir or generate_fu_world(
-        str(settings.data_dir / f"fu_world_n{params.world_n}_s{params.world_seed}"
-            + ("_merchant" if params.merchant else "")),
-        params.world_n, params.world_seed, params.image_size, params.merchant,
+        str(settings.data_dir / world_name), params.world_n, params.world_seed, params.image_size,
+        params.merchant,
     )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = settings.runs_dir / f"train-{stamp}-{flow_run.get_id() or 'local'}"[:48]

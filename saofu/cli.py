@@ -47,12 +47,12 @@ def _emit(summary: dict, as_json: bool, human: str) -> None:
         print(human)
 
 
-def _quiet_prefect() -> None:
-    """Short flows: no heartbeat thread (it costs ~1 s per flow run to join)."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-
-
 def _run_flow(flow_fn, params):
+    """Run a flow on the configured Prefect API (an ephemeral one when none is set).
+
+    No heartbeat thread: joining it costs ~1 s per flow run, and these runs are supervised by
+    the command that started them.
+    """
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
@@ -256,6 +256,8 @@ def bench_models(
 
 def main() -> None:
     """Entry point: one clear line for bad input, never a traceback."""
+    # No machine here reaches the internet: don't let the ephemeral Prefect server try to.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         app(standalone_mode=False)
     except SaofuError as exc:
