@@ -21,7 +21,8 @@ from saofu.settings import get_settings
 from tasks.data import prepare_dataset
 from tasks.evaluation import evaluate_onnx, measure_latency
 from tasks.export import export_onnx
-from tasks.training import TrainConfig, fit
+from tasks.fu_world import WorldConfig
+from tasks.training import TrainConfig, epoch_printer, fit
 
 BENCH_MODELS = (
     "saofu_fu",
@@ -53,7 +54,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_models_bench(
-    n: int = 3000, epochs: int = 15, data_dir: str | Path | None = None,
+    n: int = WorldConfig.n, epochs: int = TrainConfig.epochs, data_dir: str | Path | None = None,
     out: str | Path = "bench/results/models.json", models: tuple[str, ...] = BENCH_MODELS, seed: int = 0,
 ) -> dict:
     """Train and measure every model in `models`; write JSON to `out`.
@@ -74,7 +75,7 @@ def run_models_bench(
         for name in models:
             print(f"== {name}: training {epochs} epochs on {len(data.train)} images", flush=True)
             cfg = TrainConfig(model=name, epochs=epochs, seed=seed)
-            result = fit(cfg, data.train, data.val)
+            result = fit(cfg, data.train, data.val, on_epoch=epoch_printer(epochs, prefix="  "))
             onnx_path = export_onnx(result.model, data.classes, Path(tmp) / f"{name}.onnx")
             report = evaluate_onnx(onnx_path, eval_split, THRESHOLD, negative)
             latency = measure_latency(onnx_path, threads=1, runs=300)

@@ -6,7 +6,7 @@ starts, and the same object is logged to MLflow as the run's parameters.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +15,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from saofu.settings import get_settings
+from tasks.fu_world import WorldConfig
+from tasks.tracking import finish_run
 from tasks.train_steps import (
     evaluate_recognizer,
     export_recognizer,
@@ -31,19 +33,19 @@ class TrainFlowParams(BaseModel):
     data_dir: str | None = Field(
         None, description="ImageFolder dataset (flat, or with train/val/test). Empty: generate the Fu world."
     )
-    world_n: int = Field(3000, ge=60, description="Images to generate when no data_dir is given.")
+    world_n: int = Field(WorldConfig.n, ge=60, description="Images to generate when no data_dir is given.")
     world_seed: int = Field(0, description="Seed of the generated world.")
     merchant: bool = Field(False, description="Add the directional class fu_merchant to the generated world.")
     model: str = Field("saofu_fu", description="Registered model factory (see `saofu models list`).")
     arch: str | None = Field(None, description="Architecture string, for model saofu_from_arch.")
-    image_size: int = Field(64, ge=16, le=512)
-    epochs: int = Field(15, ge=1, le=500)
-    batch_size: int = Field(128, ge=2, le=4096)
-    lr: float = Field(4e-3, gt=0, le=1)
-    weight_decay: float = Field(2e-4, ge=0)
-    label_smoothing: float = Field(0.05, ge=0, lt=1)
-    aug_strength: float = Field(0.5, ge=0, le=1)
-    val_share: float = Field(0.15, gt=0, lt=1)
+    image_size: int = Field(TrainConfig.image_size, ge=16, le=512)
+    epochs: int = Field(TrainConfig.epochs, ge=1, le=500)
+    batch_size: int = Field(TrainConfig.batch_size, ge=2, le=4096)
+    lr: float = Field(TrainConfig.lr, gt=0, le=1)
+    weight_decay: float = Field(TrainConfig.weight_decay, ge=0)
+    label_smoothing: float = Field(TrainConfig.label_smoothing, ge=0, lt=1)
+    aug_strength: float = Field(TrainConfig.aug_strength, ge=0, le=1)
+    val_share: float = Field(TrainConfig.val_share, gt=0, lt=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threshold: float = Field(0.9, ge=0, le=1, description="Confidence a prediction must reach to count.")
@@ -87,25 +89,29 @@ def train_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainFlowResult:
         str(settings.data_dir / world_name), params.world_n, params.world_seed, params.image_size,
         params.merchant,
     )
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = settings.runs_dir / f"train-{stamp}-{flow_run.get_id() or 'local'}"[:48]
     tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "flow": "train"}
     cfg = params.train_config()
     trained = train_recognizer(data_dir, cfg, str(run_dir), params.experiment, tags)
-    exported = export_recognizer(trained.checkpoint, str(run_dir / "model.onnx"), data_dir, trained.run_id)
-    report = evaluate_recognizer(
-        exported.onnx_path, data_dir, str(run_dir / "eval.json"), params.image_size, params.threshold,
-        params.negative_class, params.val_share, params.seed, trained.run_id,
-    )
-    version = register_recognizer(
-        trained.run_id, exported.onnx_path, params.registered_model, params.image_size, trained.classes,
-        {
-            "arch": trained.arch, "model": cfg.model, "data_fingerprint": trained.data_fingerprint,
-            "data_dir": str(Path(data_dir).resolve()), "run_id": trained.run_id, **tags,
-            "val_accuracy": f"{trained.val_accuracy:.4f}",
-            f"{report['split']}_accuracy_at_threshold": f"{report['accuracy_at_threshold']:.4f}",
-        },
-    )
+    try:
+        exported = export_recognizer(trained.checkpoint, str(run_dir / "model.onnx"), data_dir, trained.run_id)
+        report = evaluate_recognizer(
+            exported.onnx_path, data_dir, str(run_dir / "eval.json"), params.image_size, params.threshold,
+            params.negative_class, params.val_share, params.seed, trained.run_id,
+        )
+        version = register_recognizer(
+            trained.run_id, exported.onnx_path, params.registered_model, params.image_size, trained.classes,
+            {
+                "arch": trained.arch, "model": cfg.model, "data_fingerprint": trained.data_fingerprint,
+                "data_dir": str(Path(data_dir).resolve()), "run_id": trained.run_id, **tags,
+                "val_accuracy": f"{trained.val_accuracy:.4f}",
+                f"{report['split']}_accuracy_at_threshold": f"{report['accuracy_at_threshold']:.4f}",
+            },
+        )
+    except BaseException:
+        finish_run(trained.run_id, "FAILED")  # the MLflow run must not stay RUNNING
+        raise
     result = TrainFlowResult(
         run_id=trained.run_id, registered_model=params.registered_model, version=version,
         val_accuracy=trained.val_accuracy, test_accuracy_at_threshold=report["accuracy_at_threshold"],

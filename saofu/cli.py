@@ -11,11 +11,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from saofu.errors import SaofuError
+from tasks.fu_world import WorldConfig
+from tasks.training import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="saofu: the 福 recogniser's MLOps pipeline.")
 data_app = typer.Typer(no_args_is_help=True, help="Generate and inspect datasets.")
@@ -63,7 +64,7 @@ def _run_flow(flow_fn, params):
 @data_app.command("generate")
 def data_generate(
     out: Path = typer.Option(..., "--out", help="Output folder (ImageFolder tree + manifest.csv)."),
-    n: int = typer.Option(3000, "--n", help="Number of images."),
+    n: int = typer.Option(WorldConfig.n, "--n", help="Number of images."),
     seed: int = typer.Option(0, "--seed"),
     size: int = typer.Option(64, "--size", help="Image side length in pixels."),
     merchant: bool = typer.Option(False, "--merchant", help="Add the directional class fu_merchant."),
@@ -108,7 +109,7 @@ def models_list(
 
 
 # ---------------------------------------------------------------- train / demo
-def _check_train_inputs(data: Optional[Path], model: str) -> None:
+def _check_train_inputs(data: Path | None, model: str) -> None:
     from models import is_model, list_models
 
     if not is_model(model):
@@ -126,16 +127,18 @@ def _check_train_inputs(data: Optional[Path], model: str) -> None:
 def train(
     data: Path = typer.Option(..., "--data", help="ImageFolder dataset (flat or train/val/test)."),
     model: str = typer.Option("saofu_fu", "--model", help="Model factory (see `saofu models list`)."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture string (with --model saofu_from_arch)."),
-    epochs: int = typer.Option(15, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(4e-3, "--lr"),
+    arch: str | None = typer.Option(None, "--arch", help="Architecture string (with --model saofu_from_arch)."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs"),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size"),
+    lr: float = typer.Option(TrainConfig.lr, "--lr"),
     image_size: int = typer.Option(64, "--image-size"),
-    val_share: float = typer.Option(0.15, "--val-share", help="Validation share when DIR has no val/ folder."),
+    val_share: float = typer.Option(
+        TrainConfig.val_share, "--val-share", help="Validation share when DIR has no val/ folder."
+    ),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threshold: float = typer.Option(0.9, "--threshold"),
-    negative_class: Optional[str] = typer.Option(None, "--negative-class", help="Fallback class under the threshold."),
+    negative_class: str | None = typer.Option(None, "--negative-class", help="Fallback class under the threshold."),
     registered_model: str = typer.Option("saofu-recognizer", "--registered-model"),
     experiment: str = typer.Option("saofu-train", "--experiment"),
     as_json: bool = JsonOpt,
@@ -166,8 +169,8 @@ def _train_summary(r) -> str:
 
 @app.command()
 def demo(
-    n: int = typer.Option(3000, "--n", help="Images in the generated Fu world."),
-    epochs: int = typer.Option(15, "--epochs"),
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs"),
     as_json: bool = JsonOpt,
 ):
     """The main job on embedded defaults: the Fu world through the training flow."""
@@ -186,9 +189,9 @@ def step_train(
     data: Path = typer.Option(..., "--data"),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint.pt, history.csv."),
     model: str = typer.Option("saofu_fu", "--model"),
-    epochs: int = typer.Option(15, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(4e-3, "--lr"),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs"),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size"),
+    lr: float = typer.Option(TrainConfig.lr, "--lr"),
     image_size: int = typer.Option(64, "--image-size"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
@@ -208,7 +211,7 @@ def step_train(
 def step_export(
     checkpoint: Path = typer.Option(..., "--checkpoint"),
     out: Path = typer.Option(..., "--out", help="Output .onnx file."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Images for the parity check."),
+    data: Path | None = typer.Option(None, "--data", help="Images for the parity check."),
     as_json: bool = JsonOpt,
 ):
     """Export a checkpoint to ONNX and check parity with PyTorch."""
@@ -226,7 +229,7 @@ def step_evaluate(
     out: Path = typer.Option(..., "--out", help="Report JSON."),
     image_size: int = typer.Option(64, "--image-size"),
     threshold: float = typer.Option(0.9, "--threshold"),
-    negative_class: Optional[str] = typer.Option(None, "--negative-class"),
+    negative_class: str | None = typer.Option(None, "--negative-class"),
     as_json: bool = JsonOpt,
 ):
     """Evaluate an ONNX graph: accuracy at threshold, per-class precision/recall, latency."""
@@ -240,9 +243,9 @@ def step_evaluate(
 # ---------------------------------------------------------------- bench
 @bench_app.command("models")
 def bench_models(
-    n: int = typer.Option(3000, "--n", help="Images in the generated Fu world."),
-    epochs: int = typer.Option(15, "--epochs", help="Training budget, the same for every model."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Use this ImageFolder dataset instead."),
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Training budget, the same for every model."),
+    data: Path | None = typer.Option(None, "--data", help="Use this ImageFolder dataset instead."),
     out: Path = typer.Option(Path("bench/results/models.json"), "--out"),
     as_json: bool = JsonOpt,
 ):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,9 +194,11 @@ def prepare_dataset(
     prepared = PreparedData(classes, train, val, test, fingerprint, str(root.resolve()))
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
+        # Write to a private name, then rename (atomic): a killed run never leaves half a cache
+        # file, and two runs preparing the same data at once don't trip over each other.
+        tmp = cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         torch.save(prepared, tmp)
-        tmp.replace(cache_file)  # atomic: a killed run never leaves half a cache file
+        tmp.replace(cache_file)
     return prepared
 
 

@@ -132,11 +132,14 @@ _STYLE: dict[str, str] = {
     "seto": "handwriting",
 }
 
-# Default held-out groups, in order: one kai design, one ming/serif design, one handwriting design,
-# then more if the share asks for it. Each is expanded to its whole lineage.
+# Default held-out groups, in order: the ming/song lineage (UMing, with bsmi and gbsn it derives
+# from: three font files), then kai, then handwriting, then more if the share asks for it. Each is
+# expanded to its whole lineage. One lineage by default: holding out kai and the only other
+# handwriting design as well left the campaign's own measure (accuracy at 0.9) near 85% for every
+# model at the default budget, so model choice no longer showed (measured: README, "The Fu world").
 TEST_GROUP_PREFERENCE: tuple[str, ...] = (
-    "ukai",
     "uming",
+    "ukai",
     "seto",
     "vlgothic",
     "ipa-mincho",
@@ -286,15 +289,15 @@ def prime_charsets(charsets: dict[tuple[str, int], frozenset[str]]) -> None:
 def split_fonts(
     faces: list[FontFace],
     test_groups: list[str] | tuple[str, ...] | None = None,
-    test_share: float = 0.3,
+    test_share: float = 0.1,
 ) -> tuple[list[FontFace], list[FontFace]]:
     """Split faces into train and test by design group (whole lineages move together).
 
     Args:
         faces: faces to split, e.g. `discover_fonts()`.
         test_groups: groups to hold out; each pulls in the rest of its lineage (naming "ukai"
-            also holds out "gkai"). None picks a default: `TEST_GROUP_PREFERENCE` first (a kai, a
-            ming and a handwriting design), then the remaining lineages in a fixed hash order,
+            also holds out "gkai"). None picks a default: `TEST_GROUP_PREFERENCE` first (the ming
+            lineage, then kai, then handwriting), then the remaining lineages in a fixed hash order,
             never taking the last train lineage of a broad style, until about `test_share` of
             the lineages are held out.
         test_share: share of lineages to hold out when `test_groups` is None.

@@ -107,13 +107,13 @@ class WorldConfig:
         test_groups: font groups to hold out for the test split; None uses the default split.
     """
 
-    n: int = 3000
+    n: int = 4000
     seed: int = 0
     image_size: int = 64
     merchant: bool = False
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
     class_weights: dict[str, float] | None = None
-    difficulty: float = 0.6
+    difficulty: float = 0.3
     lookalike_share: float = 0.55
     texture_share: float = 0.15
     test_groups: tuple[str, ...] | None = None

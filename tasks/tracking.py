@@ -6,18 +6,15 @@ Prefect tasks (which may run on other threads) can each add to the same run.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import onnx
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
-import numpy as np
 
 from saofu.settings import get_settings
 

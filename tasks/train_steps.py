@@ -21,7 +21,7 @@ from tasks import tracking
 from tasks.data import prepare_dataset
 from tasks.evaluation import evaluate_onnx, measure_latency
 from tasks.export import export_onnx, parity_max_abs_diff
-from tasks.training import TrainConfig, fit, load_checkpoint
+from tasks.training import TrainConfig, epoch_printer, fit, load_checkpoint
 
 
 @dataclass
@@ -50,17 +50,6 @@ def _write_history(history: list[dict], path: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-
-
-def _print_epoch(total: int):
-    def show(epoch: int, m: dict[str, float]) -> None:
-        print(
-            f"epoch {epoch:>3}/{total}  loss {m['train_loss']:.4f}  "
-            f"train acc {m['train_accuracy']:.3f}  val acc {m['val_accuracy']:.3f}",
-            flush=True,
-        )
-
-    return show
 
 
 @task(name="generate-fu-world")
@@ -101,7 +90,7 @@ def train_recognizer(
         flush=True,
     )
     run_id = None
-    show = _print_epoch(cfg.epochs)
+    show = epoch_printer(cfg.epochs)
     on_epoch = show
     if experiment:
         params = {**asdict(cfg), "data_dir": str(Path(data_dir).resolve())}
@@ -112,7 +101,12 @@ def train_recognizer(
             show(epoch, metrics)
             tracking.log_metrics(run_id, metrics, step=epoch)
 
-    result = fit(cfg, data.train, data.val, out / "checkpoint.pt", resume=resume, on_epoch=on_epoch)
+    try:
+        result = fit(cfg, data.train, data.val, out / "checkpoint.pt", resume=resume, on_epoch=on_epoch)
+    except BaseException:
+        if run_id:
+            tracking.finish_run(run_id, "FAILED")  # not left RUNNING in the UI forever
+        raise
     _write_history(result.history, out / "history.csv")
     params = count_params(result.model)
     mflops = count_flops(result.model, (cfg.image_size, cfg.image_size)) / 1e6
@@ -138,7 +132,9 @@ def train_recognizer(
 
 
 @task(name="export-onnx")
-def export_recognizer(checkpoint: str, onnx_path: str, data_dir: str | None = None, run_id: str | None = None) -> ExportOutcome:
+def export_recognizer(
+    checkpoint: str, onnx_path: str, data_dir: str | None = None, run_id: str | None = None
+) -> ExportOutcome:
     """Export a checkpoint to ONNX and check it against PyTorch on real images.
 
     Raises:

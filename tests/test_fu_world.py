@@ -224,7 +224,7 @@ def fake_faces(groups: list[str]) -> list[FontFace]:
     return [FontFace(path=f"/f/{g}.ttf", index=0, family=g, group=g) for g in groups]
 
 
-def test_default_split_holds_out_kai_ming_and_handwriting() -> None:
+def test_default_split_holds_out_the_ming_lineage_and_shares_can_hold_out_more() -> None:
     groups = [
         "noto-sans-cjk",
         "noto-serif-cjk",
@@ -240,7 +240,10 @@ def test_default_split_holds_out_kai_ming_and_handwriting() -> None:
         "droid",
         "vlgothic",
     ]
-    train, test = split_fonts(fake_faces(groups))  # 11 lineages, 30% -> 3 held out
+    train, test = split_fonts(fake_faces(groups))  # 11 lineages, 10% -> 1 held out
+    assert {f.group for f in test} == {"uming"}
+    assert {"ukai", "gkai", "seto", "noto-serif-cjk", "ipa-mincho"} <= {f.group for f in train}
+    train, test = split_fonts(fake_faces(groups), test_share=0.3)  # 3 held out, in preference order
     assert {f.group for f in test} == {"ukai", "gkai", "uming", "seto"}
     styles_train = {f.group for f in train}
     assert {"noto-sans-cjk", "noto-serif-cjk", "lxgw-wenkai", "klee"} <= styles_train
