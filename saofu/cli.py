@@ -194,6 +194,7 @@ def step_train(
     lr: float = typer.Option(TrainConfig.lr, "--lr"),
     image_size: int = typer.Option(64, "--image-size"),
     seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt if it exists."),
     as_json: bool = JsonOpt,
 ):
     """Train only (no MLflow): the offline `dvc repro` step."""
@@ -203,7 +204,7 @@ def step_train(
     cfg = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed)
     with _progress_to_stderr(as_json):
         _check_train_inputs(data, model)
-        outcome = train_recognizer.fn(str(data), cfg, str(out), experiment=None)
+        outcome = train_recognizer.fn(str(data), cfg, str(out), experiment=None, resume=resume)
     _emit(outcome.__dict__, as_json, f"val accuracy {outcome.val_accuracy:.4f}; checkpoint {outcome.checkpoint}")
 
 

@@ -59,6 +59,12 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         client.log_metric(run_id, key, float(value), step=step or 0)
 
 
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def log_dict(run_id: str, data: dict, artifact_file: str) -> None:
     MlflowClient().log_dict(run_id, data, artifact_file)
 

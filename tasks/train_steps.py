@@ -114,6 +114,7 @@ def train_recognizer(
     arch = getattr(result.model, "arch_string", "")
     if run_id:
         tracking.log_metrics(run_id, {"params": params, "mflops": mflops, "val_accuracy_final": final_val})
+        tracking.set_tags(run_id, {"arch": arch, "model": cfg.model})
         tracking.log_dict(run_id, {"arch": arch, "classes": data.classes}, "model_card.json")
         tracking.log_file(run_id, out / "checkpoint.pt", "checkpoint")
         tracking.log_file(run_id, out / "history.csv")

@@ -80,8 +80,8 @@ def test_bad_input_is_one_clear_line(tmp_path, broken, case, expected):
 
 @pytest.mark.slow
 def test_train_any_imagefolder_reports_json(tmp_path):
-    data = make_shapes_dataset(tmp_path / "shapes", n_per_class=40)
-    out = run(["train", "--data", str(data), "--model", "saofu_fu_tiny", "--epochs", "8", "--batch-size", "32",
+    data = make_shapes_dataset(tmp_path / "shapes", n_per_class=60)
+    out = run(["train", "--data", str(data), "--model", "saofu_fu_tiny", "--epochs", "12", "--batch-size", "32",
                "--lr", "0.01", "--image-size", "32", "--registered-model", "shapes", "--json"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)

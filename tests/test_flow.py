@@ -38,6 +38,7 @@ def test_train_flow_registers_a_model_version(prefect_api, saofu_home, shapes_di
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "saofu_fu_tiny"
+    assert run.data.tags["arch"] == version.tags["arch"]  # the run alone rebuilds the model
     history = client.get_metric_history(result.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
