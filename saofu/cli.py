@@ -18,7 +18,10 @@ from saofu.errors import SaofuError
 from tasks.fu_world import WorldConfig
 from tasks.training import TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="saofu: the 福 recogniser's MLOps pipeline.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="saofu: the 福 recogniser's MLOps pipeline.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Generate and inspect datasets.")
 models_app = typer.Typer(no_args_is_help=True, help="Registered model factories.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (tables side by side with their peers).")
@@ -27,6 +30,10 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(step_app, name="step")
+up_app = typer.Typer(no_args_is_help=True, help="Start a real local service (loopback only).")
+down_app = typer.Typer(no_args_is_help=True, help="Stop a service started by `saofu up`.")
+app.add_typer(up_app, name="up")
+app.add_typer(down_app, name="down")
 
 JsonOpt = typer.Option(False, "--json", help="Print one machine-readable JSON summary on stdout.")
 
@@ -239,6 +246,38 @@ def step_evaluate(
     with _progress_to_stderr(as_json):
         report = evaluate_recognizer.fn(str(model), str(data), str(out), image_size, threshold, negative_class)
     _emit(report, as_json, f"accuracy at {threshold}: {report['accuracy_at_threshold']:.4f} (report {out})")
+
+
+# ---------------------------------------------------------------- services
+@up_app.command("labeling")
+def up_labeling(
+    port: int = typer.Option(8080, "--port"),
+    files_root: Path | None = typer.Option(
+        None, "--files-root", help="Images under this folder can be shown to labelers (default: SAOFU_HOME)."
+    ),
+    as_json: bool = JsonOpt,
+):
+    """Install Label Studio in its own venv if missing, start it on loopback, print URL and login."""
+    from tasks.labeling import service
+
+    with _progress_to_stderr(as_json):
+        service.ensure_installed()
+        handle = service.start(port=port, files_root=files_root)
+    info = {"url": handle.url, "username": handle.username, "password": handle.password,
+            "token": handle.token, "pid": handle.pid, "log": str(handle.log_path)}
+    _emit(info, as_json, (
+        f"Label Studio is up: {handle.url}\n  login: {handle.username} / {handle.password}\n"
+        f"  API token: {handle.token}\n  log: {handle.log_path}\nstop it with: saofu down labeling"
+    ))
+
+
+@down_app.command("labeling")
+def down_labeling(as_json: bool = JsonOpt):
+    """Stop the Label Studio server started by `saofu up labeling`."""
+    from tasks.labeling import service
+
+    stopped = service.stop()
+    _emit({"stopped": stopped}, as_json, "Label Studio stopped" if stopped else "Label Studio was not running")
 
 
 # ---------------------------------------------------------------- bench
