@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tasks.labeling import service
+from tasks.labeling.client import connect
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LS_VENV = REPO_ROOT / ".saofu" / "labelstudio-venv"
@@ -60,6 +61,12 @@ def label_studio(tmp_path_factory) -> Iterator[service.LabelStudioHandle]:
     finally:
         with _saofu_env(home, venv):
             service.stop()
+
+
+@pytest.fixture(scope="session")
+def client(label_studio):
+    """An SDK client with the admin's token."""
+    return connect(label_studio.url, label_studio.token)
 
 
 def _chromium_binary() -> str | None:

@@ -19,7 +19,6 @@ from tasks.labeling.client import (
     LabelingItem,
     PredictionSpec,
     completed_annotations,
-    connect,
     ensure_project,
     import_tasks,
     latest_update,
@@ -37,11 +36,6 @@ _titles = count()
 def _title(prefix: str) -> str:
     """A fresh project per test, so tests never see each other's tasks."""
     return f"{prefix}-{next(_titles)}"
-
-
-@pytest.fixture(scope="session")
-def client(label_studio):
-    return connect(label_studio.url, label_studio.token)
 
 
 @pytest.fixture(scope="session")
