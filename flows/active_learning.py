@@ -1,0 +1,117 @@
+"""The active-learning flow: the online pool's new images → auto-labels or Label Studio tasks.
+
+champion + second model predict on the pool's new images → both agree AND both confident:
+auto-label into the dataset manifest (source `auto`) → the rest, and optionally the latest
+evaluation's badcases, become Label Studio tasks with the models' predictions as pre-annotations.
+The counts go to MLflow (experiment `saofu-active-learning`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field, model_validator
+
+from tasks import tracking
+from tasks.active_learning import (
+    RouteResult,
+    label_studio_sink,
+    resolve_models_task,
+    route_task,
+    send_badcases_task,
+)
+
+EXPERIMENT = "saofu-active-learning"
+
+
+class ActiveLearningParams(BaseModel):
+    """Parameters of one active-learning pass."""
+
+    pool_dir: str = Field(..., description="The online pool (index.jsonl + images), as the serving app logs it.")
+    dataset_dir: str = Field(..., description="The labelled dataset (ImageFolder tree + manifest.csv).")
+    registered_model: str = Field(
+        "fu-recognizer", min_length=1, description="MLflow registered model; its @champion is the first model."
+    )
+    second_model: str | None = Field(
+        None,
+        description="Second model: NAME, NAME@ALIAS, @ALIAS or NAME/VERSION. Empty: <registered_model>@second.",
+    )
+    require_different_arch: bool = Field(
+        False, description="Stop (instead of warning) when both models have the same architecture."
+    )
+    threshold: float = Field(0.9, ge=0.5, le=1.0, description="Confidence BOTH models must reach to auto-label.")
+    per_class_thresholds: dict[str, Annotated[float, Field(ge=0.5, le=1.0)]] | None = Field(
+        None, description="Class -> threshold replacing the global one for that class (e.g. stricter for a new class)."
+    )
+    project: str = Field("fu-recognizer", min_length=1, description="Label Studio project title.")
+    max_tasks: int | None = Field(
+        None, ge=0, description="At most this many pool tasks per run, most informative first. Empty: all."
+    )
+    include_badcases: bool = Field(False, description="Also send the latest evaluation's badcases to Label Studio.")
+    badcase_file: str | None = Field(None, description="Badcase JSON (tasks.active_learning.write_badcases).")
+    since: str | None = Field(None, description="Only pool images that arrived after this ISO time.")
+    experiment: str = Field(EXPERIMENT, min_length=1, description="MLflow experiment.")
+
+    @model_validator(mode="after")
+    def _badcases_need_a_file(self) -> ActiveLearningParams:
+        # checked in the form, before anything starts, rather than after the models are downloaded
+        if self.include_badcases and not self.badcase_file:
+            raise ValueError("include_badcases is set but no badcase_file is given")
+        return self
+
+
+class ActiveLearningResult(BaseModel):
+    run_id: str
+    champion: str
+    second: str
+    new_images: int
+    auto: int
+    auto_added: int
+    human: int
+    deferred: int
+    badcases: int
+    reasons: dict[str, int]
+
+
+@flow(name="active-learning", log_prints=True)
+def active_learning_flow(params: ActiveLearningParams) -> ActiveLearningResult:
+    """One pass: route the pool's new images, send badcases, log the counts."""
+    champion, second = resolve_models_task(
+        params.registered_model, params.second_model, require_different_arch=params.require_different_arch
+    )
+    sink = label_studio_sink(params.project, list(champion.classes))
+    run_id = tracking.start_run(
+        params.experiment, "active-learning", params.model_dump(),
+        {"prefect_flow_run_id": str(flow_run.get_id() or ""), "flow": "active_learning",
+         "champion": champion.model_version, "second": second.model_version},
+    )
+    try:
+        routed: RouteResult = route_task(
+            params.pool_dir, params.dataset_dir, champion, second, sink, params.threshold,
+            params.per_class_thresholds, params.max_tasks, params.since,
+        )
+        sent = (
+            send_badcases_task(params.badcase_file, sink, params.pool_dir, params.max_tasks)
+            if params.include_badcases else 0
+        )
+    except BaseException:
+        tracking.finish_run(run_id, "FAILED")  # not left RUNNING in the UI
+        raise
+    tracking.log_metrics(run_id, {**routed.metrics(), "badcases": sent})
+    tracking.finish_run(run_id)
+    get_run_logger().info(
+        "active learning: %d auto, %d to labelers, %d badcases (run %s)", routed.auto, routed.human, sent, run_id
+    )
+    return ActiveLearningResult(
+        run_id=run_id, champion=champion.model_version, second=second.model_version,
+        new_images=routed.new_images, auto=routed.auto, auto_added=routed.auto_added, human=routed.human,
+        deferred=routed.deferred, badcases=sent, reasons=routed.reasons,
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    active_learning_flow(ActiveLearningParams.model_validate_json(sys.argv[1]))
