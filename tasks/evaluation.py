@@ -128,16 +128,21 @@ def threshold_report(
     )
 
 
-def evaluate_onnx(
-    onnx_path: str | Path, split: TensorSplit, threshold: float = 0.9, negative_class: str | None = None
-) -> EvalReport:
-    """Evaluate an exported graph on a decoded split (class maps must match)."""
+def predict_split(onnx_path: str | Path, split: TensorSplit) -> np.ndarray:
+    """Probabilities [N,C] of an exported graph on a decoded split (class maps must match)."""
     sess = session(onnx_path, threads=2)
     classes = onnx_classes(sess)
     if classes != split.classes:
         raise SaofuError(f"model classes {classes} differ from the data's classes {split.classes}")
-    probs = onnx_predict_proba(sess, split)
-    return threshold_report(probs, split.labels.numpy(), classes, threshold, negative_class)
+    return onnx_predict_proba(sess, split)
+
+
+def evaluate_onnx(
+    onnx_path: str | Path, split: TensorSplit, threshold: float = 0.9, negative_class: str | None = None
+) -> EvalReport:
+    """Evaluate an exported graph on a decoded split (class maps must match)."""
+    probs = predict_split(onnx_path, split)
+    return threshold_report(probs, split.labels.numpy(), split.classes, threshold, negative_class)
 
 
 def measure_latency(

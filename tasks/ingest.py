@@ -95,6 +95,9 @@ def to_manifest_rows(records: list[dict]) -> tuple[list[dict], IngestReport]:
             "task_id": str(res.task_id),
             "labeled_at": res.labeled_at,
             "badcase": "1" if record.get("badcase") else "",
+            # A badcase from an evaluation split goes back to that split: labelled test images
+            # must never leak into training (validation rejects an image in train and test).
+            "split": (record.get("data") or {}).get("eval_split", ""),
         })
     return rows, report
 

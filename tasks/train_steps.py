@@ -18,8 +18,9 @@ from models import count_flops, count_params
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks import tracking
+from tasks.active_learning import find_badcases, write_badcases
 from tasks.data import prepare_dataset
-from tasks.evaluation import evaluate_onnx, measure_latency
+from tasks.evaluation import measure_latency, predict_split, threshold_report
 from tasks.export import export_onnx, parity_max_abs_diff
 from tasks.training import TrainConfig, epoch_printer, fit, load_checkpoint
 
@@ -177,10 +178,16 @@ def evaluate_recognizer(
     split_name, split = ("test", data.test) if data.test is not None else ("val", data.val)
     if negative_class is not None and negative_class not in data.classes:
         negative_class = None  # a dataset without that class has no fallback: abstain instead
-    report = evaluate_onnx(onnx_path, split, threshold, negative_class).to_dict()
+    probs = predict_split(onnx_path, split)
+    report = threshold_report(probs, split.labels.numpy(), split.classes, threshold, negative_class).to_dict()
     report.update(split=split_name, **measure_latency(onnx_path, image_size, threads=1))
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
     Path(report_path).write_text(json.dumps(report, indent=2))
+    # The false positives/negatives go back to labelers (flows/active_learning) as badcases.
+    cases = find_badcases(probs, split.labels.numpy(), split.classes, split.paths, threshold, negative_class)
+    badcase_path = Path(report_path).with_name("badcases.json")
+    write_badcases(badcase_path, cases, run_id or str(onnx_path), split.classes, threshold, negative_class,
+                   split_name, len(split))
     print(
         f"{split_name}: accuracy {report['accuracy']:.4f}, at threshold {threshold}: "
         f"{report['accuracy_at_threshold']:.4f}; onnxruntime 1 thread p50 {report['latency_p50_ms']:.3f} ms",
@@ -196,6 +203,7 @@ def evaluate_recognizer(
             **{f"onnx_{split_name}_precision_{c}": m["precision"] for c, m in report["per_class"].items()},
         })
         tracking.log_file(run_id, report_path, "evaluation")
+        tracking.log_file(run_id, badcase_path, "evaluation")
     return report
 
 

@@ -41,6 +41,8 @@ def test_train_flow_registers_a_model_version(prefect_api, saofu_home, shapes_di
     assert run.data.tags["arch"] == version.tags["arch"]  # the run alone rebuilds the model
     history = client.get_metric_history(result.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2, 3]
+    evaluation = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
+    assert evaluation == {"evaluation/eval.json", "evaluation/badcases.json"}
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"checkpoint", "onnx", "evaluation", "history.csv", "model_card.json"} <= artifacts
 

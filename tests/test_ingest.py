@@ -61,7 +61,7 @@ def test_rows_carry_human_source_annotator_task_and_time(tmp_path):
     ]
     rows, report = to_manifest_rows(records)
     assert rows == [{"image": str(img), "label": "fu", "source": "human", "annotator": "ann", "task_id": "7",
-                     "labeled_at": str(T0 + timedelta(minutes=3)), "badcase": "1"}]
+                     "labeled_at": str(T0 + timedelta(minutes=3)), "badcase": "1", "split": ""}]
     assert [t["task_id"] for t in report.ties] == [8] and report.skipped == [9]
     with pytest.raises(SaofuError, match="task 5 not found"):
         to_manifest_rows([record(5, [ann(1, "ann", "fu")], image=str(tmp_path / "gone.png"))])
