@@ -93,6 +93,51 @@ def data_generate(
     _emit(info, as_json, f"wrote {n} images to {out} (manifest {summary.manifest})")
 
 
+@data_app.command("versions")
+def data_versions(name: str | None = typer.Option(None, "--name"), as_json: bool = JsonOpt):
+    """List the dataset versions (DVC) the ingest flow created."""
+    from tasks.data_versions import list_versions
+
+    versions = list_versions(name)
+    rows = [v.__dict__ for v in versions]
+    lines = [f"{v.id:<24} {v.n_files:>7} files  {v.created_at}  {v.md5}" for v in versions]
+    _emit({"versions": rows}, as_json, "\n".join(lines) or "no data versions yet")
+
+
+@data_app.command("checkout")
+def data_checkout(
+    version: str = typer.Argument(..., help="A version id from `saofu data versions`, e.g. fu@v3."),
+    out: Path = typer.Option(..., "--out", help="Folder to restore the files into."),
+    as_json: bool = JsonOpt,
+):
+    """Restore exactly the files of a dataset version."""
+    from tasks.data_versions import checkout_version
+
+    with _progress_to_stderr(as_json):
+        path = checkout_version(version, out)
+    _emit({"version": version, "out_dir": str(path)}, as_json, f"restored {version} into {path}")
+
+
+@app.command()
+def ingest(
+    dataset: Path = typer.Option(..., "--dataset", help="The labelled dataset folder (tree + manifest.csv)."),
+    project: str = typer.Option("fu-recognizer", "--project", help="Label Studio project title."),
+    name: str = typer.Option("fu", "--name", help="Name of the dataset's data versions."),
+    classes: str | None = typer.Option(None, "--classes", help="Comma-separated class set."),
+    as_json: bool = JsonOpt,
+):
+    """Ingest completed Label Studio annotations: validate, add to the dataset, version it."""
+    from flows.ingest import IngestParams, ingest_flow
+
+    params = IngestParams(project=project, dataset_dir=str(dataset), dataset_name=name,
+                          classes=classes.split(",") if classes else None)
+    with _progress_to_stderr(as_json):
+        result = _run_flow(ingest_flow, params)
+    _emit(result.model_dump(), as_json,
+          f"added {result.added} human labels ({len(result.ties)} ties left out); "
+          f"data version {result.data_version}")
+
+
 # ---------------------------------------------------------------- models
 @models_app.command("list")
 def models_list(
