@@ -104,6 +104,7 @@ def train_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainFlowResult:
             trained.run_id, exported.onnx_path, params.registered_model, params.image_size, trained.classes,
             {
                 "arch": trained.arch, "model": cfg.model, "data_fingerprint": trained.data_fingerprint,
+                "data_version": trained.data_version,
                 "data_dir": str(Path(data_dir).resolve()), "run_id": trained.run_id, **tags,
                 "val_accuracy": f"{trained.val_accuracy:.4f}",
                 f"{report['split']}_accuracy_at_threshold": f"{report['accuracy_at_threshold']:.4f}",

@@ -20,6 +20,7 @@ from saofu.settings import get_settings
 from tasks import tracking
 from tasks.active_learning import find_badcases, write_badcases
 from tasks.data import prepare_dataset
+from tasks.data_versions import version_of
 from tasks.evaluation import measure_latency, predict_split, threshold_report
 from tasks.export import export_onnx, parity_max_abs_diff
 from tasks.training import TrainConfig, epoch_printer, fit, load_checkpoint
@@ -36,6 +37,7 @@ class TrainOutcome:
     epochs: int
     seconds: float
     data_fingerprint: str
+    data_version: str = ""  # the DVC data version trained on ("" when the data is not versioned)
     run_id: str | None = None
 
 
@@ -90,12 +92,15 @@ def train_recognizer(
         + f" images, classes {data.classes}",
         flush=True,
     )
+    # The DVC data version (from the ingest flow) this run trains on, when the data is one.
+    data_version = version_of(data_dir) or ""
     run_id = None
     show = epoch_printer(cfg.epochs)
     on_epoch = show
     if experiment:
         params = {**asdict(cfg), "data_dir": str(Path(data_dir).resolve())}
-        tags = {"data_fingerprint": data.fingerprint, "classes": json.dumps(data.classes), **(run_tags or {})}
+        tags = {"data_fingerprint": data.fingerprint, "classes": json.dumps(data.classes),
+                "data_version": data_version, **(run_tags or {})}
         run_id = tracking.start_run(experiment, f"train-{cfg.model}", params, tags)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -129,6 +134,7 @@ def train_recognizer(
         epochs=cfg.epochs,
         seconds=result.seconds,
         data_fingerprint=data.fingerprint,
+        data_version=data_version,
         run_id=run_id,
     )
 

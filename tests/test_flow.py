@@ -57,3 +57,18 @@ def test_train_flow_registers_a_model_version(prefect_api, saofu_home, shapes_di
     # A second run adds version 2 of the same registered model.
     again = train_flow(params)
     assert int(again.version) == int(result.version) + 1
+
+
+def test_a_run_trained_on_a_data_version_is_tagged_with_it(saofu_home, tmp_path):
+    from tasks.data_versions import create_version
+    from tasks.train_steps import train_recognizer
+    from tasks.training import TrainConfig
+    from tests.conftest import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "shapes", n_per_class=12)
+    version = create_version(data, "shapes", "test")
+    cfg = TrainConfig(model="saofu_fu_tiny", epochs=1, batch_size=16, image_size=32)
+    outcome = train_recognizer.fn(str(data), cfg, str(tmp_path / "run"), "test-versions")
+    assert outcome.data_version == version.id
+    run = MlflowClient(tracking_uri=f"sqlite:///{saofu_home}/mlflow/mlflow.db").get_run(outcome.run_id)
+    assert run.data.tags["data_version"] == version.id
