@@ -138,6 +138,32 @@ def ingest(
           f"data version {result.data_version}")
 
 
+@app.command("active-learning")
+def active_learning(
+    pool: Path = typer.Option(..., "--pool", help="The online pool folder (index.jsonl + images)."),
+    dataset: Path = typer.Option(..., "--dataset", help="The labelled dataset that auto-labels go into."),
+    registered_model: str = typer.Option("fu-recognizer", "--registered-model", help="Its @champion predicts."),
+    second: str | None = typer.Option(None, "--second", help="Second model: NAME, NAME@alias or NAME/3."),
+    threshold: float = typer.Option(0.9, "--threshold", help="Confidence BOTH models must reach."),
+    project: str = typer.Option("fu-recognizer", "--project", help="Label Studio project for the rest."),
+    badcases: Path | None = typer.Option(None, "--badcases", help="A badcases.json to send to labelers too."),
+    as_json: bool = JsonOpt,
+):
+    """Auto-label what two models agree on confidently; send the rest to Label Studio."""
+    from flows.active_learning import ActiveLearningParams, active_learning_flow
+
+    params = ActiveLearningParams(
+        pool_dir=str(pool), dataset_dir=str(dataset), registered_model=registered_model, second_model=second,
+        threshold=threshold, project=project, include_badcases=badcases is not None,
+        badcase_file=str(badcases) if badcases else None,
+    )
+    with _progress_to_stderr(as_json):
+        result = _run_flow(active_learning_flow, params)
+    _emit(result.model_dump(), as_json,
+          f"{result.new_images} new images: {result.auto} auto-labelled, {result.human} to Label Studio, "
+          f"{result.badcases} badcases sent")
+
+
 # ---------------------------------------------------------------- models
 @models_app.command("list")
 def models_list(
