@@ -23,7 +23,6 @@ def test_tiny_training_is_clearly_above_chance(shapes):
     assert seen == list(range(1, 11))
     assert result.history[-1]["val_accuracy"] >= 0.7  # chance is 1/3
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    assert result.seconds < 60
 
 
 def test_same_seed_same_model(shapes):
