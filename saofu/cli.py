@@ -368,6 +368,22 @@ def bench_models(
     _emit(result["summary"], as_json, result["table"])
 
 
+@bench_app.command("labeling")
+def bench_labeling(
+    n_seed: int = typer.Option(1200, "--n-seed", help="Labelled seed set the two models train on."),
+    n_pool: int = typer.Option(2400, "--n-pool", help="Unlabelled pool (with known truth) to label."),
+    epochs: int = typer.Option(14, "--epochs"),
+    out: Path = typer.Option(Path("bench/results/labeling.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """Dual-model agreement vs single-model confidence vs random sampling, per threshold."""
+    from bench.labeling import run_labeling_bench
+
+    with _progress_to_stderr(as_json):
+        result = run_labeling_bench(n_seed=n_seed, n_pool=n_pool, epochs=epochs, out=out)
+    _emit(result["summary"], as_json, result["table"])
+
+
 def main() -> None:
     """Entry point: one clear line for bad input, never a traceback."""
     # No machine here reaches the internet: don't let the ephemeral Prefect server try to.
