@@ -92,11 +92,11 @@ def _apt_install_chromium() -> str:
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Path of a Chromium binary, installed with apt-get when missing; skips if that is impossible."""
+    """Path of a Chromium binary, installed with apt-get when missing; fails (says why) if impossible."""
     found = _chromium_binary()
     if found is None:
         why = _apt_install_chromium()
         found = _chromium_binary()
         if found is None:
-            pytest.skip(f"headless Chromium unavailable and `apt-get install chromium` failed: {why}")
+            pytest.fail(f"headless Chromium unavailable and `apt-get install chromium` failed: {why}")
     return found
