@@ -187,18 +187,18 @@ def models_list(
 
 
 # ---------------------------------------------------------------- train / demo
-def _check_train_inputs(data: Path | None, model: str) -> None:
+def _check_train_inputs(data: Path | None, cfg: TrainConfig) -> None:
     from models import is_model, list_models
 
-    if not is_model(model):
-        raise SaofuError(f"unknown model {model!r}; known: {', '.join(list_models())}")
+    if not is_model(cfg.model):
+        raise SaofuError(f"unknown model {cfg.model!r}; known: {', '.join(list_models())}")
     if data is not None:
         from saofu.settings import get_settings
         from tasks.data import prepare_dataset
 
         # Decode (and cache) the data before the flow starts, so bad images are one clear line here
-        # rather than a failed flow run; the flow then reads the cache.
-        prepare_dataset(data, cache_dir=get_settings().cache_dir)
+        # rather than a failed flow run; the flow then reads the same cache entry.
+        prepare_dataset(data, cfg.image_size, cfg.val_share, cfg.seed, get_settings().cache_dir)
 
 
 @app.command()
@@ -230,7 +230,7 @@ def train(
         negative_class=negative_class, registered_model=registered_model, experiment=experiment,
     )
     with _progress_to_stderr(as_json):
-        _check_train_inputs(data, model)
+        _check_train_inputs(data, params.train_config())
         result = _run_flow(train_flow, params)
     _emit(result.model_dump(), as_json, _train_summary(result))
 
@@ -277,11 +277,10 @@ def step_train(
 ):
     """Train only (no MLflow): the offline `dvc repro` step."""
     from tasks.train_steps import train_recognizer
-    from tasks.training import TrainConfig
 
     cfg = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed)
     with _progress_to_stderr(as_json):
-        _check_train_inputs(data, model)
+        _check_train_inputs(data, cfg)
         outcome = train_recognizer.fn(str(data), cfg, str(out), experiment=None, resume=resume)
     _emit(outcome.__dict__, as_json, f"val accuracy {outcome.val_accuracy:.4f}; checkpoint {outcome.checkpoint}")
 
