@@ -50,7 +50,7 @@ class ActiveLearningParams(BaseModel):
         None, ge=0, description="At most this many pool tasks per run, most informative first. Empty: all."
     )
     include_badcases: bool = Field(False, description="Also send the latest evaluation's badcases to Label Studio.")
-    badcase_file: str | None = Field(None, description="Badcase JSON (tasks.active_learning.write_badcases).")
+    badcase_file: str | None = Field(None, description="badcases.json, written beside every evaluation report.")
     since: str | None = Field(None, description="Only pool images that arrived after this ISO time.")
     experiment: str = Field(EXPERIMENT, min_length=1, description="MLflow experiment.")
 

@@ -19,16 +19,7 @@ were already handled is kept beside it in `pool_dir/.al_state.json`:
 An image is recorded only after its auto-label was written or its task imported, so a run that
 fails half-way is retried; images held back by `max_tasks` stay unrecorded and come back next run.
 
-Badcase file (written by `write_badcases`, read by `read_badcases`), JSON:
-
-    {"format": "saofu-badcases/1", "model_version": "fu-recognizer:3", "classes": [...],
-     "threshold": 0.9, "negative_class": "not_fu", "split": "test", "n_evaluated": 400,
-     "created_at": "...", "badcases": [{"path": "/abs/img.png", "sha256": "...", "truth": "fu",
-     "predicted": "not_fu", "decision": "not_fu", "score": 0.97, "kind": "false_negative"}]}
-
-`predicted` is the model's top class (the pre-annotation shown to labelers), `decision` what the
-app decided at the threshold ("" for an abstention), `kind` one of false_positive,
-false_negative, confusion.
+The badcase file's format is `tasks.badcases`'s.
 
 Plain functions are what tests and benchmarks call; the `*_task` objects are their Prefect faces
 for `flows/active_learning.py`.
@@ -54,15 +45,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saofu.errors import SaofuError
-from tasks.evaluation import ABSTAIN, decide, onnx_classes, onnx_predict_proba, session, softmax
+from tasks.badcases import read_badcases
+from tasks.evaluation import onnx_classes, session, softmax
 from tasks.export import INPUT_NAME, OUTPUT_NAME, read_metadata
 from tasks.labeling.client import LabelingItem, PredictionSpec
-from tasks.manifest import add_images, file_sha256
+from tasks.manifest import add_images
 from tasks.stream import INDEX_NAME
 
 STATE_NAME = ".al_state.json"
 STATE_FORMAT = 1
-BADCASE_FORMAT = "saofu-badcases/1"
 POOL_SOURCE = "online_pool"
 BADCASE_SOURCE = "evaluation"
 CHAMPION_ALIAS = "champion"
@@ -628,103 +619,6 @@ def label_studio_sink(
 # ------------------------------------------------------------------------------------- badcases
 
 
-@dataclass
-class BadCase:
-    """One evaluation image the model got wrong."""
-
-    path: str
-    sha256: str
-    truth: str
-    predicted: str  # top class: the pre-annotation
-    decision: str  # what the app decided at the threshold; "" = abstained
-    score: float  # probability of `predicted`
-    kind: str  # false_positive | false_negative | confusion
-
-
-def _kind(truth: str, decision: str, negative_class: str | None) -> str:
-    if negative_class is not None and truth == negative_class:
-        return "false_positive"
-    if decision == "" or decision == negative_class:
-        return "false_negative"
-    return "confusion"
-
-
-def find_badcases(
-    probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], paths: Sequence[str],
-    threshold: float | None = 0.9, negative_class: str | None = None,
-) -> list[BadCase]:
-    """The images whose decision differs from the truth, decided as `tasks.evaluation` decides.
-
-    Args:
-        probs: [N,C] probabilities; labels: [N] true class indices; classes: column names.
-        paths: image path per row.
-        threshold: the evaluation threshold (None: top class, no threshold).
-        negative_class: class under-threshold predictions fall back to (None: abstain).
-
-    Returns:
-        One BadCase per wrong image, in input order.
-    """
-    neg = classes.index(negative_class) if negative_class in classes else None
-    decisions = probs.argmax(1) if threshold is None else decide(probs, threshold, neg)
-    negative_class = negative_class if neg is not None else None
-    cases = []
-    for i in np.flatnonzero(decisions != np.asarray(labels)):
-        decision = "" if decisions[i] == ABSTAIN else classes[decisions[i]]
-        truth = classes[int(labels[i])]
-        cases.append(BadCase(
-            path=str(Path(paths[i]).resolve()), sha256=file_sha256(paths[i]), truth=truth,
-            predicted=classes[int(probs[i].argmax())], decision=decision, score=float(probs[i].max()),
-            kind=_kind(truth, decision, negative_class),
-        ))
-    return cases
-
-
-def evaluation_badcases(
-    onnx_path: str | Path, split: Any, threshold: float | None = 0.9, negative_class: str | None = None
-) -> list[BadCase]:
-    """The badcases of an exported graph on a decoded split (`tasks.data.TensorSplit`)."""
-    sess = session(onnx_path, threads=2)
-    classes = onnx_classes(sess)
-    if classes != list(split.classes):
-        raise SaofuError(f"model classes {classes} differ from the data's classes {split.classes}")
-    probs = onnx_predict_proba(sess, split)
-    return find_badcases(probs, split.labels.numpy(), classes, split.paths, threshold, negative_class)
-
-
-def write_badcases(
-    path: str | Path, cases: Sequence[BadCase], model_version: str, classes: Sequence[str],
-    threshold: float | None, negative_class: str | None, split: str, n_evaluated: int,
-) -> Path:
-    """Write the badcase file (format in the module docstring)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "format": BADCASE_FORMAT, "model_version": model_version, "classes": list(classes),
-        "threshold": threshold, "negative_class": negative_class, "split": split,
-        "n_evaluated": n_evaluated, "created_at": datetime.now(UTC).isoformat(),
-        "badcases": [asdict(c) for c in cases],
-    }
-    path.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
-    return path
-
-
-def read_badcases(path: str | Path) -> dict[str, Any]:
-    """A badcase file as a dict whose `badcases` are BadCase objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise SaofuError(f"badcase file not found: {path} (write one with tasks.active_learning.write_badcases)")
-    try:
-        doc = json.loads(path.read_text())
-        if doc.get("format") != BADCASE_FORMAT:
-            raise SaofuError(
-                f"{path} is not a saofu badcase file (format {doc.get('format')!r}, want {BADCASE_FORMAT})"
-            )
-        doc["badcases"] = [BadCase(**c) for c in doc["badcases"]]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise SaofuError(f"unreadable badcase file {path}: {exc}") from None
-    return doc
-
-
 def send_badcases(
     badcase_file: str | Path, sink: Sink, pool_dir: str | Path, max_tasks: int | None = None
 ) -> int:
@@ -762,16 +656,6 @@ def send_badcases(
     print(f"badcases: {len(items)} sent to labelers ({len(doc['badcases']) - len(fresh)} sent before or held back)",
           flush=True)
     return len(items)
-
-
-def compare_badcases(previous: Sequence[BadCase], current: Sequence[BadCase]) -> dict[str, int]:
-    """Which earlier badcases a newer model fixed (by content hash).
-
-    Returns:
-        {"fixed": earlier badcases no longer wrong, "still_wrong": ..., "new": wrong only now}.
-    """
-    before, now = {c.sha256 for c in previous}, {c.sha256 for c in current}
-    return {"fixed": len(before - now), "still_wrong": len(before & now), "new": len(now - before)}
 
 
 # -------------------------------------------------------------------------------- Prefect faces

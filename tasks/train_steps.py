@@ -18,7 +18,7 @@ from models import count_flops, count_params
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks import tracking
-from tasks.active_learning import find_badcases, write_badcases
+from tasks.badcases import find_badcases, write_badcases
 from tasks.data import prepare_dataset
 from tasks.data_versions import version_of
 from tasks.evaluation import measure_latency, predict_split, threshold_report

@@ -24,23 +24,19 @@ from tasks.active_learning import (
     B_LOW,
     BOTH_LOW,
     DISAGREE,
-    BadCase,
     Prediction,
-    compare_badcases,
-    find_badcases,
     load_state,
     model_ref,
     parse_model_spec,
     pool_images,
     predict_pool,
-    read_badcases,
     resolve_models,
     route,
     select,
     select_batch,
     send_badcases,
-    write_badcases,
 )
+from tasks.badcases import BadCase, compare_badcases, find_badcases, read_badcases, write_badcases
 from tasks.export import export_onnx
 from tasks.labeling.client import task_payload
 from tasks.manifest import read_manifest
