@@ -20,7 +20,6 @@ MANIFEST_NAME = "manifest.csv"
 # The generator's own columns (font_group, style, char) come after these; readers keep every
 # column they find, writers fill missing ones with "".
 BASE_COLUMNS = ("path", "label", "split", "source", "sha256")
-LABEL_COLUMNS = ("annotator", "task_id", "labeled_at", "model_versions", "scores", "badcase")
 SOURCES = ("generated", "human", "auto")
 
 
@@ -62,8 +61,9 @@ def split_for(sha256: str, val_share: float = 0.15) -> str:
 def add_images(dataset_dir: str | Path, new_rows: list[dict]) -> list[dict]:
     """Copy labelled images into the ImageFolder tree and append their manifest rows.
 
-    Each row needs `image` (source file), `label`, `source` and may carry `split` and any
-    LABEL_COLUMNS. Images already in the manifest (same sha256) are skipped, so adding the same
+    Each row needs `image` (source file), `label`, `source` and may carry `split` and
+    label columns (annotator, task_id, labeled_at, model_versions, scores,
+    badcase). Images already in the manifest (same sha256) are skipped, so adding the same
     batch twice adds nothing.
 
     Returns:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from label_studio_sdk import LabelStudio
@@ -171,13 +171,6 @@ def _relative_to_root(image: Path, root: Path) -> Path:
 def image_url(image: Path, root: Path) -> str:
     """The URL a labeler's browser loads `image` from: `/data/local-files/?d=<path under root>`."""
     return LOCAL_FILES_PREFIX + quote(_relative_to_root(Path(image), root).as_posix(), safe="/")
-
-
-def image_path(url: str, root: Path) -> Path:
-    """The inverse of `image_url`."""
-    if not url.startswith(LOCAL_FILES_PREFIX):
-        raise SaofuError(f"not a local-files URL: {url}")
-    return root / unquote(url[len(LOCAL_FILES_PREFIX) :])
 
 
 def ensure_local_storage(client: LabelStudio, project_id: int, images: Iterable[Path], root: Path) -> None:
