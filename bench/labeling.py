@@ -94,6 +94,12 @@ def mask_stats(mask: np.ndarray, labels: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
+def wrong_by_true_class(mask: np.ndarray, labels: np.ndarray, truth: np.ndarray, classes: Sequence[str]) -> dict:
+    """Wrong auto-labels counted by the image's true class: where a per-class threshold would help."""
+    wrong = mask & (labels != truth)
+    return {c: int((wrong & (truth == i)).sum()) for i, c in enumerate(classes)}
+
+
 def strategy_stats(
     probs_a: np.ndarray, probs_b: np.ndarray, truth: np.ndarray, classes: Sequence[str],
     threshold: float, rng: np.random.Generator,
@@ -288,7 +294,8 @@ def run_labeling_bench(
     for i, thr in enumerate(thresholds):
         rng = np.random.default_rng([seed, i])  # reproducible control, independent per threshold
         masks[thr], labels_a = strategy_masks(probs_a, probs_b, classes, thr, rng)
-        row = {"threshold": thr, **{s: mask_stats(masks[thr][s], labels_a, truth) for s in STRATEGIES}}
+        row = {"threshold": thr, **{s: mask_stats(masks[thr][s], labels_a, truth) for s in STRATEGIES},
+               "dual_wrong_by_true_class": wrong_by_true_class(masks[thr]["dual"], labels_a, truth, classes)}
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)
 

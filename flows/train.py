@@ -54,6 +54,9 @@ class TrainFlowParams(BaseModel):
     )
     registered_model: str = Field("fu-recognizer", min_length=1, description="MLflow registered model name.")
     experiment: str = Field("saofu-train", min_length=1, description="MLflow experiment.")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="Extra MLflow run tags (e.g. the search study this run retrains)."
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -91,7 +94,7 @@ def train_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainFlowResult:
     )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = settings.runs_dir / f"train-{stamp}-{flow_run.get_id() or 'local'}"[:48]
-    tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "flow": "train"}
+    tags = {**params.tags, "prefect_flow_run_id": str(flow_run.get_id() or ""), "flow": "train"}
     cfg = params.train_config()
     trained = train_recognizer(data_dir, cfg, str(run_dir), params.experiment, tags)
     try:

@@ -261,6 +261,57 @@ def demo(
     _emit(result.model_dump(), as_json, _train_summary(result) + f"\nbrowse: {mlflow_ui_hint()}")
 
 
+@app.command()
+def search(
+    data: Path | None = typer.Option(None, "--data", help="ImageFolder dataset (default: generate the Fu world)."),
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world (without --data)."),
+    trials: int = typer.Option(20, "--trials", help="Trials in the study, across all workers."),
+    timeout_min: float | None = typer.Option(None, "--timeout-min", help="Wall-clock budget of the study."),
+    epochs: int = typer.Option(8, "--epochs", help="Epochs of an unpruned trial (Hyperband's max resource)."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe, random, grid, cmaes, qmc or nsga2."),
+    pruner: str | None = typer.Option(
+        None, "--pruner", help="hyperband (default), median or none (the default for nsga2, which cannot prune)."
+    ),
+    workers: int = typer.Option(1, "--workers", help="Worker processes sharing the study."),
+    storage: str | None = typer.Option(
+        None, "--storage", help="Optuna storage URL (default SQLite under the project; postgresql://... for workers)."
+    ),
+    study: str | None = typer.Option(None, "--study", help="Study name; an existing one is resumed."),
+    target_mflops: float = typer.Option(5.0, "--target-mflops", help="FLOPs target T_f of the score."),
+    target_kparams: float = typer.Option(40.0, "--target-kparams", help="Parameter target T_s (thousands)."),
+    latency: bool = typer.Option(False, "--latency", help="Measure INT8 onnxruntime latency as a third cost."),
+    scale_to_mflops: float | None = typer.Option(
+        None, "--scale-to-mflops", help="Compound-scale the best architecture to this FLOP target before retraining."
+    ),
+    final_epochs: int = typer.Option(20, "--final-epochs", help="Epochs of the best trial's retrain (0: none)."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+):
+    """Architecture and hyper-parameter search (Optuna), then retrain and register the best."""
+    from flows.search import SearchFlowParams, search_flow
+
+    params = SearchFlowParams(
+        data_dir=str(data) if data else None, world_n=n, n_trials=trials, timeout_min=timeout_min, epochs=epochs,
+        sampler=sampler, pruner=pruner or ("none" if sampler == "nsga2" else "hyperband"), workers=workers,
+        storage=storage, study_name=study,
+        targets={"mflops": target_mflops, "kparams": target_kparams}, measure_latency=latency,
+        scale_to_mflops=scale_to_mflops, final_epochs=final_epochs, seed=seed,
+    )
+    if data is not None and not data.is_dir():
+        raise SaofuError(f"dataset folder not found: {data}")
+    with _progress_to_stderr(as_json):
+        result = _run_flow(search_flow, params)
+    retrain = result.retrain
+    _emit(result.model_dump(), as_json, (
+        f"\nstudy {result.study_name}: {result.trials} trials ({result.finished} finished, {result.pruned} pruned, "
+        f"{result.failed} failed)\nbest trial {result.best_trial}: score {result.best_score:.4f}, "
+        f"val accuracy {result.best_accuracy:.4f}\n  {result.best_arch} @ {result.best_image_size}px\n"
+        f"Pareto front: trials {result.pareto_trials} (plot {result.pareto_plot})\n"
+        + (f"retrained and registered {retrain.registered_model} version {retrain.version}\n" if retrain else "")
+        + f"browse the study: {result.dashboard_hint}"
+    ))
+
+
 # ---------------------------------------------------------------- steps (dvc.yaml)
 @step_app.command("train")
 def step_train(
@@ -275,12 +326,23 @@ def step_train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt if it exists."),
     as_json: bool = JsonOpt,
 ):
-    """Train only (no MLflow): the offline `dvc repro` step."""
+    """Train only (no MLflow): the offline `dvc repro` step; data-parallel when run under torchrun."""
+    from tasks import distributed
     from tasks.train_steps import train_recognizer
 
     cfg = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed)
     with _progress_to_stderr(as_json):
         _check_train_inputs(data, cfg)
+        if not distributed.is_main_process():
+            from saofu.settings import get_settings
+            from tasks.data import prepare_dataset
+            from tasks.training import fit
+
+            # Another torchrun process: it trains in step with rank 0 (same data, same `fit` call as
+            # train_recognizer makes) but prints and writes nothing; rank 0 owns the run folder.
+            prepared = prepare_dataset(data, cfg.image_size, cfg.val_share, cfg.seed, get_settings().cache_dir)
+            fit(cfg, prepared.train, prepared.val, out / "checkpoint.pt", resume=resume)
+            return
         outcome = train_recognizer.fn(str(data), cfg, str(out), experiment=None, resume=resume)
     _emit(outcome.__dict__, as_json, f"val accuracy {outcome.val_accuracy:.4f}; checkpoint {outcome.checkpoint}")
 
@@ -350,6 +412,31 @@ def down_labeling(as_json: bool = JsonOpt):
     _emit({"stopped": stopped}, as_json, "Label Studio stopped" if stopped else "Label Studio was not running")
 
 
+@up_app.command("postgres")
+def up_postgres(
+    port: int = typer.Option(5433, "--port"),
+    as_json: bool = JsonOpt,
+):
+    """Start a local PostgreSQL on loopback for multi-worker search (`saofu search --storage URL`)."""
+    from tasks import postgres_service
+
+    with _progress_to_stderr(as_json):
+        handle = postgres_service.start_postgres(port=port)
+    _emit({"url": handle.url, "port": handle.port, "pid": handle.pid, "log": str(handle.log_path)}, as_json, (
+        f"PostgreSQL is up: {handle.url}\n  log: {handle.log_path}\n"
+        f"search with it: saofu search --workers 2 --storage {handle.url}\nstop it with: saofu down postgres"
+    ))
+
+
+@down_app.command("postgres")
+def down_postgres(as_json: bool = JsonOpt):
+    """Stop the PostgreSQL server started by `saofu up postgres`."""
+    from tasks import postgres_service
+
+    stopped = postgres_service.stop_postgres()
+    _emit({"stopped": stopped}, as_json, "PostgreSQL stopped" if stopped else "PostgreSQL was not running")
+
+
 # ---------------------------------------------------------------- bench
 @bench_app.command("models")
 def bench_models(
@@ -380,6 +467,24 @@ def bench_labeling(
 
     with _progress_to_stderr(as_json):
         result = run_labeling_bench(n_seed=n_seed, n_pool=n_pool, epochs=epochs, out=out)
+    _emit(result["summary"], as_json, result["table"])
+
+
+@bench_app.command("search")
+def bench_search(
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
+    budget_min: float = typer.Option(10.0, "--budget-min", help="Wall-clock budget of each of the three studies."),
+    trial_epochs: int = typer.Option(6, "--trial-epochs", help="Epochs of an unpruned trial."),
+    final_epochs: int = typer.Option(TrainConfig.epochs, "--final-epochs", help="Epochs of the final comparison."),
+    out: Path = typer.Option(Path("bench/results/search.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """Hyperband vs no pruning vs random at equal compute; the searched model vs the baselines."""
+    from bench.search import run_search_bench
+
+    with _progress_to_stderr(as_json):
+        result = run_search_bench(n=n, budget_min=budget_min, trial_epochs=trial_epochs, final_epochs=final_epochs,
+                                  out=out)
     _emit(result["summary"], as_json, result["table"])
 
 

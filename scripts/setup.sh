@@ -32,6 +32,19 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# PostgreSQL server binaries: the study storage that several search workers share (the tests start
+# a throwaway server on loopback; `saofu up postgres` starts one for users).
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing PostgreSQL server binaries"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  else
+    echo "warning: PostgreSQL (initdb, pg_ctl, postgres) not found and cannot be installed here;" >&2
+    echo "         multi-worker search and its tests need it: apt-get install postgresql" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "creating $VENV"
   "$PYTHON" -m venv "$VENV"

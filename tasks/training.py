@@ -4,6 +4,10 @@
 the CPU or CUDA (mixed precision on CUDA), seeded, with a checkpoint per epoch that holds model,
 optimizer, scheduler, epoch, config and class map, so a killed run resumes where it stopped and a
 checkpoint alone rebuilds the model.
+
+Launched under torchrun, `fit` trains data-parallel over the processes (gloo on the CPU, NCCL on
+CUDA) on the same global batches as one process would:
+`torchrun --nproc_per_node 2 -m saofu.cli step train --data DIR --out RUN_DIR ...`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from models import build_from_checkpoint_meta, create_model, model_meta
 from saofu.errors import SaofuError
+from tasks import distributed
 from tasks.data import TensorSplit, iterate_batches
 from tasks.preprocess import normalize, to_float
 
@@ -130,28 +135,42 @@ def train_one_epoch(
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
 ) -> dict[str, float]:
-    """One pass over `split`; returns mean loss and training accuracy (on augmented images)."""
+    """One pass over `split`; returns mean loss and training accuracy (on augmented images).
+
+    Under torchrun, `cfg.batch_size` is the global batch: every process draws and augments the
+    same global batch (same generator), trains on its own slice of it, and the returned metrics
+    are the means over the whole global batch, the same on every process.
+    """
     model.train()
+    world, rank = distributed.world_size(), distributed.rank()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in iterate_batches(split, cfg.batch_size, shuffle=True, generator=generator):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         x = normalize(augment(to_float(images), cfg.aug_strength, generator))
+        if world > 1:
+            part = distributed.local_slice(len(labels), rank, world)
+            # DDP averages gradients over processes; weighting each process's mean loss by its share
+            # of the batch makes that average the gradient of the global batch's mean loss, also
+            # for a last, short batch that splits unevenly.
+            share = (part.stop - part.start) * world / len(labels)
+            x, labels = x[part], labels[part]
         with torch.autocast(device.type, enabled=scaler is not None):
             logits = model(x)
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        grad_loss = loss * share if world > 1 else loss
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(grad_loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            grad_loss.backward()
             optimizer.step()
         scheduler.step()
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
-    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}
+    return distributed.all_reduce_mean({"train_loss": total_loss, "train_accuracy": correct}, seen)
 
 
 @torch.no_grad()
@@ -223,13 +242,20 @@ def fit(
         checkpoint_path: where the per-epoch checkpoint goes (None: no checkpoint).
         resume: continue from `checkpoint_path` if it exists.
         on_epoch: called with (epoch, metrics) after every epoch: progress and tracking hook.
+            Under torchrun it is called on every process, with the same metrics; gate output on
+            `distributed.is_main_process()`.
 
     Returns:
         FitResult with the final model (eval mode), per-epoch history and best val accuracy.
+        Under torchrun only rank 0 writes the checkpoint; every process returns the same model.
     """
     if cfg.epochs < 1:
         raise SaofuError(f"epochs must be >= 1, got {cfg.epochs}")
     device = resolve_device(cfg.device)
+    ddp = distributed.launched()
+    if ddp:
+        distributed.check_global_batch(cfg.batch_size)
+        device = distributed.init(device)
     seed_everything(cfg.seed)
     model = build_model(cfg, len(train.classes)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -251,6 +277,8 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, best, start_epoch = state["history"], state["best_val_accuracy"], state["epoch"]
+    # Every process starts from the same seed, so the same weights; DDP checks that anyway.
+    train_model = distributed.wrap(model, device) if ddp else model
 
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -258,14 +286,17 @@ def fit(
         # batches and masks an uninterrupted run would have seen.
         generator.manual_seed(cfg.seed + 1_000_003 * epoch)
         torch.manual_seed(cfg.seed + 1_000_003 * epoch)
-        metrics = train_one_epoch(model, train, optimizer, scheduler, cfg, device, generator, scaler)
+        metrics = train_one_epoch(train_model, train, optimizer, scheduler, cfg, device, generator, scaler)
+        distributed.broadcast_buffers(model)
+        # Every process evaluates the whole (small) val split on the same model: same metrics everywhere.
         metrics.update(evaluate(model, val, device))
         metrics["lr"] = scheduler.get_last_lr()[0]
         best = max(best, metrics["val_accuracy"])
         history.append({"epoch": epoch + 1, **metrics})
-        if ckpt:
+        if ckpt and distributed.is_main_process():
             save_checkpoint(ckpt, model, optimizer, scheduler, epoch + 1, cfg, train.classes, history, best)
         if on_epoch:
             on_epoch(epoch + 1, metrics)
+    distributed.barrier()  # under torchrun, nobody returns before rank 0's last checkpoint is written
     model.eval().cpu()
     return FitResult(model, train.classes, history, best, ckpt, time.perf_counter() - t0)

@@ -121,3 +121,16 @@ def test_dvc_repro_reproduces_a_training_offline(tmp_path):
     assert again.returncode == 0
     assert "didn't change" in again.stdout or "up to date" in again.stdout.lower()
     assert "Running stage 'train'" not in again.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "anneal"], "sampler: Input should be 'tpe'"),
+    (["--sampler", "nsga2", "--pruner", "hyperband"], "cannot prune"),
+    (["--trials", "0"], "n_trials: Input should be greater than or equal to 1"),
+    (["--data", "/no/such/folder"], "dataset folder not found: /no/such/folder"),
+])
+def test_search_rejects_bad_parameters_in_one_line(tmp_path, args, message):
+    out = run(["search", *args], tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / ".saofu" / "search").exists()  # nothing was started or stored
