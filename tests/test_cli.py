@@ -134,3 +134,10 @@ def test_search_rejects_bad_parameters_in_one_line(tmp_path, args, message):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / ".saofu" / "search").exists()  # nothing was started or stored
+
+
+def test_rollback_of_an_unknown_model_is_one_clear_line(tmp_path):
+    out = run(["rollback", "no-such-model"], tmp_path)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no-such-model" in last and "Traceback" not in out.stderr

@@ -1,0 +1,252 @@
+"""The release flow: compress → evaluate → register → gate → deploy.
+
+A trained float version of the registered model is compressed (static INT8, and channel pruning
+with a short fine-tune for saofu recognisers); the fastest INT8 artefact within the accuracy bar is
+registered as a new version with its lineage and set as `challenger`. Challenger and champion are
+evaluated on the same three sets (fresh online slice, regression set, open badcases) with plots
+and a runtime profile; the gate compares them on the fresh slice. A passing gate moves `champion`
+(recorded, so `saofu rollback` undoes it): that is the deployment, since the serving app follows
+the alias and swaps models without failing a request; with `serve_url` the flow waits until the
+app answers with the new version. A failing gate is recorded on the version and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from saofu.settings import get_settings
+from tasks import registry, tracking
+from tasks.data import TensorSplit, prepare_dataset
+from tasks.gate import CandidateMetrics, GateConfig, evaluate_gate
+from tasks.release_data import badcase_set, fresh_online_slice, regression_set, simulated_fresh_slice
+from tasks.release_eval import compare_plot, compare_table, flat_metrics, release_report
+from tasks.release_steps import (
+    ARTEFACT_TAG,
+    Candidate,
+    Variant,
+    build_variants,
+    choose_artefact,
+    format_variants,
+    load_candidate,
+    measure_variants,
+    variants_json,
+)
+
+
+class ReleaseParams(BaseModel):
+    """Parameters of one release."""
+
+    registered_model: str = Field("fu-recognizer", min_length=1)
+    candidate_version: str | None = Field(None, description="trained version to release; empty: the newest")
+    labelled_dir: str | None = Field(
+        None, description="labelled dataset whose newest human labels form the fresh online slice"
+    )
+    pool_dir: str | None = Field(
+        None, description="online pool for simulated fresh scans when no human-labelled slice exists"
+    )
+    fresh_n: int = Field(400, ge=10, description="images in the fresh online slice")
+    regression_dir: str | None = Field(None, description="dataset whose test split is the regression set; "
+                                                          "empty: the candidate's training data")
+    badcases: str | None = Field(None, description="badcases.json; empty: the candidate's last evaluation")
+    prune_amount: float = Field(0.25, ge=0, lt=1, description="share of hidden channels pruned (0: no pruning)")
+    fine_tune_epochs: int = Field(3, ge=0)
+    accuracy_bar: float = Field(0.01, ge=0, le=1, description="largest accuracy drop vs the float model that ships")
+    threshold: float = Field(0.9, ge=0, le=1)
+    negative_class: str | None = "not_fu"
+    gate: GateConfig = GateConfig()
+    reason: str = Field("release flow", min_length=1, description="recorded with the promotion")
+    experiment: str = Field("saofu-release", min_length=1)
+    serve_url: str | None = Field(None, description="serving app to check the new champion is live on")
+    seed: int = 0
+
+
+class ReleaseResult(BaseModel):
+    run_id: str
+    candidate_version: str
+    shipped: str | None  # the chosen artefact's label, None when none met the accuracy bar
+    challenger_version: str | None
+    champion_before: str | None
+    champion_after: str | None
+    promoted: bool
+    gate_passed: bool | None
+    gate_table: str
+    variants_table: str
+    compare_table: str
+    fresh_source: str
+    served_version: str | None = None
+
+
+def _fresh_slice(params: ReleaseParams, candidate: Candidate) -> tuple[TensorSplit, str]:
+    if params.labelled_dir:
+        split = fresh_online_slice(params.labelled_dir, candidate.classes, candidate.image_size, params.fresh_n)
+        if split is not None:
+            return split, f"human labels in {params.labelled_dir}"
+    pool = params.pool_dir or str(get_settings().data_dir / "online_pool")
+    split, info = simulated_fresh_slice(pool, candidate.classes, candidate.image_size, params.fresh_n, params.seed)
+    return split, f"simulated scans ({info['n']} images, ground truth from the simulator) in {pool}"
+
+
+def _gate_metrics(report: dict, version: str | None) -> CandidateMetrics:
+    fresh, runtime = report["sets"]["fresh"], report["runtime"]
+    return CandidateMetrics(
+        accuracy=fresh["accuracy_at_threshold"],
+        per_class_recall={c: m["recall"] for c, m in fresh["per_class"].items()},
+        latency_p50_ms=runtime["latency_p50_ms"], latency_p95_ms=runtime["latency_p95_ms"],
+        size_bytes=int(runtime["file_bytes"]), n_images=fresh["n"], version=version,
+    )
+
+
+@task(name="compress")
+def compress(candidate: Candidate, params: ReleaseParams, fresh: TensorSplit,
+             out_dir: str) -> tuple[list[Variant], Variant | None]:
+    data = prepare_dataset(candidate.data_dir, candidate.image_size, 0.15, params.seed, get_settings().cache_dir)
+    variants = build_variants(candidate, data.train, data.val, out_dir, params.prune_amount, params.fine_tune_epochs,
+                              params.seed)
+    measure_variants(variants, fresh, params.threshold, params.negative_class)
+    return variants, choose_artefact(variants, params.accuracy_bar)
+
+
+@task(name="evaluate-release")
+def evaluate_release(paths: dict[str, str], sets: dict[str, TensorSplit], params: ReleaseParams,
+                     out_dir: str) -> dict[str, dict]:
+    """`release_report` of each model (label -> ONNX path) on the same sets."""
+    return {label: release_report(path, sets, Path(out_dir) / label, params.threshold, params.negative_class)
+            for label, path in paths.items()}
+
+
+def wait_until_served(url: str, version: str, timeout_s: float = 60.0) -> str | None:
+    """Poll the serving app's /healthz until it reports `version`; the last version seen."""
+    import httpx
+
+    seen, deadline = None, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            seen = str(httpx.get(url.rstrip("/") + "/healthz", timeout=2).json().get("version"))
+            if seen == version:
+                return seen
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    return seen
+
+
+@flow(name="release", log_prints=True)
+def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
+    """Compress a trained candidate, judge it against the champion, and promote it if it passes."""
+    settings = get_settings()
+    log = get_run_logger()
+    tracking.configure_mlflow(params.experiment)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = settings.runs_dir / f"release-{stamp}"
+    candidate = load_candidate(params.registered_model, params.candidate_version, run_dir / "candidate")
+    fresh, fresh_source = _fresh_slice(params, candidate)
+    print(f"candidate {candidate.name} v{candidate.version} ({candidate.arch}); fresh slice: {len(fresh)} images, "
+          f"{fresh_source}", flush=True)
+    flow_run_id = str(flow_run.get_id() or "")
+    lineage = registry.lineage_tags(candidate.data_version, flow_run_id, candidate.version, candidate.arch)
+    run_id = tracking.start_run(params.experiment, f"release-{candidate.name}-v{candidate.version}", {
+        "candidate_version": candidate.version, "prune_amount": params.prune_amount,
+        "fine_tune_epochs": params.fine_tune_epochs, "accuracy_bar": params.accuracy_bar,
+        "threshold": params.threshold, "fresh_source": fresh_source, "fresh_n": len(fresh),
+        **{f"gate_{k}": v for k, v in params.gate.model_dump().items()},
+    }, {**lineage, "flow": "release"})
+    champion_before = registry.current_champion(candidate.name)
+    try:
+        variants, chosen = compress(candidate, params, fresh, str(run_dir / "artefacts"))
+        variants_table = format_variants(variants, chosen)
+        print(variants_table, flush=True)
+        tracking.log_dict(run_id, json.loads(variants_json(variants)), "compression/variants.json")
+        if chosen is None:
+            tracking.set_tags(run_id, {"outcome": "no INT8 artefact met the accuracy bar"})
+            tracking.finish_run(run_id)
+            return ReleaseResult(
+                run_id=run_id, candidate_version=candidate.version, shipped=None, challenger_version=None,
+                champion_before=champion_before, champion_after=champion_before, promoted=False, gate_passed=None,
+                gate_table="", variants_table=variants_table, compare_table="", fresh_source=fresh_source,
+            )
+
+        reference = next(v for v in variants if v.label == "fp32")
+        version = tracking.register_onnx(run_id, chosen.path, candidate.name, candidate.image_size,
+                                         candidate.classes, {
+                                             **lineage, ARTEFACT_TAG: chosen.label, "parent_run_id": candidate.run_id,
+                                             "data_dir": candidate.data_dir, "run_id": run_id,
+                                             "fresh_accuracy_at_threshold": f"{chosen.accuracy_at_threshold:.4f}",
+                                             "float_accuracy_at_threshold": f"{reference.accuracy_at_threshold:.4f}",
+                                         })
+        registry.set_challenger(candidate.name, version)
+        print(f"registered {candidate.name} version {version} ({chosen.label}) as challenger", flush=True)
+
+        sets = {"fresh": fresh, "regression": regression_set(params.regression_dir or candidate.data_dir,
+                                                             candidate.image_size, settings.cache_dir)}
+        badcases = badcase_set(params.badcases or _candidate_badcases(candidate, run_dir), candidate.classes,
+                               candidate.image_size)
+        if badcases is not None:
+            sets["badcases"] = badcases
+        paths = {f"challenger v{version}": chosen.path}
+        if champion_before:
+            paths[f"champion v{champion_before}"] = _download_onnx(candidate.name, champion_before, run_dir)
+        reports = evaluate_release(paths, sets, params, str(run_dir / "evaluation"))
+        table = compare_table(reports)
+        print(table, flush=True)
+        plot = compare_plot(reports, run_dir / "evaluation" / "compare.png")
+        tracking.log_file(run_id, plot, "evaluation")
+        for label, report in reports.items():
+            prefix = "challenger" if label.startswith("challenger") else "champion"
+            tracking.log_metrics(run_id, {f"{prefix}/{k}": v for k, v in flat_metrics(report["sets"]).items()})
+            for set_result in report["sets"].values():
+                for png in set_result["files"].values():
+                    tracking.log_file(run_id, png, f"evaluation/{prefix}")
+
+        champion_metrics = _gate_metrics(reports[f"champion v{champion_before}"], champion_before) \
+            if champion_before else None
+        report = evaluate_gate(_gate_metrics(reports[f"challenger v{version}"], version), champion_metrics, params.gate)
+        print(report.table(), flush=True)
+        tracking.log_dict(run_id, report.to_dict(), "gate_report.json")
+        tracking.set_tags(run_id, {"gate": "passed" if report.passed else "failed", "challenger_version": version})
+        served = None
+        if report.passed:
+            registry.promote(candidate.name, version, params.reason, report.to_dict())
+            log.info("gate passed: %s version %s is the champion (was %s)", candidate.name, version, champion_before)
+            if params.serve_url:
+                served = wait_until_served(params.serve_url, version)
+                print(f"serving app at {params.serve_url} answers with version {served}", flush=True)
+        else:
+            registry.record_gate_decision(candidate.name, version, report.to_dict())
+            log.warning("gate failed: champion stays %s; failed checks: %s", champion_before,
+                        ", ".join(c.name for c in report.failed))
+    except BaseException:
+        tracking.finish_run(run_id, "FAILED")
+        raise
+    tracking.finish_run(run_id)
+    return ReleaseResult(
+        run_id=run_id, candidate_version=candidate.version, shipped=chosen.label, challenger_version=version,
+        champion_before=champion_before, champion_after=registry.current_champion(candidate.name),
+        promoted=report.passed, gate_passed=report.passed, gate_table=report.table(), variants_table=variants_table,
+        compare_table=table, fresh_source=fresh_source, served_version=served,
+    )
+
+
+def _download_onnx(name: str, version: str, run_dir: Path) -> str:
+    from tasks.active_learning import _download
+
+    return str(_download(name, version, None, run_dir / "registry").onnx_path)
+
+
+def _candidate_badcases(candidate: Candidate, run_dir: Path) -> str:
+    """The candidate training run's badcases.json (written by its evaluation), or "" if it has none."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().download_artifacts(candidate.run_id, "evaluation/badcases.json", str(run_dir))
+    except Exception:
+        return ""
+
+
+if __name__ == "__main__":
+    release_flow()
