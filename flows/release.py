@@ -121,17 +121,17 @@ def evaluate_release(paths: dict[str, str], sets: dict[str, TensorSplit], params
 
 
 def wait_until_served(url: str, version: str, timeout_s: float = 60.0) -> str | None:
-    """Poll the serving app's /healthz until it reports `version`; the last version seen."""
+    """Poll the serving app's /healthz until its champion is `version`; the last version seen."""
     import httpx
 
     seen, deadline = None, time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            seen = str(httpx.get(url.rstrip("/") + "/healthz", timeout=2).json().get("version"))
+            seen = httpx.get(url.rstrip("/") + "/healthz", timeout=2).json()["versions"]["champion"]
             if seen == version:
                 return seen
-        except (httpx.HTTPError, ValueError):
-            pass
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            pass  # not up yet, or not a saofu serving app: keep asking until the deadline
         time.sleep(0.5)
     return seen
 

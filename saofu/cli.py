@@ -376,6 +376,29 @@ def rollback(
           f"{model}: rolled back to version {record.version} (was {record.previous})")
 
 
+@app.command()
+def serve(
+    port: int = typer.Option(8080, "--port", help="TCP port on loopback."),
+    model: str = typer.Option("fu-recognizer", "--model", help="Registered model; serves its @champion."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (put a proxy in front to expose it)."),
+    canary_share: float = typer.Option(
+        0.0, "--canary-share", help="Share of requests the @challenger answers (0: no canary)."
+    ),
+    canary_min_requests: int = typer.Option(200, "--canary-min-requests", help="Challenger requests before judging."),
+    pool: str = typer.Option("default", "--pool", help='Online pool to log requests into; "none" logs nothing.'),
+    pool_max_files: int = typer.Option(10_000, "--pool-max-files"),
+    poll_seconds: float = typer.Option(5.0, "--poll-seconds", help="How often the registry aliases are checked."),
+    threshold: float = typer.Option(0.9, "--threshold", help="Confidence a prediction needs to count."),
+    log_level: str = typer.Option("info", "--log-level"),
+):
+    """Serve models:/<model>@champion over HTTP (POST /predict, /healthz, /metrics), following the alias."""
+    from deploy.server import serve as run_server
+
+    run_server(port, model, host=host, canary_share=canary_share, canary_min_requests=canary_min_requests,
+               pool_dir=None if pool == "none" else pool, pool_max_files=pool_max_files, poll_seconds=poll_seconds,
+               threshold=threshold, log_level=log_level)
+
+
 # ---------------------------------------------------------------- steps (dvc.yaml)
 @step_app.command("train")
 def step_train(
@@ -549,6 +572,25 @@ def bench_search(
     with _progress_to_stderr(as_json):
         result = run_search_bench(n=n, budget_min=budget_min, trial_epochs=trial_epochs, final_epochs=final_epochs,
                                   out=out)
+    _emit(result["summary"], as_json, result["table"])
+
+
+@bench_app.command("release")
+def bench_release(
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Training epochs of the float model."),
+    fresh_n: int = typer.Option(1000, "--fresh-n", help="Images in the simulated fresh online slice."),
+    serving: bool = typer.Option(True, "--serving/--no-serving", help="Also the app vs `mlflow models serve`."),
+    seconds: float = typer.Option(10.0, "--seconds", help="Measured seconds per serving point."),
+    out: Path = typer.Option(Path("bench/results/release.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """FP32 vs INT8 vs pruned+INT8; the serving app vs `mlflow models serve` at 1 and 16 clients."""
+    from bench.release import run_release_bench
+
+    with _progress_to_stderr(as_json):
+        result = run_release_bench(n=n, epochs=epochs, fresh_n=fresh_n, out=out, serving=serving,
+                                   serving_seconds=seconds)
     _emit(result["summary"], as_json, result["table"])
 
 

@@ -160,12 +160,12 @@ def choose_artefact(variants: list[Variant], accuracy_bar: float) -> Variant | N
 
 
 def format_variants(variants: list[Variant], chosen: Variant | None) -> str:
-    head = (f"{'artefact':<14}{'params':>9}{'MFLOPs':>8}{'acc':>8}{'acc@thr':>9}{'p50 ms':>8}{'p95 ms':>8}"
+    head = (f"{'artefact':<17}{'params':>9}{'MFLOPs':>8}{'acc':>8}{'acc@thr':>9}{'p50 ms':>8}{'p95 ms':>8}"
             f"{'KiB':>8}")
     lines = [head, "-" * len(head)]
     for v in variants:
         mark = "  <- ships" if chosen is not None and v.path == chosen.path else ""
-        lines.append(f"{v.label:<14}{v.params:>9,}{v.mflops:>8.2f}{v.accuracy:>8.4f}{v.accuracy_at_threshold:>9.4f}"
+        lines.append(f"{v.label:<17}{v.params:>9,}{v.mflops:>8.2f}{v.accuracy:>8.4f}{v.accuracy_at_threshold:>9.4f}"
                      f"{v.latency_p50_ms:>8.3f}{v.latency_p95_ms:>8.3f}{v.size_bytes / 1024:>8.1f}{mark}")
     return "\n".join(lines)
 

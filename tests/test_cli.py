@@ -141,3 +141,11 @@ def test_rollback_of_an_unknown_model_is_one_clear_line(tmp_path):
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no-such-model" in last and "Traceback" not in out.stderr
+
+
+def test_serve_of_an_unregistered_model_fails_before_opening_the_port(tmp_path):
+    out = run(["serve", "--port", "0", "--model", "no-such-model"], tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no-such-model" in last and "Traceback" not in out.stderr
+    assert "Uvicorn running" not in out.stderr
