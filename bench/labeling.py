@@ -247,6 +247,32 @@ def target_verdict(rows: list[dict]) -> dict:
     return {s: [r["threshold"] for r in rows if meets_target(r[s])] for s in STRATEGIES}
 
 
+def labels_needed(retrain_rows: list[dict]) -> dict[str, dict | None]:
+    """Per strategy, the fewest human labels whose retrained model came within 1 point of the reference.
+
+    `retrain_rows` are `retrain_row` results with `gap_points`/`within_1_point` set and
+    `config` = "<strategy> @ <threshold>" (the reference row has no gap and is skipped). A strategy
+    none of whose rows came within 1 point maps to None.
+    """
+    best: dict[str, dict | None] = {}
+    for row in retrain_rows:
+        if row.get("gap_points") is None:
+            continue
+        strategy, _, threshold = row["config"].partition(" @ ")
+        best.setdefault(strategy, None)
+        if row["within_1_point"] and (best[strategy] is None or row["human_labels"] < best[strategy]["human_labels"]):
+            best[strategy] = {"human_labels": row["human_labels"], "threshold": float(threshold),
+                              "gap_points": row["gap_points"]}
+    return best
+
+
+def format_labels_needed(needed: dict[str, dict | None], reference: dict) -> str:
+    parts = [f"{s} {v['human_labels']:,} (@ {v['threshold']})" if v else f"{s}: none within 1 point"
+             for s, v in needed.items()]
+    return (f"human labels needed to come within 1 point of the fully human-labelled model "
+            f"({reference['human_labels']:,} labels, test acc {reference['test_accuracy']:.4f}): " + ", ".join(parts))
+
+
 # ------------------------------------------------------------------------------------ the bench
 
 
@@ -255,7 +281,7 @@ def run_labeling_bench(
     seed: int = 0, out: str | Path = "bench/results/labeling.json",
     model_a: str = "saofu_fu", model_b: str = "mobilenet_v2_035",
     retrain: Sequence[tuple[str, float]] = (("dual", 0.9), ("random", 0.9), ("single", 0.9)),
-    image_size: int = 64, workers: int | None = None,
+    image_size: int = 64, workers: int | None = None, sweep: bool = False,
 ) -> dict:
     """Compare dual-model, single-model and random auto-labelling on a generated pool.
 
@@ -272,11 +298,15 @@ def run_labeling_bench(
             reference; () skips the accuracy comparison (and the reference).
         image_size: side of the generated crops.
         workers: world-generation processes (None: generator's default).
+        sweep: retrain every strategy at every threshold (replaces `retrain`), so that the human
+            labels each strategy needs to come within 1 point of the reference can be read off.
 
     Returns:
         {"summary": the JSON written, "table": the printed tables}.
     """
     started = time.perf_counter()
+    if sweep:
+        retrain = [(strategy, thr) for strategy in STRATEGIES for thr in thresholds]
     seed_train, seed_val, pool, test = load_data(n_seed, n_pool, image_size, seed, workers)
     classes = list(pool.classes)
     truth = pool.labels.numpy()
@@ -316,6 +346,7 @@ def run_labeling_bench(
             print(format_retrain_table(retrain_rows).splitlines()[-1], flush=True)
 
     verdict = target_verdict(rows)
+    needed = labels_needed(retrain_rows) if retrain_rows else {}
     summary = {
         "benchmark": "labeling",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -333,6 +364,7 @@ def run_labeling_bench(
         },
         "strategies": rows,
         "retrain": retrain_rows,
+        "human_labels_needed_within_1_point": needed,
         "target": {"precision": TARGET_PRECISION, "share": TARGET_SHARE, "met_at_thresholds": verdict,
                    "met_by_dual": bool(verdict["dual"])},
         "notes": (
@@ -347,6 +379,7 @@ def run_labeling_bench(
     table = "\n\n".join(filter(None, [
         format_table(rows),
         format_retrain_table(retrain_rows) if retrain_rows else "",
+        format_labels_needed(needed, retrain_rows[0]) if retrain_rows else "",
         f"target (precision >= {100 * TARGET_PRECISION:.1f}% with >= {100 * TARGET_SHARE:.0f}% auto-labelled): "
         + ", ".join(f"{s} {'met at ' + str(v) if v else 'not met'}" for s, v in verdict.items()),
         f"{summary['device']}; {summary['total_seconds']:.0f} s; written to {out}",
@@ -364,13 +397,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model-b", default="mobilenet_v2_035")
     p.add_argument("--retrain", nargs="*", default=["dual@0.9", "random@0.9", "single@0.9"],
                    help="strategy@threshold pairs to retrain with; none to skip")
+    p.add_argument("--sweep", action="store_true",
+                   help="retrain every strategy at every threshold: human labels needed within 1 point")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--out", default="bench/results/labeling.json")
     a = p.parse_args(argv)
     retrain = [(s, float(t)) for s, t in (r.split("@") for r in a.retrain)]
     result = run_labeling_bench(a.n_seed, a.n_pool, a.thresholds, a.epochs, a.seed, a.out, a.model_a,
-                                a.model_b, retrain, workers=a.workers)
+                                a.model_b, retrain, workers=a.workers, sweep=a.sweep)
     print(result["table"])
 
 

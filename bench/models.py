@@ -41,12 +41,12 @@ def _device_name() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<24}{'res':>4}{'params':>9}{'MFLOPs':>8}{'val acc':>8}{'test@0.9':>9}{'int8@0.9':>9}"
+    head = (f"{'model':<24}{'res':>4}{'params':>11}{'MFLOPs':>8}{'val acc':>8}{'test@0.9':>9}{'int8@0.9':>9}"
             f"{'fp32 p50':>9}{'int8 p50':>9}{'int8 p95':>9}{'train s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['model']:<24}{r.get('image_size', 64):>4}{r['params']:>9,}{r['mflops']:>8.2f}"
+            f"{r['model']:<24}{r.get('image_size', 64):>4}{r['params']:>11,}{r['mflops']:>8.2f}"
             f"{r['val_accuracy']:>8.4f}{r['test_accuracy_at_threshold']:>9.4f}"
             f"{r.get('int8_test_accuracy_at_threshold', float('nan')):>9.4f}{r['latency_p50_ms']:>9.3f}"
             f"{r.get('int8_latency_p50_ms', float('nan')):>9.3f}{r.get('int8_latency_p95_ms', float('nan')):>9.3f}"

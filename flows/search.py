@@ -47,6 +47,12 @@ class SearchFlowParams(BaseModel):
     min_epochs: int = Field(1, ge=1)
     targets: ScoreTargets = ScoreTargets()
     measure_latency: bool = Field(False, description="INT8 onnxruntime latency as a third cost term")
+    max_mflops: float | None = Field(
+        None, gt=0, description="hard FLOP limit: the best trial is chosen among those within it"
+    )
+    max_kparams: float | None = Field(
+        None, gt=0, description="hard parameter limit (thousands): the best trial is chosen among those within it"
+    )
     scale_to_mflops: float | None = Field(None, gt=0, description="compound-scale the best trial to this FLOP target")
     final_epochs: int = Field(20, ge=0, description="epochs of the best trial's retrain; 0: no retrain")
     registered_model: str = Field("fu-recognizer-searched", min_length=1)
@@ -137,7 +143,7 @@ def search_flow(params: SearchFlowParams = SearchFlowParams()) -> SearchFlowResu
         tracking.log_file(run_id, plot)
         tracking.log_dict(run_id, {"trials": rows, "pareto": [r["number"] for r in front]}, "trials.json")
         print(format_trials(rows), flush=True)
-        best = best_row(rows)
+        best = best_row(rows, params.max_mflops, params.max_kparams)
         plan = rebuild_plan(best, params.space)
         counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
         tracking.log_metrics(run_id, {"best_score": best["score"], "best_accuracy": best["accuracy"],

@@ -280,6 +280,10 @@ def search(
     target_mflops: float = typer.Option(5.0, "--target-mflops", help="FLOPs target T_f of the score."),
     target_kparams: float = typer.Option(40.0, "--target-kparams", help="Parameter target T_s (thousands)."),
     latency: bool = typer.Option(False, "--latency", help="Measure INT8 onnxruntime latency as a third cost."),
+    max_mflops: float | None = typer.Option(None, "--max-mflops", help="Hard FLOP limit for the chosen best trial."),
+    max_kparams: float | None = typer.Option(
+        None, "--max-kparams", help="Hard parameter limit (thousands) for the chosen best trial."
+    ),
     scale_to_mflops: float | None = typer.Option(
         None, "--scale-to-mflops", help="Compound-scale the best architecture to this FLOP target before retraining."
     ),
@@ -295,6 +299,7 @@ def search(
         sampler=sampler, pruner=pruner or ("none" if sampler == "nsga2" else "hyperband"), workers=workers,
         storage=storage, study_name=study,
         targets={"mflops": target_mflops, "kparams": target_kparams}, measure_latency=latency,
+        max_mflops=max_mflops, max_kparams=max_kparams,
         scale_to_mflops=scale_to_mflops, final_epochs=final_epochs, seed=seed,
     )
     if data is not None and not data.is_dir():
@@ -546,14 +551,25 @@ def bench_labeling(
     n_seed: int = typer.Option(1200, "--n-seed", help="Labelled seed set the two models train on."),
     n_pool: int = typer.Option(2400, "--n-pool", help="Unlabelled pool (with known truth) to label."),
     epochs: int = typer.Option(14, "--epochs"),
+    model_a: str = typer.Option("saofu_fu", "--model-a", help="The champion: its top class is the auto-label."),
+    model_b: str = typer.Option("mobilenet_v2_035", "--model-b", help="The second model, another architecture."),
+    thresholds: list[float] = typer.Option([0.8, 0.9, 0.95, 0.98], "--threshold", help="Repeat for several."),
+    sweep: bool = typer.Option(
+        False, "--sweep", help="Retrain every strategy at every threshold: human labels needed within 1 point."
+    ),
     out: Path = typer.Option(Path("bench/results/labeling.json"), "--out"),
     as_json: bool = JsonOpt,
 ):
     """Dual-model agreement vs single-model confidence vs random sampling, per threshold."""
     from bench.labeling import run_labeling_bench
+    from models import list_models
 
+    for name in (model_a, model_b):
+        if name not in list_models():
+            raise SaofuError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     with _progress_to_stderr(as_json):
-        result = run_labeling_bench(n_seed=n_seed, n_pool=n_pool, epochs=epochs, out=out)
+        result = run_labeling_bench(n_seed=n_seed, n_pool=n_pool, epochs=epochs, out=out, thresholds=thresholds,
+                                    model_a=model_a, model_b=model_b, sweep=sweep)
     _emit(result["summary"], as_json, result["table"])
 
 

@@ -32,14 +32,16 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image, UnidentifiedImageError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -54,6 +56,8 @@ from tasks.stream import INDEX_NAME
 
 STATE_NAME = ".al_state.json"
 STATE_FORMAT = 1
+LOCK_NAME = ".al_state.lock"
+LOCK_WAIT_S = 600.0  # a scheduled run waits this long for a running one to finish
 POOL_SOURCE = "online_pool"
 BADCASE_SOURCE = "evaluation"
 CHAMPION_ALIAS = "champion"
@@ -229,6 +233,32 @@ def save_state(pool_dir: str | Path, state: PoolState) -> Path:
     tmp.write_text(json.dumps(data, indent=0))
     os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def pool_lock(pool_dir: str | Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold the pool's active-learning lock: one run at a time reads and writes its state file.
+
+    Two runs on one pool (a scheduled one and a click in the UI) would otherwise both read the
+    same state, both send the same images to labelers, and the last writer would drop the other's
+    record. The lock is an OS file lock (`filelock`), released when its holder exits or dies.
+
+    Raises:
+        SaofuError: another run still holds it after `wait_s` seconds (default `LOCK_WAIT_S`).
+    """
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    path = Path(pool_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=wait_s)
+    except Timeout:
+        raise SaofuError(f"another active-learning run holds {path} (waited {wait_s:.0f} s); "
+                         "try again when it has finished") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _utc(when: datetime | str) -> datetime:
@@ -534,6 +564,16 @@ def route(
     """
     if max_tasks is not None and max_tasks < 0:
         raise SaofuError(f"max_tasks must be >= 0 or None, got {max_tasks}")
+    with pool_lock(pool_dir):
+        return _route_locked(pool_dir, dataset_dir, champion, second, sink, threshold, per_class, max_tasks, since,
+                             batch_size)
+
+
+def _route_locked(
+    pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
+    threshold: float, per_class: Mapping[str, float] | None, max_tasks: int | None,
+    since: datetime | str | None, batch_size: int,
+) -> RouteResult:
     state = load_state(pool_dir)
     images = pool_images(pool_dir, since, state)
     result = RouteResult(new_images=len(images))
@@ -638,6 +678,11 @@ def send_badcases(
         The number of badcase tasks created.
     """
     doc = read_badcases(badcase_file)
+    with pool_lock(pool_dir):
+        return _send_badcases_locked(doc, sink, pool_dir, max_tasks)
+
+
+def _send_badcases_locked(doc: dict, sink: Sink, pool_dir: str | Path, max_tasks: int | None) -> int:
     state = load_state(pool_dir)
     fresh = [c for c in doc["badcases"] if c.sha256 not in state.badcases]
     fresh = fresh if max_tasks is None else fresh[:max_tasks]

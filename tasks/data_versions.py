@@ -116,8 +116,33 @@ def remote_url() -> str:
     """
     url = os.environ.get(REMOTE_ENV) or str(state_dir() / "dvc-remote")
     if "://" in url:
+        _check_remote_plugin(url)
         return url
     return str(Path(url).expanduser().resolve())
+
+
+# URL scheme -> (the DVC plugin's import name, its pip package, saofu's extra that installs it)
+REMOTE_PLUGINS = {
+    "s3": ("dvc_s3", "dvc-s3", "s3"),
+    "gs": ("dvc_gs", "dvc-gs", "gs"),
+    "gcs": ("dvc_gs", "dvc-gs", "gs"),
+    "azure": ("dvc_azure", "dvc-azure", "azure"),
+    "az": ("dvc_azure", "dvc-azure", "azure"),
+    "ssh": ("dvc_ssh", "dvc-ssh", "ssh"),
+    "webdav": ("dvc_webdav", "dvc-webdav", "webdav"),
+    "webdavs": ("dvc_webdav", "dvc-webdav", "webdav"),
+}
+
+
+def _check_remote_plugin(url: str) -> None:
+    """A remote whose DVC plugin is missing fails here, naming the package, before anything is staged."""
+    import importlib.util
+
+    scheme = url.split("://", 1)[0].lower()
+    plugin = REMOTE_PLUGINS.get(scheme)
+    if plugin and importlib.util.find_spec(plugin[0]) is None:
+        raise SaofuError(f"{REMOTE_ENV}={url} needs DVC's {scheme} plugin: pip install '{plugin[1]}' "
+                         f"(or install saofu with the extra: pip install -e '.[{plugin[2]}]')")
 
 
 # --- public API --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ therefore rewards architectures made of ReLU-family, pointwise-heavy blocks.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,12 @@ from onnxruntime.quantization import (
 from saofu.errors import SaofuError
 from tasks.data import TensorSplit
 from tasks.evaluation import measure_latency, onnx_classes, onnx_predict_proba, session
+
+# Importing onnxruntime.quantization imports onnxruntime.transformers, which appends its own folder
+# to sys.path. That folder holds a plain `models/` directory, which a spawned worker process (the Fu
+# world renderer's pool) then imports as a namespace package in place of ours, failing with
+# "cannot import name ... from 'models' (unknown location)". Its modules are imported by now.
+sys.path[:] = [p for p in sys.path if Path(p).parts[-2:] != ("onnxruntime", "transformers")]
 
 QUANTIZATION_TAG = "int8-static-u8s8-per-channel"
 # QDQ, not QOperator. Measured with onnxruntime 1.32 at batch 1 on one thread (two runs of

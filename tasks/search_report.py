@@ -89,18 +89,28 @@ def plot_pareto(rows: list[dict], path: str | Path, title: str = "search") -> Pa
     return path
 
 
-def best_row(rows: list[dict]) -> dict:
+def best_row(rows: list[dict], max_mflops: float | None = None, max_kparams: float | None = None) -> dict:
     """The finished trial with the highest combined score (for NSGA-II: the best of its front).
 
+    The score's cost terms are soft: a trial over a cost target can still score best. Hard limits
+    (a phone's budget) are given as `max_mflops`/`max_kparams`: then only trials within them count.
+
     Raises:
-        SaofuError: no trial finished (all pruned or failed, or the budget ended first).
+        SaofuError: no trial finished (all pruned or failed, or the budget ended first), or none
+            within the limits.
     """
     done = [r for r in rows if r["state"] == "COMPLETE" and r["score"] is not None]
     if not done:
         states = sorted({r["state"] for r in rows})
         raise SaofuError(f"no search trial finished (trial states: {states or 'none'}); "
                          "raise the time budget or the trial count")
-    return max(done, key=lambda r: r["score"])
+    within = [r for r in done if (max_mflops is None or r["mflops"] <= max_mflops)
+              and (max_kparams is None or r["kparams"] <= max_kparams)]
+    if not within:
+        raise SaofuError(f"none of the {len(done)} finished trials is within {max_mflops} MFLOPs and "
+                         f"{max_kparams} kparams (smallest: {min(r['mflops'] for r in done):.2f} MFLOPs, "
+                         f"{min(r['kparams'] for r in done):.1f} kparams)")
+    return max(within, key=lambda r: r["score"])
 
 
 def rebuild_plan(row: dict, space: SearchSpace) -> TrialPlan:

@@ -330,6 +330,32 @@ def test_a_failing_sink_keeps_the_auto_labels_and_retries_the_tasks(models, pool
     assert (retry.new_images, retry.auto, retry.human) == (12, 0, 12)
 
 
+def test_a_second_run_on_the_same_pool_waits_for_the_first_and_then_gives_up_clearly(
+    models, pool, tmp_path, monkeypatch
+):
+    import subprocess
+    import sys
+
+    import tasks.active_learning as al
+
+    holder = subprocess.Popen(  # another process (a scheduled run) holds the pool's lock
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
+         "l.acquire(); print('held', flush=True); time.sleep(60)", str(pool / al.LOCK_NAME)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(al, "LOCK_WAIT_S", 0.3)
+        with pytest.raises(SaofuError, match="another active-learning run holds .*al_state.lock"):
+            route(pool, tmp_path / "ds", *models, RecordingSink(), threshold=0.9)
+        assert not (tmp_path / "ds").exists() and load_state(pool).processed == set()  # nothing was done
+    finally:
+        holder.kill()
+        holder.wait()
+    done = route(pool, tmp_path / "ds", *models, RecordingSink(), threshold=0.9)  # released when it died
+    assert (done.auto, done.human) == (12, 12)
+
+
 # ---------------------------------------------------------------------------------------- badcases
 
 

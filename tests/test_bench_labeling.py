@@ -9,6 +9,7 @@ from bench.labeling import (
     concat_splits,
     format_retrain_table,
     format_table,
+    labels_needed,
     mask_stats,
     meets_target,
     strategy_masks,
@@ -100,3 +101,28 @@ def test_concat_and_relabel_splits():
     t = TensorSplit(torch.ones(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([1]), CLASSES, ["c"])
     joined = concat_splits(s, with_labels(t, np.array([0])))
     assert len(joined) == 3 and joined.labels.tolist() == [0, 1, 0] and joined.paths == ["a", "b", "c"]
+
+
+def _retrained(config: str, human: int, gap: float | None) -> dict:
+    row = {"config": config, "human_labels": human, "auto_labels": 0, "wrong_auto_labels": 0,
+           "test_accuracy": 0.9, "test_accuracy_at_threshold": 0.9, "train_seconds": 1.0}
+    if gap is not None:
+        row |= {"gap_points": gap, "within_1_point": gap <= 1.0}
+    return row
+
+
+def test_labels_needed_is_the_fewest_human_labels_within_one_point_per_strategy():
+    rows = [
+        _retrained("all human (reference)", 5000, None),
+        _retrained("dual @ 0.9", 3000, 0.4),
+        _retrained("dual @ 0.8", 2500, 0.9),   # fewer labels and still within: the answer
+        _retrained("dual @ 0.7", 2000, 1.6),   # fewer still, but too far behind
+        _retrained("single @ 0.9", 2200, 2.5),
+        _retrained("single @ 0.98", 4000, 1.0),  # exactly 1 point counts as within
+        _retrained("random @ 0.9", 3000, 1.4),
+    ]
+    needed = labels_needed(rows)
+    assert needed["dual"] == {"human_labels": 2500, "threshold": 0.8, "gap_points": 0.9}
+    assert needed["single"]["human_labels"] == 4000
+    assert needed["random"] is None
+    assert set(needed) == {"dual", "single", "random"}

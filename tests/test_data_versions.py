@@ -178,6 +178,22 @@ def test_remote_from_setting_and_moving_it(home: Path, world: Path, tmp_path: Pa
     assert checkout_version(v1.id, tmp_path / "v1").is_dir()
 
 
+def test_a_cloud_remote_without_its_dvc_plugin_is_named_and_nothing_is_stored(
+    home: Path, world: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("dvc_s3") is not None:
+        pytest.skip("dvc-s3 is installed here")
+    v1 = create_version(world, "fu_world")
+    monkeypatch.setenv(dv.REMOTE_ENV, "s3://campaign-bucket/saofu")
+    change_one_image(world)
+    with pytest.raises(SaofuError, match=r"s3://campaign-bucket/saofu needs DVC's s3 plugin: pip install 'dvc-s3'"):
+        create_version(world, "fu_world")
+    monkeypatch.delenv(dv.REMOTE_ENV)
+    assert [v.id for v in list_versions()] == [v1.id]  # the failed attempt left no version behind
+
+
 def test_bad_input(home: Path, world: Path, tmp_path: Path) -> None:
     with pytest.raises(SaofuError, match="dataset name"):
         create_version(world, "fu world/../x")

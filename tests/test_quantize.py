@@ -135,3 +135,22 @@ def test_bad_inputs_are_named(quantized, tmp_path):
     with pytest.raises(SaofuError, match="overwrite the FP32 model"):
         quantize_int8(fp32, data.train, fp32)
     assert not out.exists()
+
+
+def _import_in_spawned_child(name: str) -> bool:
+    import importlib
+
+    return hasattr(importlib.import_module(name), "build_from_checkpoint_meta")
+
+
+def test_a_spawned_worker_still_imports_our_models_package_after_quantization_is_imported():
+    """onnxruntime.quantization puts onnxruntime/transformers (which has a `models/` folder) on sys.path;
+    a spawned worker (the Fu world renderer's pool) must still find saofu's `models`, not that folder."""
+    import multiprocessing
+    import sys
+
+    import tasks.quantize  # noqa: F401 - the import under test
+
+    assert not [p for p in sys.path if p.rstrip("/").endswith("onnxruntime/transformers")]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_import_in_spawned_child, ("models",))

@@ -129,6 +129,16 @@ def test_best_row_is_the_highest_score_among_finished_and_fails_clearly_without_
         best_row([_row(0, "PRUNED", 0.5, 1, 1, score=0.9)])
 
 
+def test_best_row_within_hard_limits_skips_a_higher_scoring_trial_over_them():
+    rows = [_row(0, "COMPLETE", 0.95, 4.0, 30.0, score=0.90),   # best score, over the FLOP limit
+            _row(1, "COMPLETE", 0.88, 1.5, 39.0, score=0.86),
+            _row(2, "COMPLETE", 0.90, 1.7, 45.0, score=0.87)]   # over the parameter limit
+    assert best_row(rows)["number"] == 0
+    assert best_row(rows, max_mflops=1.75, max_kparams=40.5)["number"] == 1
+    with pytest.raises(SaofuError, match="within 1.0 MFLOPs.*smallest: 1.50 MFLOPs"):
+        best_row(rows, max_mflops=1.0)
+
+
 def test_rebuild_plan_refuses_params_that_do_not_give_the_logged_arch():
     row = _row(0, "COMPLETE", 0.9, 1, 1) | {"params": {"s1_kernel": 5}, "arch": SAOFU_FU_ARCH}
     with pytest.raises(SaofuError, match="rebuild"):
