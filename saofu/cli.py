@@ -579,6 +579,7 @@ def bench_search(
     budget_min: float = typer.Option(10.0, "--budget-min", help="Wall-clock budget of each of the three studies."),
     trial_epochs: int = typer.Option(6, "--trial-epochs", help="Epochs of an unpruned trial."),
     final_epochs: int = typer.Option(TrainConfig.epochs, "--final-epochs", help="Epochs of the final comparison."),
+    seed: int = typer.Option(0, "--seed", help="Worlds' and samplers' seed: another seed is another draw."),
     out: Path = typer.Option(Path("bench/results/search.json"), "--out"),
     as_json: bool = JsonOpt,
 ):
@@ -587,7 +588,7 @@ def bench_search(
 
     with _progress_to_stderr(as_json):
         result = run_search_bench(n=n, budget_min=budget_min, trial_epochs=trial_epochs, final_epochs=final_epochs,
-                                  out=out)
+                                  seed=seed, out=out)
     _emit(result["summary"], as_json, result["table"])
 
 
