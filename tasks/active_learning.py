@@ -253,7 +253,7 @@ def pool_lock(pool_dir: str | Path, wait_s: float | None = None) -> Iterator[Non
     try:
         lock.acquire(timeout=wait_s)
     except Timeout:
-        raise SaofuError(f"another active-learning run holds {path} (waited {wait_s:.0f} s); "
+        raise SaofuError(f"another active-learning run holds {path} (waited {wait_s:g} s); "
                          "try again when it has finished") from None
     try:
         yield
