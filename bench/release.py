@@ -47,12 +47,12 @@ def compression_rows(n: int, epochs: int, fresh_n: int, seed: int, tmp: Path) ->
     fresh, info = simulated_fresh_slice(tmp / "pool", list(data.classes), 64, fresh_n, seed)
     variants: list[Variant] = []
     for i, amount in enumerate((0.0, *PRUNE_AMOUNTS)):
-        built = build_variants(candidate, data.train, data.val, tmp / f"a{i}", amount, 3, seed)
-        keep = built if i == 0 else [v for v in built if v.pruned]
-        for v in keep:
+        built = build_variants(candidate, data.train, data.val, tmp / f"a{i}", amount, 3, seed,
+                               include_unpruned=i == 0)
+        for v in built:
             if v.pruned:
                 v.label = v.label.replace("pruned", f"pruned {int(amount * 100)}%")
-        variants += keep
+        variants += built
     measure_variants(variants, fresh, 0.9, "not_fu")
     return variants, {"fresh": info, "train_images": len(data.train), "epochs": epochs}
 

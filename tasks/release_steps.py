@@ -102,15 +102,18 @@ class Variant:
 
 def build_variants(
     candidate: Candidate, train: TensorSplit, val: TensorSplit, out_dir: str | Path, prune_amount: float = 0.25,
-    fine_tune_epochs: int = 3, seed: int = 0,
+    fine_tune_epochs: int = 3, seed: int = 0, include_unpruned: bool = True,
 ) -> list[Variant]:
     """Export the candidate as FP32 and static INT8 ONNX and, when it is a saofu recogniser and
-    `prune_amount` > 0, a channel-pruned copy fine-tuned for `fine_tune_epochs`, also in both."""
+    `prune_amount` > 0, a channel-pruned copy fine-tuned for `fine_tune_epochs`, also in both.
+
+    `include_unpruned=False` leaves the unpruned pair out (a caller comparing several amounts
+    needs it once)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, _ = load_checkpoint(candidate.checkpoint)
     size = candidate.image_size
-    models = [("", model)]
+    models = [("", model)] if include_unpruned else []
     if prune_amount > 0 and isinstance(model, Recognizer):
         from tasks.pruning import fine_tune, prune_recognizer
 
