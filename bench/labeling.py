@@ -6,10 +6,13 @@ val splits of the second world). The second world's test split (held-out fonts) 
 for the accuracy comparison. Two models of different architecture (model A, the champion, and
 model B) are trained on the seed set with the same budget and predict the pool.
 
-Per threshold, three strategies side by side, each auto-labelling with model A's top class:
+Per threshold, four strategies side by side, each auto-labelling with model A's top class:
 
 * dual:   both models agree and both are confident (`tasks.active_learning.select_batch`, the
           rule the pipeline uses);
+* dual_tta: the same rule with model A voting through test-time augmentation (`tasks.tta`:
+          its probabilities averaged over 5 slightly shifted and zoomed views), as the
+          active-learning flow does by default (`champion_tta`);
 * single: model A's top probability >= threshold;
 * random: the control: as many images as `dual` takes, drawn at random.
 
@@ -43,9 +46,10 @@ from tasks.data import TensorSplit, prepare_dataset
 from tasks.evaluation import threshold_report
 from tasks.fu_world import WorldConfig, generate_world, is_same_world
 from tasks.training import TrainConfig, epoch_printer, fit, predict_proba, resolve_device
+from tasks.tta import tta_probabilities
 
 THRESHOLDS = (0.8, 0.9, 0.95, 0.98)
-STRATEGIES = ("dual", "single", "random")
+STRATEGIES = ("dual", "dual_tta", "single", "random")
 TARGET_PRECISION = 0.995
 TARGET_SHARE = 0.60
 WITHIN_POINTS = 1.0  # "within 1 point of the fully human-labelled model"
@@ -60,22 +64,31 @@ POOL_SEED_OFFSET = 1000  # the pool world's seed: a different world from the see
 
 def strategy_masks(
     probs_a: np.ndarray, probs_b: np.ndarray, classes: Sequence[str], threshold: float,
-    rng: np.random.Generator,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Which pool images each strategy auto-labels, and the label it gives them.
+    rng: np.random.Generator, probs_a_tta: np.ndarray | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Which pool images each strategy auto-labels, and the labels it writes.
+
+    Args:
+        probs_a_tta: model A's test-time augmented probabilities (`tasks.tta`); given, the
+            `dual_tta` strategy is added: the same rule with A voting through them.
 
     Returns:
-        ({"dual": mask, "single": mask, "random": mask}, labels [N] class indices: model A's top
-        class, the label every strategy writes).
+        ({strategy: mask}, {strategy: labels [N] class indices}): model A's top class, or for
+        `dual_tta` A's top class after augmentation.
     """
     dual, names, _ = select_batch(probs_a, probs_b, classes, threshold)
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[name] for name in names], dtype=np.int64)
+    labels_a = np.array([index[name] for name in names], dtype=np.int64)
     single = np.asarray(probs_a).max(1) >= threshold
     # The control takes exactly as many as dual, so precision differences are the selection's.
-    random = np.zeros(len(labels), dtype=bool)
-    random[rng.choice(len(labels), size=int(dual.sum()), replace=False)] = True
-    return {"dual": dual, "single": single, "random": random}, labels
+    random = np.zeros(len(labels_a), dtype=bool)
+    random[rng.choice(len(labels_a), size=int(dual.sum()), replace=False)] = True
+    masks = {"dual": dual, "single": single, "random": random}
+    labels = {"dual": labels_a, "single": labels_a, "random": labels_a}
+    if probs_a_tta is not None:
+        masks["dual_tta"], _, _ = select_batch(probs_a_tta, probs_b, classes, threshold)
+        labels["dual_tta"] = np.asarray(probs_a_tta).argmax(1)
+    return masks, labels
 
 
 def mask_stats(mask: np.ndarray, labels: np.ndarray, truth: np.ndarray) -> dict:
@@ -102,12 +115,12 @@ def wrong_by_true_class(mask: np.ndarray, labels: np.ndarray, truth: np.ndarray,
 
 def strategy_stats(
     probs_a: np.ndarray, probs_b: np.ndarray, truth: np.ndarray, classes: Sequence[str],
-    threshold: float, rng: np.random.Generator,
+    threshold: float, rng: np.random.Generator, probs_a_tta: np.ndarray | None = None,
 ) -> dict[str, dict]:
-    """`mask_stats` of the three strategies at one threshold, keyed by strategy name."""
-    masks, labels = strategy_masks(probs_a, probs_b, classes, threshold, rng)
+    """`mask_stats` of the strategies at one threshold, keyed by strategy name."""
+    masks, labels = strategy_masks(probs_a, probs_b, classes, threshold, rng, probs_a_tta)
     truth = np.asarray(truth)
-    return {name: mask_stats(masks[name], labels, truth) for name in STRATEGIES}
+    return {name: mask_stats(masks[name], labels[name], truth) for name in masks}
 
 
 def meets_target(stats: dict, precision: float = TARGET_PRECISION, share: float = TARGET_SHARE) -> bool:
@@ -138,6 +151,11 @@ def concat_splits(*splits: TensorSplit) -> TensorSplit:
         torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]), list(classes),
         [p for s in splits for p in s.paths],
     )
+
+
+def with_images(split: TensorSplit, images: torch.Tensor) -> TensorSplit:
+    """The same labels on other pixels (a test-time augmented view)."""
+    return TensorSplit(images, split.labels, split.classes, split.paths)
 
 
 def with_labels(split: TensorSplit, labels: np.ndarray) -> TensorSplit:
@@ -217,14 +235,17 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """One line per threshold, the three strategies side by side: auto %, precision %, human."""
-    head = f"{'thr':>5} |" + "|".join(f"{s + ': auto%  prec%  human':^29}" for s in STRATEGIES)
+    present = [s for s in STRATEGIES if rows and s in rows[0]]
+    head = f"{'thr':>5} |" + "|".join(f"{s + ': auto%  prec%  human':^29}" for s in present)
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = [
             f"{_pct(r[s]['share'], 1):>9}{_pct(r[s]['precision']):>8}{r[s]['human_labels']:>8}    "
-            for s in STRATEGIES
+            for s in present
         ]
-        lines.append(f"{r['threshold']:>5.2f} |" + "|".join(cells))
+        thr = r["threshold"]
+        lines.append(f"{thr:>5.2f} |" if round(thr, 2) == thr else f"{thr:>5.3f} |")
+        lines[-1] += "|".join(cells)
     return "\n".join(lines)
 
 
@@ -244,7 +265,8 @@ def format_retrain_table(rows: list[dict]) -> str:
 
 def target_verdict(rows: list[dict]) -> dict:
     """Per strategy: the thresholds meeting the target (precision >= 99.5% with share >= 60%)."""
-    return {s: [r["threshold"] for r in rows if meets_target(r[s])] for s in STRATEGIES}
+    present = [s for s in STRATEGIES if rows and s in rows[0]]
+    return {s: [r["threshold"] for r in rows if meets_target(r[s])] for s in present}
 
 
 def labels_needed(retrain_rows: list[dict]) -> dict[str, dict | None]:
@@ -317,15 +339,20 @@ def run_labeling_bench(
     for role, name in (("model A", model_a), ("model B", model_b)):
         result = train(name, seed_train, seed_val, epochs, seed, f"{role} on the seed set")
         seed_models[role] = {"model": name, "result": result}
-    probs_a = probabilities(seed_models["model A"]["result"].model, pool)
+    model_a_net = seed_models["model A"]["result"].model
+    probs_a = probabilities(model_a_net, pool)
     probs_b = probabilities(seed_models["model B"]["result"].model, pool)
+    probs_a_tta = tta_probabilities(lambda view: probabilities(model_a_net, with_images(pool, view)), pool.images)
 
-    rows, masks = [], {}
+    rows, masks, labels = [], {}, {}
     for i, thr in enumerate(thresholds):
         rng = np.random.default_rng([seed, i])  # reproducible control, independent per threshold
-        masks[thr], labels_a = strategy_masks(probs_a, probs_b, classes, thr, rng)
-        row = {"threshold": thr, **{s: mask_stats(masks[thr][s], labels_a, truth) for s in STRATEGIES},
-               "dual_wrong_by_true_class": wrong_by_true_class(masks[thr]["dual"], labels_a, truth, classes)}
+        masks[thr], labels[thr] = strategy_masks(probs_a, probs_b, classes, thr, rng, probs_a_tta)
+        row = {"threshold": thr, **{s: mask_stats(masks[thr][s], labels[thr][s], truth) for s in STRATEGIES},
+               "dual_wrong_by_true_class": wrong_by_true_class(masks[thr]["dual"], labels[thr]["dual"], truth,
+                                                               classes),
+               "dual_tta_wrong_by_true_class": wrong_by_true_class(masks[thr]["dual_tta"], labels[thr]["dual_tta"],
+                                                                   truth, classes)}
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)
 
@@ -336,10 +363,10 @@ def run_labeling_bench(
         retrain_rows.append(reference)
         for strategy, thr in retrain:
             if thr not in masks:  # a threshold outside the compared ones: draw its masks too
-                masks[thr], labels_a = strategy_masks(probs_a, probs_b, classes, thr,
-                                                     np.random.default_rng([seed, 99]))
-            row = retrain_row(f"{strategy} @ {thr}", masks[thr][strategy], labels_a, seed_train, seed_val,
-                              pool, test, model_a, epochs, seed)
+                masks[thr], labels[thr] = strategy_masks(probs_a, probs_b, classes, thr,
+                                                         np.random.default_rng([seed, 99]), probs_a_tta)
+            row = retrain_row(f"{strategy} @ {thr}", masks[thr][strategy], labels[thr][strategy], seed_train,
+                              seed_val, pool, test, model_a, epochs, seed)
             row["gap_points"] = 100 * (reference["test_accuracy"] - row["test_accuracy"])
             row["within_1_point"] = row["gap_points"] <= WITHIN_POINTS
             retrain_rows.append(row)
@@ -366,7 +393,7 @@ def run_labeling_bench(
         "retrain": retrain_rows,
         "human_labels_needed_within_1_point": needed,
         "target": {"precision": TARGET_PRECISION, "share": TARGET_SHARE, "met_at_thresholds": verdict,
-                   "met_by_dual": bool(verdict["dual"])},
+                   "met_by_dual": bool(verdict["dual"]), "met_by_dual_tta": bool(verdict["dual_tta"])},
         "notes": (
             "human_labels in `strategies` counts pool images only; in `retrain` it includes the seed set. "
             "One training seed per configuration: differences under ~1 point are within run-to-run noise."

@@ -49,17 +49,28 @@ BASELINE = "mobilenet_v3_small_050"  # the model the issue's size target is rela
 LIMIT_MFLOPS, LIMIT_KPARAMS = 1.75, 40.5
 
 
+def study_sampler_seed(seed: int, index: int) -> int:
+    """Each study's sampler seed: distinct per study and per bench seed.
+
+    With one seed, TPE's random start-up trials are exactly random search's first trials, so a
+    lucky early draw is "reached" by every study at once and the comparison says nothing.
+    """
+    return seed * len(STUDIES) + index
+
+
 def compute_to_reach(curve: list[tuple[float, int, float]], score: float) -> float | None:
     """Training seconds a study had spent when its best score first reached `score` (None: never)."""
     return next((seconds for seconds, _, best in curve if best >= score - 1e-12), None)
 
 
 def run_study(label: str, sampler: str, pruner: str, data_dir: str, budget_s: float, epochs: int,
-              targets: ScoreTargets, seed: int, storage_dir: Path) -> dict:
+              targets: ScoreTargets, seed: int, storage_dir: Path, sampler_seed: int | None = None) -> dict:
+    """One study of the comparison; `seed` fixes data split and weight init, `sampler_seed` the sampler."""
     name = label.replace(" ", "").replace(",", "-").replace("+", "-")
     job = SearchJob(
         study_name=name, storage=f"sqlite:///{storage_dir / (name + '.db')}", data_dir=data_dir, sampler=sampler,
         pruner=pruner, n_trials=100_000, timeout_s=budget_s, epochs=epochs, targets=targets, seed=seed,
+        sampler_seed=sampler_seed,
     )
     print(f"== study {label}: {budget_s / 60:.1f} min budget, trials of up to {epochs} epochs", flush=True)
     run_job_worker(job)
@@ -115,7 +126,7 @@ def format_studies(studies: list[dict], reference: float | None) -> str:
 
 
 def run_search_bench(
-    n: int = WorldConfig.n, budget_min: float = 10.0, trial_epochs: int = 6, final_epochs: int = TrainConfig.epochs,
+    n: int = WorldConfig.n, budget_min: float = 12.0, trial_epochs: int = 9, final_epochs: int = TrainConfig.epochs,
     seed: int = 0, out: str | Path = "bench/results/search.json", baselines: Sequence[str] = BENCH_MODELS,
     targets: ScoreTargets | None = None, search_n: int = 1500,
 ) -> dict:
@@ -137,7 +148,8 @@ def run_search_bench(
     # 1. the three studies at equal compute
     with tempfile.TemporaryDirectory(prefix="saofu-bench-search-") as tmp:
         studies = [run_study(label, sampler, pruner, search_dir, budget_min * 60, trial_epochs, targets, seed,
-                             Path(tmp)) for label, sampler, pruner in STUDIES]
+                             Path(tmp), sampler_seed=study_sampler_seed(seed, i))
+                   for i, (label, sampler, pruner) in enumerate(STUDIES)]
     random_study = next(s for s in studies if s["sampler"] == "random")
     reference = random_study["best_score"]
     for s in studies:
@@ -193,7 +205,8 @@ def run_search_bench(
         "settings": {"world_n": n, "search_world_n": search_n, "budget_min_per_study": budget_min,
                      "trial_epochs": trial_epochs,
                      "final_epochs": final_epochs, "seed": seed, "targets": targets.model_dump(),
-                     "compute": "summed trial training seconds, one worker per study, studies run one after another"},
+                     "compute": "summed trial training seconds, one worker per study, studies run one after another",
+                     "sampler_seeds": [study_sampler_seed(seed, i) for i in range(len(STUDIES))]},
         "studies": [{k: v for k, v in s.items() if k != "rows"} for s in studies],
         "pruning_target": {"share_of_random_compute_at_most": TARGET_COMPUTE_SHARE, "met": pruning_target_met},
         "best_trial": {"number": best["number"], "score": best["score"], "arch": plan.arch,
@@ -225,8 +238,9 @@ def run_search_bench(
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=WorldConfig.n, help="images in the generated Fu world")
-    p.add_argument("--budget-min", type=float, default=10.0, help="wall-clock budget of each of the three studies")
-    p.add_argument("--trial-epochs", type=int, default=6)
+    p.add_argument("--budget-min", type=float, default=12.0, help="wall-clock budget of each of the three studies")
+    p.add_argument("--trial-epochs", type=int, default=9,
+                   help="epochs of an unpruned trial; 9 gives Hyperband rungs at 1, 3 and 9 epochs")
     p.add_argument("--search-n", type=int, default=1500, help="images in the world the studies search on")
     p.add_argument("--final-epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--baselines", nargs="*", default=list(BENCH_MODELS))

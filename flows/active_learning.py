@@ -45,6 +45,10 @@ class ActiveLearningParams(BaseModel):
     per_class_thresholds: dict[str, Annotated[float, Field(ge=0.5, le=1.0)]] | None = Field(
         None, description="Class -> threshold replacing the global one for that class (e.g. stricter for a new class)."
     )
+    champion_tta: bool = Field(
+        True, description="The champion votes with probabilities averaged over 5 slightly shifted/zoomed views: "
+        "fewer confidently wrong auto-labels for 5x its inference (bench/results/labeling_tta.json).",
+    )
     project: str = Field("fu-recognizer", min_length=1, description="Label Studio project title.")
     max_tasks: int | None = Field(
         None, ge=0, description="At most this many pool tasks per run, most informative first. Empty: all."
@@ -90,7 +94,7 @@ def active_learning_flow(params: ActiveLearningParams) -> ActiveLearningResult:
     try:
         routed: RouteResult = route_task(
             params.pool_dir, params.dataset_dir, champion, second, sink, params.threshold,
-            params.per_class_thresholds, params.max_tasks, params.since,
+            params.per_class_thresholds, params.max_tasks, params.since, champion_tta=params.champion_tta,
         )
         sent = (
             send_badcases_task(params.badcase_file, sink, params.pool_dir, params.max_tasks)

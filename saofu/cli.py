@@ -145,6 +145,7 @@ def active_learning(
     registered_model: str = typer.Option("fu-recognizer", "--registered-model", help="Its @champion predicts."),
     second: str | None = typer.Option(None, "--second", help="Second model: NAME, NAME@alias or NAME/3."),
     threshold: float = typer.Option(0.9, "--threshold", help="Confidence BOTH models must reach."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="The champion votes over 5 shifted/zoomed views."),
     project: str = typer.Option("fu-recognizer", "--project", help="Label Studio project for the rest."),
     badcases: Path | None = typer.Option(None, "--badcases", help="A badcases.json to send to labelers too."),
     as_json: bool = JsonOpt,
@@ -154,7 +155,7 @@ def active_learning(
 
     params = ActiveLearningParams(
         pool_dir=str(pool), dataset_dir=str(dataset), registered_model=registered_model, second_model=second,
-        threshold=threshold, project=project, include_badcases=badcases is not None,
+        threshold=threshold, champion_tta=tta, project=project, include_badcases=badcases is not None,
         badcase_file=str(badcases) if badcases else None,
     )
     with _progress_to_stderr(as_json):
@@ -557,10 +558,13 @@ def bench_labeling(
     sweep: bool = typer.Option(
         False, "--sweep", help="Retrain every strategy at every threshold: human labels needed within 1 point."
     ),
+    retrain: bool = typer.Option(
+        True, "--retrain/--no-retrain", help="Retrain on the auto-labels against a human-labelled reference."
+    ),
     out: Path = typer.Option(Path("bench/results/labeling.json"), "--out"),
     as_json: bool = JsonOpt,
 ):
-    """Dual-model agreement vs single-model confidence vs random sampling, per threshold."""
+    """Dual-model agreement (plain and with TTA) vs single-model confidence vs random, per threshold."""
     from bench.labeling import run_labeling_bench
     from models import list_models
 
@@ -569,26 +573,30 @@ def bench_labeling(
             raise SaofuError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     with _progress_to_stderr(as_json):
         result = run_labeling_bench(n_seed=n_seed, n_pool=n_pool, epochs=epochs, out=out, thresholds=thresholds,
-                                    model_a=model_a, model_b=model_b, sweep=sweep)
+                                    model_a=model_a, model_b=model_b, sweep=sweep,
+                                    **({} if retrain or sweep else {"retrain": ()}))
     _emit(result["summary"], as_json, result["table"])
 
 
 @bench_app.command("search")
 def bench_search(
     n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
-    budget_min: float = typer.Option(10.0, "--budget-min", help="Wall-clock budget of each of the three studies."),
-    trial_epochs: int = typer.Option(6, "--trial-epochs", help="Epochs of an unpruned trial."),
+    budget_min: float = typer.Option(12.0, "--budget-min", help="Wall-clock budget of each of the three studies."),
+    trial_epochs: int = typer.Option(9, "--trial-epochs", help="Epochs of an unpruned trial (9: rungs 1, 3, 9)."),
     final_epochs: int = typer.Option(TrainConfig.epochs, "--final-epochs", help="Epochs of the final comparison."),
     seed: int = typer.Option(0, "--seed", help="Worlds' and samplers' seed: another seed is another draw."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines",
+                                   help="Train the torchvision baselines too (the size comparison)."),
     out: Path = typer.Option(Path("bench/results/search.json"), "--out"),
     as_json: bool = JsonOpt,
 ):
     """Hyperband vs no pruning vs random at equal compute; the searched model vs the baselines."""
+    from bench.models import BENCH_MODELS
     from bench.search import run_search_bench
 
     with _progress_to_stderr(as_json):
         result = run_search_bench(n=n, budget_min=budget_min, trial_epochs=trial_epochs, final_epochs=final_epochs,
-                                  seed=seed, out=out)
+                                  seed=seed, out=out, baselines=BENCH_MODELS if baselines else ())
     _emit(result["summary"], as_json, result["table"])
 
 

@@ -53,6 +53,7 @@ from tasks.export import INPUT_NAME, OUTPUT_NAME, read_metadata
 from tasks.labeling.client import LabelingItem, PredictionSpec
 from tasks.manifest import add_images
 from tasks.stream import INDEX_NAME
+from tasks.tta import tta_probabilities_nhwc
 
 STATE_NAME = ".al_state.json"
 STATE_FORMAT = 1
@@ -333,7 +334,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
 
 
 def predict_pool(
-    onnx_path: str | Path, images: Sequence[PoolImage | str | Path], batch_size: int = 256
+    onnx_path: str | Path, images: Sequence[PoolImage | str | Path], batch_size: int = 256, tta: bool = False,
 ) -> np.ndarray:
     """Class probabilities of an exported graph on pool images.
 
@@ -341,6 +342,7 @@ def predict_pool(
         onnx_path: a graph from `tasks.export.export_onnx` (uint8 NHWC `pixels` in, `logits` out).
         images: pool images or image paths.
         batch_size: images decoded and run at once (bounds memory on a large pool).
+        tta: average over the test-time augmented views (`tasks.tta`; 5x the inference).
 
     Returns:
         [N,C] float64 probabilities, columns in the graph's class order.
@@ -353,8 +355,11 @@ def predict_pool(
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(paths), batch_size):
             pixels = np.stack(list(pool.map(lambda p: _decode(p, size), paths[start : start + batch_size])))
-            logits = sess.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
-            out.append(softmax(logits.astype(np.float64)))
+            if tta:
+                out.append(tta_probabilities_nhwc(
+                    lambda x: softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64)), pixels))
+            else:
+                out.append(softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0].astype(np.float64)))
     return np.concatenate(out)
 
 
@@ -540,7 +545,7 @@ def _human_order(reasons: np.ndarray, conf_a: np.ndarray, conf_b: np.ndarray, id
 def route(
     pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
     threshold: float = 0.9, per_class: Mapping[str, float] | None = None, max_tasks: int | None = None,
-    since: datetime | str | None = None, batch_size: int = 256,
+    since: datetime | str | None = None, batch_size: int = 256, champion_tta: bool = False,
 ) -> RouteResult:
     """One active-learning pass over the pool's new images.
 
@@ -558,6 +563,8 @@ def route(
         max_tasks: at most this many tasks per run, the most informative first; None: no cap.
         since: only pool images that arrived after this time.
         batch_size: inference batch size.
+        champion_tta: the champion votes with its probabilities averaged over test-time augmented
+            views (`tasks.tta`), which makes it less often confidently wrong.
 
     Returns:
         The counts of what went where.
@@ -566,13 +573,13 @@ def route(
         raise SaofuError(f"max_tasks must be >= 0 or None, got {max_tasks}")
     with pool_lock(pool_dir):
         return _route_locked(pool_dir, dataset_dir, champion, second, sink, threshold, per_class, max_tasks, since,
-                             batch_size)
+                             batch_size, champion_tta)
 
 
 def _route_locked(
     pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
     threshold: float, per_class: Mapping[str, float] | None, max_tasks: int | None,
-    since: datetime | str | None, batch_size: int,
+    since: datetime | str | None, batch_size: int, champion_tta: bool = False,
 ) -> RouteResult:
     state = load_state(pool_dir)
     images = pool_images(pool_dir, since, state)
@@ -580,7 +587,8 @@ def _route_locked(
     if not images:
         return result
     classes = list(champion.classes)
-    probs_a = _aligned(predict_pool(champion.onnx_path, images, batch_size), champion.classes, classes)
+    probs_a = _aligned(predict_pool(champion.onnx_path, images, batch_size, tta=champion_tta), champion.classes,
+                       classes)
     probs_b = _aligned(predict_pool(second.onnx_path, images, batch_size), second.classes, classes)
     auto, labels, reasons = select_batch(probs_a, probs_b, classes, threshold, per_class)
     result.reasons = dict(Counter(reasons.tolist()))

@@ -46,6 +46,9 @@ class SearchJob(BaseModel):
     measure_latency: bool = Field(False, description="add the INT8 onnxruntime latency as a third cost term")
     val_share: float = Field(0.15, gt=0, lt=1)
     seed: int = 0
+    sampler_seed: int | None = Field(
+        None, description="the sampler's seed when it must differ from `seed` (which also fixes the data "
+        "split and weight init); None: `seed`")
     device: str = "cpu"
     heartbeat_s: int = Field(10, ge=1)
     grace_s: int | None = Field(None, ge=1, description="seconds without heartbeat before a trial is retried")
@@ -67,7 +70,8 @@ def open_study(job: SearchJob, worker: str = "w0") -> tuple[optuna.Study, optuna
     if job.multi_objective and job.pruner != "none":
         raise SaofuError("NSGA-II runs multi-objective trials, which Optuna cannot prune: use pruner 'none'")
     storage = make_storage(job.storage, job.heartbeat_s, job.grace_s, job.max_retry)
-    seed = job.seed if worker == "w0" else job.seed + zlib.crc32(worker.encode())
+    base = job.seed if job.sampler_seed is None else job.sampler_seed
+    seed = base if worker == "w0" else base + zlib.crc32(worker.encode())
     study = optuna.create_study(
         storage=storage, study_name=job.study_name, load_if_exists=True,
         sampler=make_sampler(job.sampler, job.space, seed),

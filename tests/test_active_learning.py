@@ -255,6 +255,28 @@ def test_the_steered_models_predict_what_the_cases_say(models, pool):
         assert pa[i].max() == pytest.approx(ca, abs=2e-3) and pb[i].max() == pytest.approx(cb, abs=2e-3)
 
 
+def test_pool_tta_is_the_mean_of_the_plain_predictions_on_the_view_images(models, pool, tmp_path):
+    # An independent path: the views written to disk as images and predicted one set at a time.
+    from PIL import Image
+
+    from tasks.tta import augmented_views
+
+    champ, _ = models
+    images = pool_images(pool)
+    pixels = _decoded(images).permute(0, 3, 1, 2).contiguous()
+    per_view = []
+    for k, view in enumerate(augmented_views(pixels)):
+        paths = []
+        for i, img in enumerate(view):
+            path = tmp_path / f"v{k}_{i}.png"
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+            paths.append(path)
+        per_view.append(predict_pool(champ.onnx_path, paths))
+    tta = predict_pool(champ.onnx_path, images, batch_size=7, tta=True)
+    assert np.allclose(tta, np.mean(per_view, 0), atol=1e-6)
+    assert np.allclose(tta.sum(1), 1) and not np.allclose(tta, predict_pool(champ.onnx_path, images))
+
+
 def test_route_auto_labels_agreements_and_sends_the_rest_with_both_predictions(models, pool, tmp_path):
     champ, second = models
     dataset = tmp_path / "dataset"
@@ -502,6 +524,9 @@ def test_the_flow_routes_the_pool_sends_badcases_and_logs_the_counts(
     params = al_flow.ActiveLearningParams(
         pool_dir=str(pool), dataset_dir=str(tmp_path / "ds"), registered_model="fu", project="fu-test",
         include_badcases=True, badcase_file=str(badcase_file),
+        # the steered models give the CASES' confidences on these exact pixels only; moved views
+        # give arbitrary ones (TTA itself is tested against files of the views above)
+        champion_tta=False,
     )
     result = al_flow.active_learning_flow(params)
 

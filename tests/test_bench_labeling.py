@@ -55,7 +55,8 @@ def test_random_takes_exactly_the_dual_count():
     for thr in (0.5, 0.7, 0.9):
         masks, labels = strategy_masks(a, b, ["x", "y", "z"], thr, np.random.default_rng(int(100 * thr)))
         assert masks["random"].sum() == masks["dual"].sum() > 0
-        assert (labels == a.argmax(1)).all()  # every strategy writes model A's top class
+        assert set(masks) == set(labels) == {"dual", "single", "random"}  # no dual_tta without its probs
+        assert all((lab == a.argmax(1)).all() for lab in labels.values())  # model A's top class
 
 
 def test_random_is_reproducible_and_labels_with_model_a():
@@ -126,3 +127,20 @@ def test_labels_needed_is_the_fewest_human_labels_within_one_point_per_strategy(
     assert needed["single"]["human_labels"] == 4000
     assert needed["random"] is None
     assert set(needed) == {"dual", "single", "random"}
+
+
+def test_dual_tta_votes_with_the_augmented_probabilities_and_labels_with_their_top_class():
+    # Augmentation lowers A's confidence on image 1 (the confidently wrong one) and flips image 4
+    # to B's class with high confidence: dual_tta drops 1 and takes 4, labelled from the TTA vote.
+    tta = PROBS_A.copy()
+    tta[1] = [.70, .30]
+    tta[4] = [.95, .05]
+    stats = strategy_stats(PROBS_A, PROBS_B, TRUTH, CLASSES, 0.9, np.random.default_rng(0), probs_a_tta=tta)
+    assert stats["dual"]["wrong"] == 1
+    assert stats["dual_tta"] == {"auto_labelled": 2, "share": 2 / 6, "precision": 1.0, "wrong": 0, "human_labels": 4}
+    flipped = PROBS_A.copy()
+    flipped[2] = [.95, .05]  # A's TTA top class differs from its plain top class and B agrees with it
+    b = PROBS_B.copy()
+    b[2] = [.96, .04]
+    masks, labels = strategy_masks(PROBS_A, b, CLASSES, 0.9, np.random.default_rng(0), flipped)
+    assert masks["dual_tta"][2] and labels["dual_tta"][2] == 0 and labels["dual"][2] == 1

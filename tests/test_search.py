@@ -238,3 +238,25 @@ def test_a_broken_objective_stops_the_worker_after_a_few_errors(tmp_path):
     with pytest.raises(SaofuError, match="3 trials in a row failed.*no data"):
         run_worker(study, storage, broken, n_trials=10, log=lambda s: None)
     assert [t.user_attrs["error"] for t in study.trials] == ["RuntimeError: no data"] * 3
+
+
+def _first_params(tmp_path, name: str, **job_fields) -> dict:
+    from tasks.search_worker import SearchJob, open_study
+
+    job = SearchJob(study_name=name, storage=f"sqlite:///{tmp_path / (name + '.db')}", data_dir="", sampler="random",
+                    **job_fields)
+    study, _ = open_study(job)
+    return suggest_params(study.ask(), job.space)
+
+
+def test_the_sampler_seed_decouples_proposals_from_the_data_seed(tmp_path):
+    # The bench gives each study its own sampler seed while data split and init stay on `seed`:
+    # with one seed, TPE's start-up trials would be random search's first trials exactly.
+    from bench.search import STUDIES, study_sampler_seed
+
+    same = _first_params(tmp_path, "a", seed=0), _first_params(tmp_path, "b", seed=0)
+    assert same[0] == same[1]
+    assert _first_params(tmp_path, "c", seed=0, sampler_seed=7) != same[0]
+    assert _first_params(tmp_path, "d", seed=5, sampler_seed=7) == _first_params(tmp_path, "e", seed=0, sampler_seed=7)
+    seeds = {study_sampler_seed(s, i) for s in range(3) for i in range(len(STUDIES))}
+    assert len(seeds) == 3 * len(STUDIES)
