@@ -233,9 +233,14 @@ def _pct(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
+def _strategies_in(rows: list[dict]) -> list[str]:
+    """The strategies the rows hold, in STRATEGIES order (dual_tta only where TTA ran)."""
+    return [s for s in STRATEGIES if rows and s in rows[0]]
+
+
 def format_table(rows: list[dict]) -> str:
-    """One line per threshold, the three strategies side by side: auto %, precision %, human."""
-    present = [s for s in STRATEGIES if rows and s in rows[0]]
+    """One line per threshold, the strategies side by side: auto %, precision %, human."""
+    present = _strategies_in(rows)
     head = f"{'thr':>5} |" + "|".join(f"{s + ': auto%  prec%  human':^29}" for s in present)
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -244,8 +249,8 @@ def format_table(rows: list[dict]) -> str:
             for s in present
         ]
         thr = r["threshold"]
-        lines.append(f"{thr:>5.2f} |" if round(thr, 2) == thr else f"{thr:>5.3f} |")
-        lines[-1] += "|".join(cells)
+        thr_text = f"{thr:.2f}" if round(thr, 2) == thr else f"{thr:.3f}"  # 0.995 is not 0.99
+        lines.append(f"{thr_text:>5} |" + "|".join(cells))
     return "\n".join(lines)
 
 
@@ -265,8 +270,7 @@ def format_retrain_table(rows: list[dict]) -> str:
 
 def target_verdict(rows: list[dict]) -> dict:
     """Per strategy: the thresholds meeting the target (precision >= 99.5% with share >= 60%)."""
-    present = [s for s in STRATEGIES if rows and s in rows[0]]
-    return {s: [r["threshold"] for r in rows if meets_target(r[s])] for s in present}
+    return {s: [r["threshold"] for r in rows if meets_target(r[s])] for s in _strategies_in(rows)}
 
 
 def labels_needed(retrain_rows: list[dict]) -> dict[str, dict | None]:

@@ -579,7 +579,7 @@ def route(
 def _route_locked(
     pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
     threshold: float, per_class: Mapping[str, float] | None, max_tasks: int | None,
-    since: datetime | str | None, batch_size: int, champion_tta: bool = False,
+    since: datetime | str | None, batch_size: int, champion_tta: bool,
 ) -> RouteResult:
     state = load_state(pool_dir)
     images = pool_images(pool_dir, since, state)
