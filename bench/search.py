@@ -15,7 +15,8 @@
 The searched model keeps the hyper-parameters its trial found; the baselines use the training
 defaults (`TrainConfig`), which were tuned for them in the models benchmark.
 
-Run it: `python -m bench.search --help` or `saofu bench search`.
+Run it: `python -m bench.search --help` or `saofu bench search`. One run is one draw; several
+seeds' results are put side by side by `bench/search_seeds.py` (`saofu bench search-seeds`).
 """
 
 from __future__ import annotations

@@ -600,6 +600,19 @@ def bench_search(
     _emit(result["summary"], as_json, result["table"])
 
 
+@bench_app.command("search-seeds")
+def bench_search_seeds(
+    results: list[Path] = typer.Argument(..., help="JSON files of `saofu bench search` runs, one seed each."),
+    out: Path = typer.Option(Path("bench/results/search_pruning.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """The pruning comparison of several `bench search` draws side by side (median share, plot)."""
+    from bench.search_seeds import run_search_seeds
+
+    result = run_search_seeds(results, out)
+    _emit(result["summary"], as_json, result["table"])
+
+
 @bench_app.command("release")
 def bench_release(
     n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),

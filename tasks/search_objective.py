@@ -134,7 +134,9 @@ class Objective:
             if self.multi_objective:
                 return
             trial.report(score, epoch)
-            if trial.should_prune():
+            # Not at the last epoch: the training is spent by then, and a pruned trial's score is
+            # not counted. (Hyperband's top rung is max_resource itself, so it would prune there.)
+            if epoch < self.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} with score {score:.4f}")
 
         try:

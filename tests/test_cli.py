@@ -149,3 +149,20 @@ def test_serve_of_an_unregistered_model_fails_before_opening_the_port(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no-such-model" in last and "Traceback" not in out.stderr
     assert "Uvicorn running" not in out.stderr
+
+
+def test_bench_search_seeds_sums_up_the_committed_draws_and_names_a_wrong_file(tmp_path):
+    repo = Path(__file__).resolve().parents[1] / "bench" / "results"
+    draws = [str(repo / f"search_pruning_s{s}.json") for s in (0, 1, 2)]
+    out = run(["bench", "search-seeds", *draws, "--out", str(tmp_path / "p.json"), "--json"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["seeds"] == [0, 1, 2]
+    shares = [d["studies"]["tpe + hyperband"]["share"] for d in summary["draws"]]
+    assert summary["studies"]["tpe + hyperband"]["median_share"] == sorted(shares)[1]
+    assert (tmp_path / "p_curves.png").exists()
+
+    bad = run(["bench", "search-seeds", str(repo / "labeling.json"), "--out", str(tmp_path / "q.json")], tmp_path)
+    assert bad.returncode != 0
+    assert "labeling.json is not a `saofu bench search` result" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "q.json").exists()

@@ -260,3 +260,31 @@ def test_the_sampler_seed_decouples_proposals_from_the_data_seed(tmp_path):
     assert _first_params(tmp_path, "d", seed=5, sampler_seed=7) == _first_params(tmp_path, "e", seed=0, sampler_seed=7)
     seeds = {study_sampler_seed(s, i) for s in range(3) for i in range(len(STUDIES))}
     assert len(seeds) == 3 * len(STUDIES)
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("epochs", "state", "trained"), [(2, "PRUNED", 1), (1, "COMPLETE", 1)])
+def test_a_trial_is_never_pruned_at_its_last_epoch(epochs, state, trained):
+    # Hyperband's top rung is the full budget: pruning there saves nothing and throws away a
+    # full-budget score, so the objective asks the pruner before every epoch but the last.
+    import torch
+
+    from tasks.data import TensorSplit
+    from tasks.search_objective import Objective
+
+    def data_for(size):
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=g)
+        split = TensorSplit(images, torch.tensor([0, 1] * 4), ["a", "b"], [str(i) for i in range(8)])
+        return split, split
+
+    study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune(),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(Objective(space=SearchSpace(), data_for=data_for, epochs=epochs), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state.name == state
+    assert trial.user_attrs["epochs"] == trained
