@@ -34,12 +34,18 @@ def _load(path: Path) -> dict:
     return summary
 
 
+def _random_study(summary: dict) -> dict:
+    """The draw's random-search study: its final best is the bar, its compute the unit."""
+    study = next((s for s in summary["studies"] if s["sampler"] == "random"), None)
+    if study is None or study["best_score"] is None:
+        raise SaofuError(f"seed {summary['settings']['seed']}: no finished random-search study to race against")
+    return study
+
+
 def draw_row(summary: dict) -> dict:
     """One draw: per study its best score, compute, and share of random's compute to reach random's best."""
     studies = summary["studies"]
-    random_study = next((s for s in studies if s["sampler"] == "random"), None)
-    if random_study is None or random_study["best_score"] is None:
-        raise SaofuError(f"seed {summary['settings']['seed']}: no finished random-search study to race against")
+    random_study = _random_study(summary)
     bar, random_compute = random_study["best_score"], random_study["compute_s"]
     row = {"seed": summary["settings"]["seed"], "random_best": bar, "date": summary["date"], "studies": {}}
     for s in studies:
@@ -122,7 +128,7 @@ def plot_seeds(summaries: Sequence[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     styles = ["-", "--", ":", "-."]
     for i, summary in enumerate(summaries):
-        random_study = next(s for s in summary["studies"] if s["sampler"] == "random")
+        random_study = _random_study(summary)
         bar, total = random_study["best_score"], random_study["compute_s"]
         for s in summary["studies"]:
             pts = [(sec / total, best / bar) for sec, _, best in s["curve"] if best > float("-inf")]
