@@ -21,7 +21,7 @@ bench: $(STAMP)
 	$(VENV)/bin/saofu bench models
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check saofu models tasks flows deploy bench tests
+	$(VENV)/bin/ruff check saofu models tasks flows deploy services bench tests
 
 clean:
 	rm -rf runs data/.cache .pytest_cache

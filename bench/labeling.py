@@ -8,9 +8,9 @@ model B) are trained on the seed set with the same budget and predict the pool.
 
 Per threshold, four strategies side by side, each auto-labelling with model A's top class:
 
-* dual:   both models agree and both are confident (`tasks.active_learning.select_batch`, the
+* dual:   both models agree and both are confident (`tasks.labeling.active_learning.select_batch`, the
           rule the pipeline uses);
-* dual_tta: the same rule with model A voting through test-time augmentation (`tasks.tta`:
+* dual_tta: the same rule with model A voting through test-time augmentation (`tasks.labeling.tta`:
           its probabilities averaged over 5 slightly shifted and zoomed views), as the
           active-learning flow does by default (`champion_tta`);
 * single: model A's top probability >= threshold;
@@ -41,12 +41,12 @@ import torch
 from bench.models import _device_name
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
-from tasks.active_learning import select_batch
-from tasks.data import TensorSplit, prepare_dataset
-from tasks.evaluation import threshold_report
-from tasks.fu_world import WorldConfig, generate_world, is_same_world
-from tasks.training import TrainConfig, epoch_printer, fit, predict_proba, resolve_device
-from tasks.tta import tta_probabilities
+from tasks.data.fu_world import WorldConfig, generate_world, is_same_world
+from tasks.data.loading import TensorSplit, prepare_dataset
+from tasks.labeling.active_learning import select_batch
+from tasks.labeling.tta import tta_probabilities
+from tasks.release.evaluation import threshold_report
+from tasks.train.loop import TrainConfig, epoch_printer, fit, predict_proba, resolve_device
 
 THRESHOLDS = (0.8, 0.9, 0.95, 0.98)
 STRATEGIES = ("dual", "dual_tta", "single", "random")
@@ -69,7 +69,7 @@ def strategy_masks(
     """Which pool images each strategy auto-labels, and the labels it writes.
 
     Args:
-        probs_a_tta: model A's test-time augmented probabilities (`tasks.tta`); given, the
+        probs_a_tta: model A's test-time augmented probabilities (`tasks.labeling.tta`); given, the
             `dual_tta` strategy is added: the same rule with A voting through them.
 
     Returns:

@@ -18,11 +18,11 @@ import torch
 
 from models import count_flops, count_params
 from saofu.settings import get_settings
-from tasks.data import PreparedData, prepare_dataset
-from tasks.evaluation import evaluate_onnx, measure_latency
-from tasks.export import export_onnx
-from tasks.fu_world import WorldConfig
-from tasks.training import TrainConfig, epoch_printer, fit
+from tasks.data.fu_world import WorldConfig
+from tasks.data.loading import PreparedData, prepare_dataset
+from tasks.release.evaluation import evaluate_onnx, measure_latency
+from tasks.train.export import export_onnx
+from tasks.train.loop import TrainConfig, epoch_printer, fit
 
 BENCH_MODELS = (
     "saofu_fu",
@@ -62,7 +62,7 @@ def train_and_measure(cfg: TrainConfig, data: PreparedData, tmp: Path, label: st
     one; latency is onnxruntime's at batch 1 on one thread, FP32 and static INT8 (u8 activations,
     per-channel s8 weights, calibrated on training images).
     """
-    from tasks.quantize import quantize_int8
+    from tasks.release.quantize import quantize_int8
 
     eval_split = data.test if data.test is not None else data.val
     negative = "not_fu" if "not_fu" in data.classes else None
@@ -107,7 +107,7 @@ def run_models_bench(
     """
     settings = get_settings()
     if data_dir is None:
-        from tasks.train_steps import generate_fu_world
+        from tasks.train.steps import generate_fu_world
 
         data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}"), n, seed)
     data = prepare_dataset(data_dir, 64, 0.15, seed, settings.cache_dir)

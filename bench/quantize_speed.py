@@ -1,10 +1,10 @@
-"""FP32 vs the INT8 variants onnxruntime offers, at batch 1 on one thread: why tasks.quantize chose its settings.
+"""FP32 vs the INT8 variants onnxruntime offers, at batch 1 on one thread: why tasks.release.quantize chose them.
 
     OMP_NUM_THREADS=1 python -m bench.quantize_speed [--models saofu_fu mobilenet_v3_small_050] [--runs 300]
 
 Rows per model: FP32; static INT8 with u8 activations and per-channel s8 weights (what
-tasks.quantize.quantize_int8 writes, QDQ), the same in QOperator format, the same without
-tasks.quantize.scalarize_uniform_constants, static INT8 with s8 activations (onnxruntime's
+tasks.release.quantize.quantize_int8 writes, QDQ), the same in QOperator format, the same without
+tasks.release.quantize.scalarize_uniform_constants, static INT8 with s8 activations (onnxruntime's
 default activation type), and dynamic quantization. Models are random init and calibrated on
 random pixels: this measures speed and size only, not accuracy. speed-up is FP32 p50 / the
 variant's p50 (below 1: slower than FP32). Latency is noisy on a shared machine, so every
@@ -21,9 +21,9 @@ import numpy as np
 from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
 
 from models import create_model
-from tasks.evaluation import measure_latency
-from tasks.export import INPUT_NAME, export_onnx
-from tasks.quantize import PixelCalibrationReader, calibration_pixels, prepare_for_quantization, quantize_int8
+from tasks.release.evaluation import measure_latency
+from tasks.release.quantize import PixelCalibrationReader, calibration_pixels, prepare_for_quantization, quantize_int8
+from tasks.train.export import INPUT_NAME, export_onnx
 
 BENCH_MODELS = ("saofu_fu", "mobilenet_v3_small_050")
 IMAGE_SIZE = 64

@@ -23,18 +23,18 @@ from pathlib import Path
 
 from bench.models import _device_name
 from saofu.settings import get_settings
-from tasks.data import prepare_dataset
-from tasks.fu_world import WorldConfig
-from tasks.release_data import simulated_fresh_slice
-from tasks.release_steps import Candidate, Variant, build_variants, format_variants, measure_variants
-from tasks.training import TrainConfig, epoch_printer, fit
+from tasks.data.fu_world import WorldConfig
+from tasks.data.loading import prepare_dataset
+from tasks.release.sets import simulated_fresh_slice
+from tasks.release.steps import Candidate, Variant, build_variants, format_variants, measure_variants
+from tasks.train.loop import TrainConfig, epoch_printer, fit
 
 PRUNE_AMOUNTS = (0.25, 0.5)
 
 
 def compression_rows(n: int, epochs: int, fresh_n: int, seed: int, tmp: Path) -> tuple[list[Variant], dict]:
     settings = get_settings()
-    from tasks.train_steps import generate_fu_world
+    from tasks.train.steps import generate_fu_world
 
     data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}"), n, seed)
     data = prepare_dataset(data_dir, 64, 0.15, seed, settings.cache_dir)

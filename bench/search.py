@@ -31,12 +31,12 @@ from pathlib import Path
 from bench.models import BENCH_MODELS, _device_name, format_table, train_and_measure
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
-from tasks.data import prepare_dataset
-from tasks.fu_world import WorldConfig
-from tasks.search_objective import ScoreTargets
-from tasks.search_report import best_row, best_so_far, rebuild_plan, trial_rows
-from tasks.search_worker import SearchJob, open_study, run_job_worker
-from tasks.training import TrainConfig
+from tasks.data.fu_world import WorldConfig
+from tasks.data.loading import prepare_dataset
+from tasks.search.objective import ScoreTargets
+from tasks.search.report import best_row, best_so_far, rebuild_plan, trial_rows
+from tasks.search.worker import SearchJob, open_study, run_job_worker
+from tasks.train.loop import TrainConfig
 
 STUDIES = (  # (label, sampler, pruner)
     ("tpe + hyperband", "tpe", "hyperband"),
@@ -140,7 +140,7 @@ def run_search_bench(
     settings = get_settings()
     # The size limits as the score's targets.
     targets = targets or ScoreTargets(mflops=LIMIT_MFLOPS, kparams=LIMIT_KPARAMS)
-    from tasks.train_steps import generate_fu_world
+    from tasks.train.steps import generate_fu_world
 
     data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}"), n, seed)
     search_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{search_n}_s{seed}"), search_n, seed)

@@ -54,8 +54,8 @@ def _register_bench_model(home: Path, image_size: int) -> str:
     import torch
 
     from models import create_model
-    from tasks.export import export_onnx
     from tasks.tracking import register_onnx, start_run
+    from tasks.train.export import export_onnx
 
     torch.manual_seed(0)
     model = create_model("saofu_fu", len(CLASSES)).eval()
@@ -73,8 +73,8 @@ def _crops(n: int, image_size: int) -> list[bytes]:
     try:
         from datetime import datetime
 
-        from tasks.fu_world import png_bytes
-        from tasks.stream import simulate_scans
+        from tasks.data.fu_world import png_bytes
+        from tasks.data.stream import simulate_scans
 
         scans = simulate_scans(n, seed=0, start=datetime(2026, 1, 28), rate_per_hour=10.0, image_size=image_size)
         return [png_bytes(s.image) for s in scans]

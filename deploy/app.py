@@ -126,7 +126,7 @@ def decode_image(body: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, d
         else:
             rgb = im.convert("RGB")
         if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.BILINEAR)  # as tasks.data decodes training images
+            rgb = rgb.resize((size, size), Image.BILINEAR)  # as tasks.data.loading decodes training images
         pixels = np.asarray(rgb, dtype=np.uint8)[None]
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise Rejected(422, "not_an_image", f"the {im.format or 'image'} body could not be decoded: {exc}") from None

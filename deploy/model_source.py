@@ -41,9 +41,9 @@ class _FailedRecently(SaofuError):
 class LoadedModel:
     """One registered version, ready to run: its session and what its metadata says.
 
-    The graph is `tasks.export.export_onnx`'s: uint8 NHWC RGB `pixels` in, `logits` out, class
+    The graph is `tasks.train.export.export_onnx`'s: uint8 NHWC RGB `pixels` in, `logits` out, class
     names (JSON) and input size in the ONNX metadata. Names are read from the session rather than
-    imported from tasks.export, which would pull in torch.
+    imported from tasks.train.export, which would pull in torch.
     """
 
     name: str
@@ -105,11 +105,11 @@ def load_model(onnx_path: str | Path, name: str, version: str, threads: int = 1)
     meta = sess.get_modelmeta().custom_metadata_map
     if "classes" not in meta:
         raise SaofuError(f"{name} version {version} ({path}) has no class map in its ONNX metadata: "
-                         "export it with tasks.export.export_onnx")
+                         "export it with tasks.train.export.export_onnx")
     inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
     if inp.type != "tensor(uint8)" or len(inp.shape) != 4 or inp.shape[3] != 3:
         raise SaofuError(f"{name} version {version} takes {inp.type} {inp.shape}; the serving app needs "
-                         "uint8 [N,H,W,3] pixels (tasks.export.export_onnx's interface)")
+                         "uint8 [N,H,W,3] pixels (tasks.train.export.export_onnx's interface)")
     size = int(meta.get("image_size", inp.shape[1] if isinstance(inp.shape[1], int) else 64))
     model = LoadedModel(
         name=name, version=str(version), session=sess, classes=tuple(json.loads(meta["classes"])),

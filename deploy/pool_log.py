@@ -1,6 +1,6 @@
 """Every served image and its prediction, written into the online pool that active learning reads.
 
-The pool's format is `tasks.stream.write_scans`'s: images content-addressed at
+The pool's format is `tasks.data.stream.write_scans`'s: images content-addressed at
 `<pool>/<sha256[:2]>/<sha256>.<ext>` (an image sent twice is stored once) and one JSON line per
 request appended to `<pool>/index.jsonl`:
 
@@ -37,7 +37,7 @@ from saofu.errors import SaofuError
 
 log = logging.getLogger("saofu.serve")
 
-INDEX_NAME = "index.jsonl"  # tasks.stream.INDEX_NAME (not imported: tasks.stream pulls in the renderer)
+INDEX_NAME = "index.jsonl"  # tasks.data.stream.INDEX_NAME (not imported: tasks.data.stream pulls in the renderer)
 PHASE = "serving"
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, model_validator
 
 from tasks import tracking
-from tasks.active_learning import (
+from tasks.labeling.active_learning import (
     RouteResult,
     label_studio_sink,
     resolve_models_task,

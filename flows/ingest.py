@@ -16,17 +16,17 @@ from pydantic import BaseModel, Field
 
 from saofu.errors import SaofuError
 from tasks import tracking
-from tasks.data_versions import create_version, version_of
-from tasks.ingest import (
+from tasks.data.manifest import add_images, read_manifest
+from tasks.data.validation import validate_dataset
+from tasks.data.versions import create_version, version_of
+from tasks.labeling.client import completed_annotations, connect, ensure_project, latest_update
+from tasks.labeling.ingest import (
     IngestState,
     commit_staged,
     discard_staged,
     staged_copy,
     to_manifest_rows,
 )
-from tasks.labeling.client import completed_annotations, connect, ensure_project, latest_update
-from tasks.manifest import add_images, read_manifest
-from tasks.validation import validate_dataset
 
 
 class IngestParams(BaseModel):

@@ -21,12 +21,13 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from saofu.settings import get_settings
-from tasks import registry, tracking
-from tasks.data import TensorSplit, prepare_dataset
-from tasks.gate import CandidateMetrics, GateConfig, evaluate_gate
-from tasks.release_data import badcase_set, fresh_online_slice, regression_set, simulated_fresh_slice
-from tasks.release_eval import compare_plot, compare_table, flat_metrics, release_report
-from tasks.release_steps import (
+from tasks import tracking
+from tasks.data.loading import TensorSplit, prepare_dataset
+from tasks.release import registry
+from tasks.release.gate import CandidateMetrics, GateConfig, evaluate_gate
+from tasks.release.report import compare_plot, compare_table, flat_metrics, release_report
+from tasks.release.sets import badcase_set, fresh_online_slice, regression_set, simulated_fresh_slice
+from tasks.release.steps import (
     ARTEFACT_TAG,
     Candidate,
     Variant,
@@ -233,7 +234,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
 
 
 def _download_onnx(name: str, version: str, run_dir: Path) -> str:
-    from tasks.active_learning import _download
+    from tasks.labeling.active_learning import _download
 
     return str(_download(name, version, None, run_dir / "registry").onnx_path)
 

@@ -18,13 +18,13 @@ from pydantic import BaseModel, Field, model_validator
 from flows.train import TrainFlowParams, TrainFlowResult, train_flow
 from saofu.settings import get_settings
 from tasks import tracking
-from tasks.fu_world import WorldConfig
-from tasks.search_objective import ScoreTargets
-from tasks.search_report import best_row, format_trials, pareto_front, plot_pareto, rebuild_plan, trial_rows
-from tasks.search_space import SearchSpace
-from tasks.search_study import Pruner, Sampler, grid_size, redact
-from tasks.search_worker import SearchJob, launch_workers, open_study, run_job_worker
-from tasks.train_steps import generate_fu_world
+from tasks.data.fu_world import WorldConfig
+from tasks.search.objective import ScoreTargets
+from tasks.search.report import best_row, format_trials, pareto_front, plot_pareto, rebuild_plan, trial_rows
+from tasks.search.space import SearchSpace
+from tasks.search.study import Pruner, Sampler, grid_size, redact
+from tasks.search.worker import SearchJob, launch_workers, open_study, run_job_worker
+from tasks.train.steps import generate_fu_world
 
 
 class SearchFlowParams(BaseModel):

@@ -15,16 +15,16 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from saofu.settings import get_settings
-from tasks.fu_world import WorldConfig
+from tasks.data.fu_world import WorldConfig
 from tasks.tracking import finish_run
-from tasks.train_steps import (
+from tasks.train.loop import TrainConfig
+from tasks.train.steps import (
     evaluate_recognizer,
     export_recognizer,
     generate_fu_world,
     register_recognizer,
     train_recognizer,
 )
-from tasks.training import TrainConfig
 
 
 class TrainFlowParams(BaseModel):

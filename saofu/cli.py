@@ -15,8 +15,8 @@ from pathlib import Path
 import typer
 
 from saofu.errors import SaofuError
-from tasks.fu_world import WorldConfig
-from tasks.training import TrainConfig
+from tasks.data.fu_world import WorldConfig
+from tasks.train.loop import TrainConfig
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -78,7 +78,7 @@ def data_generate(
     as_json: bool = JsonOpt,
 ):
     """Generate the Fu world: fu / not_fu crops, fonts split between train and test."""
-    from tasks.fu_world import WorldConfig, generate_world
+    from tasks.data.fu_world import WorldConfig, generate_world
 
     cfg = WorldConfig(n=n, seed=seed, image_size=size, merchant=merchant)
     with _progress_to_stderr(as_json):
@@ -96,7 +96,7 @@ def data_generate(
 @data_app.command("versions")
 def data_versions(name: str | None = typer.Option(None, "--name"), as_json: bool = JsonOpt):
     """List the dataset versions (DVC) the ingest flow created."""
-    from tasks.data_versions import list_versions
+    from tasks.data.versions import list_versions
 
     versions = list_versions(name)
     rows = [v.__dict__ for v in versions]
@@ -111,7 +111,7 @@ def data_checkout(
     as_json: bool = JsonOpt,
 ):
     """Restore exactly the files of a dataset version."""
-    from tasks.data_versions import checkout_version
+    from tasks.data.versions import checkout_version
 
     with _progress_to_stderr(as_json):
         path = checkout_version(version, out)
@@ -195,7 +195,7 @@ def _check_train_inputs(data: Path | None, cfg: TrainConfig) -> None:
         raise SaofuError(f"unknown model {cfg.model!r}; known: {', '.join(list_models())}")
     if data is not None:
         from saofu.settings import get_settings
-        from tasks.data import prepare_dataset
+        from tasks.data.loading import prepare_dataset
 
         # Decode (and cache) the data before the flow starts, so bad images are one clear line here
         # rather than a failed flow run; the flow then reads the same cache entry.
@@ -357,7 +357,7 @@ def promote(
     as_json: bool = JsonOpt,
 ):
     """Move the champion alias by hand (recorded, so `saofu rollback` can undo it)."""
-    from tasks import registry
+    from tasks.release import registry
     from tasks.tracking import configure_mlflow
 
     configure_mlflow()
@@ -373,7 +373,7 @@ def rollback(
     as_json: bool = JsonOpt,
 ):
     """Restore the previous champion in one step."""
-    from tasks import registry
+    from tasks.release import registry
     from tasks.tracking import configure_mlflow
 
     configure_mlflow()
@@ -420,16 +420,16 @@ def step_train(
     as_json: bool = JsonOpt,
 ):
     """Train only (no MLflow): the offline `dvc repro` step; data-parallel when run under torchrun."""
-    from tasks import distributed
-    from tasks.train_steps import train_recognizer
+    from tasks.train import distributed
+    from tasks.train.steps import train_recognizer
 
     cfg = TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, seed=seed)
     with _progress_to_stderr(as_json):
         _check_train_inputs(data, cfg)
         if not distributed.is_main_process():
             from saofu.settings import get_settings
-            from tasks.data import prepare_dataset
-            from tasks.training import fit
+            from tasks.data.loading import prepare_dataset
+            from tasks.train.loop import fit
 
             # Another torchrun process: it trains in step with rank 0 (same data, same `fit` call as
             # train_recognizer makes) but prints and writes nothing; rank 0 owns the run folder.
@@ -448,7 +448,7 @@ def step_export(
     as_json: bool = JsonOpt,
 ):
     """Export a checkpoint to ONNX and check parity with PyTorch."""
-    from tasks.train_steps import export_recognizer
+    from tasks.train.steps import export_recognizer
 
     with _progress_to_stderr(as_json):
         outcome = export_recognizer.fn(str(checkpoint), str(out), str(data) if data else None)
@@ -466,7 +466,7 @@ def step_evaluate(
     as_json: bool = JsonOpt,
 ):
     """Evaluate an ONNX graph: accuracy at threshold, per-class precision/recall, latency."""
-    from tasks.train_steps import evaluate_recognizer
+    from tasks.train.steps import evaluate_recognizer
 
     with _progress_to_stderr(as_json):
         report = evaluate_recognizer.fn(str(model), str(data), str(out), image_size, threshold, negative_class)
@@ -483,7 +483,7 @@ def up_labeling(
     as_json: bool = JsonOpt,
 ):
     """Install Label Studio in its own venv if missing, start it on loopback, print URL and login."""
-    from tasks.labeling import service
+    from services import labeling as service
 
     with _progress_to_stderr(as_json):
         service.ensure_installed()
@@ -499,7 +499,7 @@ def up_labeling(
 @down_app.command("labeling")
 def down_labeling(as_json: bool = JsonOpt):
     """Stop the Label Studio server started by `saofu up labeling`."""
-    from tasks.labeling import service
+    from services import labeling as service
 
     stopped = service.stop()
     _emit({"stopped": stopped}, as_json, "Label Studio stopped" if stopped else "Label Studio was not running")
@@ -511,7 +511,7 @@ def up_postgres(
     as_json: bool = JsonOpt,
 ):
     """Start a local PostgreSQL on loopback for multi-worker search (`saofu search --storage URL`)."""
-    from tasks import postgres_service
+    from services import postgres as postgres_service
 
     with _progress_to_stderr(as_json):
         handle = postgres_service.start_postgres(port=port)
@@ -524,7 +524,7 @@ def up_postgres(
 @down_app.command("postgres")
 def down_postgres(as_json: bool = JsonOpt):
     """Stop the PostgreSQL server started by `saofu up postgres`."""
-    from tasks import postgres_service
+    from services import postgres as postgres_service
 
     stopped = postgres_service.stop_postgres()
     _emit({"stopped": stopped}, as_json, "PostgreSQL stopped" if stopped else "PostgreSQL was not running")

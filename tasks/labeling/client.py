@@ -26,7 +26,7 @@ from xml.sax.saxutils import quoteattr
 from label_studio_sdk import LabelStudio
 
 from saofu.errors import SaofuError
-from tasks.labeling.service import labeling_settings, local_files_root
+from services.labeling import labeling_settings, local_files_root
 
 # Names in the labeling config; predictions and annotations refer to them.
 IMAGE_NAME = "image"

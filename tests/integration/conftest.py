@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.labeling import service
+from services import labeling as service
 from tasks.labeling.client import connect
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

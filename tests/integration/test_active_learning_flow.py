@@ -9,12 +9,12 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.active_learning import ActiveLearningParams, active_learning_flow
 from tasks import tracking
-from tasks.active_learning import model_ref, pool_images
-from tasks.export import export_onnx
+from tasks.data.manifest import read_manifest
+from tasks.data.stream import simulate_scans, write_scans
+from tasks.labeling.active_learning import model_ref, pool_images
 from tasks.labeling.client import ensure_project, list_tasks
-from tasks.manifest import read_manifest
-from tasks.stream import simulate_scans, write_scans
-from tests.test_active_learning import CASES, CLASSES, START, _decoded, _gap, _steered_model
+from tasks.train.export import export_onnx
+from tests.labeling.test_active_learning import CASES, CLASSES, START, _decoded, _gap, _steered_model
 
 pytestmark = pytest.mark.integration
 

@@ -10,12 +10,12 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.ingest import IngestParams, ingest_flow
 from saofu.errors import SaofuError
-from tasks.data_versions import list_versions
-from tasks.fu_world import WorldConfig, generate_world
+from tasks.data.fu_world import WorldConfig, generate_world
+from tasks.data.manifest import read_manifest
+from tasks.data.stream import simulate_scans, write_scans
+from tasks.data.versions import list_versions
 from tasks.labeling.client import LabelingItem, ensure_project, import_tasks
 from tasks.labeling.simulated_labeler import simulate_labeling
-from tasks.manifest import read_manifest
-from tasks.stream import simulate_scans, write_scans
 
 pytestmark = pytest.mark.integration
 CLASSES = ["fu", "not_fu"]

@@ -14,10 +14,10 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from tasks.postgres_service import running_postgres
-from tasks.search_study import counting_trials
-from tasks.search_worker import SearchJob, launch_workers
-from tests.test_search_flow import TINY_SPACE
+from services.postgres import running_postgres
+from tasks.search.study import counting_trials
+from tasks.search.worker import SearchJob, launch_workers
+from tests.flows.test_search_flow import TINY_SPACE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def test_a_killed_workers_trial_is_retried_by_the_other(postgres, shapes_dir, sa
     job_file.write_text(job.model_dump_json())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     workers = {
-        name: subprocess.Popen([sys.executable, "-m", "tasks.search_worker", str(job_file), "--worker", name],
+        name: subprocess.Popen([sys.executable, "-m", "tasks.search.worker", str(job_file), "--worker", name],
                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name in ("w0", "w1")
     }

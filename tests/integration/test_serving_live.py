@@ -36,8 +36,8 @@ def home(tmp_path_factory) -> Path:
     import torch
 
     from models import create_model
-    from tasks.export import export_onnx
     from tasks.tracking import register_onnx, start_run
+    from tasks.train.export import export_onnx
 
     home = tmp_path_factory.mktemp("live-home")
     with pytest.MonkeyPatch.context() as mp:

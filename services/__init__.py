@@ -1,0 +1,1 @@
+"""The real servers saofu starts on loopback: install, start, health, stop, state under .saofu/."""

@@ -1,0 +1,2 @@
+"""Data: the Fu world, fonts, the online-stream simulator, manifest, ImageFolder loading,
+preprocessing, Great Expectations validation, DVC versions."""

@@ -1,0 +1,720 @@
+"""Dual-model active learning: what the models can label themselves, and what goes to labelers.
+
+Two models of different architecture (by default the registry's `champion` and a `second`
+model) predict on the new images of the online pool. An image is auto-labelled ONLY when both
+agree on its class AND both confidences reach the threshold (global, or per class); everything
+else becomes a Label Studio task carrying both predictions as pre-annotations (champion first,
+so labelers confirm the champion's answer rather than draw from scratch). Different
+architectures make different mistakes, so their agreement is worth more than one model's
+confidence (the campaign's "dual ASR engine" selection strategy).
+
+Evaluation badcases (the images the latest model got wrong) go to Label Studio as well, tagged
+`badcase`, so a later evaluation can tell which of them were fixed (`compare_badcases`).
+
+State. The pool only grows (`tasks.data.stream.write_scans` appends to `index.jsonl`), so which images
+were already handled is kept beside it in `pool_dir/.al_state.json`:
+
+    {"format": 1, "auto": [sha256, ...], "human": [sha256, ...], "badcases": [sha256, ...]}
+
+An image is recorded only after its auto-label was written or its task imported, so a run that
+fails half-way is retried; images held back by `max_tasks` stay unrecorded and come back next run.
+
+The badcase file's format is `tasks.release.badcases`'s.
+
+Plain functions are what tests and benchmarks call; the `*_task` objects are their Prefect faces
+for `flows/active_learning.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from filelock import FileLock, Timeout
+from PIL import Image, UnidentifiedImageError
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from saofu.errors import SaofuError
+from tasks.data.manifest import add_images
+from tasks.data.stream import INDEX_NAME
+from tasks.labeling.client import LabelingItem, PredictionSpec
+from tasks.labeling.tta import tta_probabilities_nhwc
+from tasks.release.badcases import read_badcases
+from tasks.release.evaluation import onnx_classes, session, softmax
+from tasks.train.export import INPUT_NAME, OUTPUT_NAME, read_metadata
+
+STATE_NAME = ".al_state.json"
+STATE_FORMAT = 1
+LOCK_NAME = ".al_state.lock"
+LOCK_WAIT_S = 600.0  # a scheduled run waits this long for a running one to finish
+POOL_SOURCE = "online_pool"
+BADCASE_SOURCE = "evaluation"
+CHAMPION_ALIAS = "champion"
+SECOND_ALIAS = "second"
+
+# Reasons an image goes to a human; "agree" is the one reason for an auto-label.
+AGREE = "agree"
+DISAGREE = "disagree"
+A_LOW = "a below threshold"
+B_LOW = "b below threshold"
+BOTH_LOW = "both below threshold"
+
+# Receives the images for labelers and returns the created task ids (e.g. `label_studio_sink`).
+Sink = Callable[[list[LabelingItem]], Sequence[int]]
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model's answer for one image: its top class and that class's probability."""
+
+    label: str
+    score: float
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where one image goes: `auto` (with the agreed label) or `human` (with the reason)."""
+
+    route: Literal["auto", "human"]
+    reason: str
+    label: str | None = None
+
+    @property
+    def auto(self) -> bool:
+        return self.route == "auto"
+
+
+def _check_thresholds(threshold: float, per_class: Mapping[str, float] | None) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise SaofuError(f"auto-label threshold must be in (0, 1], got {threshold}")
+    for name, value in (per_class or {}).items():
+        if not 0.0 < value <= 1.0:
+            raise SaofuError(f"per-class threshold for {name!r} must be in (0, 1], got {value}")
+
+
+def select(
+    pred_a: Prediction, pred_b: Prediction, threshold: float,
+    per_class_threshold: Mapping[str, float] | None = None,
+) -> Decision:
+    """The selection strategy for one image.
+
+    Args:
+        pred_a: the first model's (the champion's) top class and confidence.
+        pred_b: the second model's.
+        threshold: confidence both models must reach (>=) for an auto-label.
+        per_class_threshold: class -> threshold replacing `threshold` for that agreed class.
+
+    Returns:
+        `auto` with the agreed label when both agree and both are confident enough, else `human`
+        with the reason: disagree, "a below threshold", "b below threshold" or
+        "both below threshold".
+    """
+    _check_thresholds(threshold, per_class_threshold)
+    if pred_a.label != pred_b.label:
+        return Decision("human", DISAGREE)
+    needed = (per_class_threshold or {}).get(pred_a.label, threshold)
+    a_ok, b_ok = pred_a.score >= needed, pred_b.score >= needed
+    if a_ok and b_ok:
+        return Decision("auto", AGREE, pred_a.label)
+    return Decision("human", A_LOW if b_ok else B_LOW if a_ok else BOTH_LOW)
+
+
+def select_batch(
+    probs_a: np.ndarray, probs_b: np.ndarray, classes: Sequence[str], threshold: float,
+    per_class: Mapping[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`select` over a batch of probability rows (for the pool and for benchmarks).
+
+    Args:
+        probs_a: [N,C] probabilities of model A (the champion), columns in `classes` order.
+        probs_b: [N,C] probabilities of model B, same columns.
+        classes: class names of the columns.
+        threshold: global confidence threshold (>=).
+        per_class: class -> threshold for images both models put in that class.
+
+    Returns:
+        (auto_mask bool [N], labels [N] model A's top class, which is the agreed class where
+        auto_mask is set, reasons [N] as in `select`: "agree" or why a human must look).
+    """
+    _check_thresholds(threshold, per_class)
+    probs_a, probs_b = np.asarray(probs_a), np.asarray(probs_b)
+    if probs_a.shape != probs_b.shape or probs_a.ndim != 2 or probs_a.shape[1] != len(classes):
+        raise SaofuError(
+            f"probabilities must both be [N, {len(classes)}], got {probs_a.shape} and {probs_b.shape}"
+        )
+    unknown = sorted(set(per_class or {}) - set(classes))
+    if unknown:
+        raise SaofuError(f"per-class thresholds for unknown classes {unknown}; classes are {list(classes)}")
+    top_a, top_b = probs_a.argmax(1), probs_b.argmax(1)
+    conf_a, conf_b = probs_a.max(1), probs_b.max(1)
+    class_threshold = np.array([(per_class or {}).get(c, threshold) for c in classes], dtype=np.float64)
+    needed = class_threshold[top_a]
+    agree = top_a == top_b
+    a_ok, b_ok = conf_a >= needed, conf_b >= needed
+    auto = agree & a_ok & b_ok
+    reasons = np.select(
+        [~agree, auto, a_ok, b_ok], [DISAGREE, AGREE, B_LOW, A_LOW], default=BOTH_LOW
+    ).astype(object)
+    labels = np.asarray(classes, dtype=object)[top_a]
+    return auto, labels, reasons
+
+
+# ------------------------------------------------------------------------------------ pool state
+
+
+@dataclass
+class PoolImage:
+    """A pool image awaiting a label. The simulator's `truth` is deliberately not carried."""
+
+    sha256: str
+    path: Path
+    timestamp: datetime
+    phase: str = ""
+
+
+@dataclass
+class PoolState:
+    """The sha256s already handled by active learning (see the module docstring)."""
+
+    auto: set[str] = field(default_factory=set)
+    human: set[str] = field(default_factory=set)
+    badcases: set[str] = field(default_factory=set)
+
+    @property
+    def processed(self) -> set[str]:
+        return self.auto | self.human
+
+
+def state_path(pool_dir: str | Path) -> Path:
+    return Path(pool_dir) / STATE_NAME
+
+
+def load_state(pool_dir: str | Path) -> PoolState:
+    """The pool's active-learning state (empty when none was written yet)."""
+    path = state_path(pool_dir)
+    if not path.exists():
+        return PoolState()
+    try:
+        raw = json.loads(path.read_text())
+        return PoolState(set(raw.get("auto", [])), set(raw.get("human", [])), set(raw.get("badcases", [])))
+    except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise SaofuError(
+            f"unreadable active-learning state {path}: {exc}. Delete it to reprocess the whole pool."
+        ) from None
+
+
+def save_state(pool_dir: str | Path, state: PoolState) -> Path:
+    """Write the state atomically: a killed run leaves the old file or the new one, never half."""
+    path = state_path(pool_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": STATE_FORMAT,
+        "updated_at": datetime.now(UTC).isoformat(),
+        "auto": sorted(state.auto),
+        "human": sorted(state.human),
+        "badcases": sorted(state.badcases),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=0))
+    os.replace(tmp, path)
+    return path
+
+
+@contextmanager
+def pool_lock(pool_dir: str | Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold the pool's active-learning lock: one run at a time reads and writes its state file.
+
+    Two runs on one pool (a scheduled one and a click in the UI) would otherwise both read the
+    same state, both send the same images to labelers, and the last writer would drop the other's
+    record. The lock is an OS file lock (`filelock`), released when its holder exits or dies.
+
+    Raises:
+        SaofuError: another run still holds it after `wait_s` seconds (default `LOCK_WAIT_S`).
+    """
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
+    path = Path(pool_dir) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=wait_s)
+    except Timeout:
+        raise SaofuError(f"another active-learning run holds {path} (waited {wait_s:g} s); "
+                         "try again when it has finished") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _utc(when: datetime | str) -> datetime:
+    """Timestamps compare in UTC; naive ones (the stream simulator's) are taken as UTC."""
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _index_lines(index: Path) -> Iterable[dict[str, Any]]:
+    lines = index.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                return  # the stream is appending this very line; the next run will see it whole
+            raise SaofuError(f"corrupt line {number} in the pool index {index}") from None
+
+
+def pool_images(
+    pool_dir: str | Path, since: datetime | str | None = None, state: PoolState | None = None
+) -> list[PoolImage]:
+    """The pool's images that active learning has not handled yet, oldest first.
+
+    Reads `pool_dir/index.jsonl` (written by `tasks.data.stream.write_scans` or the serving app) and
+    leaves out images recorded in the state file. The index's `truth` field, which only the
+    simulator knows, is never read.
+
+    Args:
+        pool_dir: the online pool's folder.
+        since: only images that arrived strictly after this time (naive times are UTC).
+        state: the state to filter by; default the pool's own state file.
+
+    Returns:
+        One PoolImage per new image (an image logged twice appears once).
+    """
+    pool = Path(pool_dir)
+    index = pool / INDEX_NAME
+    if not index.is_file():
+        raise SaofuError(f"no online pool index at {index}: is {pool} the pool folder?")
+    done = (state or load_state(pool)).processed
+    since_t = _utc(since) if since is not None else None
+    seen: set[str] = set()
+    images: list[PoolImage] = []
+    for entry in _index_lines(index):
+        sha = entry["sha256"]
+        if sha in done or sha in seen:
+            continue
+        stamp = _utc(entry["timestamp"])
+        if since_t is not None and stamp <= since_t:
+            continue
+        seen.add(sha)
+        images.append(PoolImage(sha, (pool / entry["path"]).resolve(), stamp, entry.get("phase", "")))
+    return images
+
+
+# ----------------------------------------------------------------------------------- prediction
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)  # as tasks.data.loading decodes training data
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise SaofuError(f"unreadable pool image: {path} ({exc.__class__.__name__})") from None
+
+
+def predict_pool(
+    onnx_path: str | Path, images: Sequence[PoolImage | str | Path], batch_size: int = 256, tta: bool = False,
+) -> np.ndarray:
+    """Class probabilities of an exported graph on pool images.
+
+    Args:
+        onnx_path: a graph from `tasks.train.export.export_onnx` (uint8 NHWC `pixels` in, `logits` out).
+        images: pool images or image paths.
+        batch_size: images decoded and run at once (bounds memory on a large pool).
+        tta: average over the test-time augmented views (`tasks.labeling.tta`; 5x the inference).
+
+    Returns:
+        [N,C] float64 probabilities, columns in the graph's class order.
+    """
+    sess = session(onnx_path, threads=2)
+    size = int(sess.get_modelmeta().custom_metadata_map.get("image_size", 64))
+    paths = [Path(i.path if isinstance(i, PoolImage) else i) for i in images]
+    out = [np.zeros((0, len(onnx_classes(sess))))]
+    # PIL releases the GIL while decoding, so two threads keep both cores busy
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for start in range(0, len(paths), batch_size):
+            pixels = np.stack(list(pool.map(lambda p: _decode(p, size), paths[start : start + batch_size])))
+            if tta:
+                out.append(tta_probabilities_nhwc(
+                    lambda x: softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64)), pixels))
+            else:
+                out.append(softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0].astype(np.float64)))
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------ the models
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version, downloaded: where its graph is and what its metadata says."""
+
+    name: str
+    version: str
+    onnx_path: Path
+    arch: str
+    classes: tuple[str, ...]
+    image_size: int
+    alias: str | None = None
+
+    @property
+    def model_version(self) -> str:
+        """The version string in manifests and Label Studio predictions, e.g. `fu-recognizer:3`."""
+        return f"{self.name}:{self.version}"
+
+
+def model_ref(onnx_path: str | Path, name: str, version: str, alias: str | None = None) -> ModelRef:
+    """A ModelRef for a local ONNX graph, from the metadata `export_onnx` put in it."""
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise SaofuError(f"ONNX model not found: {path}")
+    meta = read_metadata(path)
+    if "classes" not in meta:
+        raise SaofuError(f"{path} has no class map in its metadata: export it with tasks.train.export.export_onnx")
+    return ModelRef(
+        name=name, version=str(version), onnx_path=path, arch=meta.get("arch", ""),
+        classes=tuple(json.loads(meta["classes"])), image_size=int(meta.get("image_size", 64)), alias=alias,
+    )
+
+
+def parse_model_spec(spec: str | None, default_name: str) -> tuple[str, str | None, str | None]:
+    """Read a second-model spec: None -> `<default>@second`; "@alias"; "name@alias"; "name/3"; "name".
+
+    Returns:
+        (registered name, alias or None, version or None); both None means the latest version.
+    """
+    if spec is None or spec == "":
+        return default_name, SECOND_ALIAS, None
+    match = re.fullmatch(r"(?P<name>[^@/]*)(?:@(?P<alias>[^@/]+)|/(?P<version>\d+))?", spec.strip())
+    if match is None:
+        raise SaofuError(
+            f"bad model spec {spec!r}: use NAME, NAME@ALIAS, @ALIAS (an alias of {default_name!r}) or NAME/VERSION"
+        )
+    return match["name"] or default_name, match["alias"], match["version"]
+
+
+def _registry_version(name: str, alias: str | None, version: str | None) -> str:
+    """The version number an alias (or "latest") points at now, with a fixable error if none."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if version is not None:
+        return version
+    if alias is not None:
+        try:
+            return str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            raise SaofuError(
+                f"registered model {name!r} has no alias {alias!r} (or no such model): set it with "
+                f"`mlflow.MlflowClient().set_registered_model_alias({name!r}, {alias!r}, VERSION)` "
+                "or promote a version through the release flow"
+            ) from None
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise SaofuError(f"registered model {name!r} has no versions: train and register one first")
+    return str(max(int(v.version) for v in versions))
+
+
+def _download(name: str, version: str, alias: str | None, dst: Path | None) -> ModelRef:
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(
+        f"models:/{name}/{version}", dst_path=str(dst / f"{name}-v{version}") if dst else None
+    ))
+    onnx_file = local / "model.onnx" if local.is_dir() else local
+    if not onnx_file.is_file():
+        raise SaofuError(f"registered model {name} version {version} holds no model.onnx (got {local})")
+    return model_ref(onnx_file, name, version, alias)
+
+
+def check_different_arch(a: ModelRef, b: ModelRef, strict: bool = False) -> None:
+    """Two models of one architecture tend to make the same mistakes, so their agreement proves less.
+
+    Args:
+        a, b: the two models.
+        strict: raise instead of warning when the architectures are equal or unknown.
+    """
+    if a.model_version == b.model_version:
+        raise SaofuError(f"both active-learning models are {a.model_version}: the second model must be another one")
+    if a.arch and b.arch and a.arch != b.arch:
+        return
+    problem = (
+        f"{a.model_version} and {b.model_version} have the same architecture ({a.arch})" if a.arch
+        else f"cannot tell the architectures of {a.model_version} and {b.model_version} apart (no `arch` metadata)"
+    )
+    advice = "; register a second model of another architecture for the dual-model check"
+    if strict:
+        raise SaofuError(problem + advice)
+    warnings.warn(problem + advice, stacklevel=2)
+
+
+def resolve_models(
+    name: str, second: str | None = None, *, champion_alias: str = CHAMPION_ALIAS,
+    require_different_arch: bool = False, dst_dir: str | Path | None = None,
+) -> tuple[ModelRef, ModelRef]:
+    """Find and download the two models: `name@champion` and a second registered model.
+
+    The alias is resolved to a version number first and that version downloaded, so a promotion
+    happening meanwhile cannot hand us a graph other than the one we name in the labels.
+
+    Args:
+        name: the registered model whose champion labels (e.g. `fu-recognizer`).
+        second: the second model (see `parse_model_spec`); default `<name>@second`.
+        champion_alias: the alias of the first model.
+        require_different_arch: raise (not warn) when both have the same architecture.
+        dst_dir: download folder (default: MLflow's temporary folder).
+
+    Returns:
+        (champion, second) with local ONNX paths.
+
+    Raises:
+        SaofuError: an alias or model is missing, both are the same version, the class sets differ,
+            or (strict) the architectures are the same.
+    """
+    from tasks.tracking import configure_mlflow
+
+    configure_mlflow()
+    dst = Path(dst_dir) if dst_dir else None
+    a_version = _registry_version(name, champion_alias, None)
+    b_name, b_alias, b_version = parse_model_spec(second, name)
+    b_version = _registry_version(b_name, b_alias, b_version)
+    a = _download(name, a_version, champion_alias, dst)
+    b = _download(b_name, b_version, b_alias, dst)
+    check_different_arch(a, b, strict=require_different_arch)
+    if set(a.classes) != set(b.classes):
+        raise SaofuError(f"{a.model_version} predicts {list(a.classes)} but {b.model_version} predicts "
+                         f"{list(b.classes)}: both models need the same classes")
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------- route
+
+
+@dataclass
+class RouteResult:
+    """What one active-learning pass did with the pool's new images."""
+
+    new_images: int = 0
+    auto: int = 0  # selected for an auto-label
+    auto_added: int = 0  # of those, new to the manifest
+    human: int = 0  # sent to labelers
+    deferred: int = 0  # would go to labelers but over max_tasks: they come back next run
+    reasons: dict[str, int] = field(default_factory=dict)
+    task_ids: list[int] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        counts = {k: v for k, v in asdict(self).items() if isinstance(v, int)}
+        auto_share = self.auto / self.new_images if self.new_images else 0.0
+        return {**counts, "auto_share": auto_share,
+                **{f"reason_{k.replace(' ', '_')}": v for k, v in self.reasons.items()}}
+
+
+def _aligned(probs: np.ndarray, columns: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Probabilities reordered to `classes` (two models may list the same classes differently)."""
+    return probs[:, [list(columns).index(c) for c in classes]]
+
+
+def _human_order(reasons: np.ndarray, conf_a: np.ndarray, conf_b: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Most informative first: disagreements, then the least confident agreement."""
+    disagree = (reasons[idx] == DISAGREE).astype(int)
+    return idx[np.lexsort((np.minimum(conf_a, conf_b)[idx], -disagree))]
+
+
+def route(
+    pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
+    threshold: float = 0.9, per_class: Mapping[str, float] | None = None, max_tasks: int | None = None,
+    since: datetime | str | None = None, batch_size: int = 256, champion_tta: bool = False,
+) -> RouteResult:
+    """One active-learning pass over the pool's new images.
+
+    Auto-labels go into the dataset (`tasks.data.manifest.add_images`, source `auto`, both model
+    versions and scores as "vA;vB" and "sA;sB"); the rest go to `sink` as LabelingItems with both
+    predictions, champion first. Handled images are recorded in the pool's state file.
+
+    Args:
+        pool_dir: the online pool (index.jsonl + images).
+        dataset_dir: the labelled dataset (ImageFolder tree + manifest.csv).
+        champion, second: the two models; the champion's prediction is the pre-annotation.
+        sink: takes the items for labelers, returns task ids (`label_studio_sink` in the flow).
+        threshold: confidence both models must reach for an auto-label.
+        per_class: class -> threshold overriding `threshold` for that agreed class.
+        max_tasks: at most this many tasks per run, the most informative first; None: no cap.
+        since: only pool images that arrived after this time.
+        batch_size: inference batch size.
+        champion_tta: the champion votes with its probabilities averaged over test-time augmented
+            views (`tasks.labeling.tta`), which makes it less often confidently wrong.
+
+    Returns:
+        The counts of what went where.
+    """
+    if max_tasks is not None and max_tasks < 0:
+        raise SaofuError(f"max_tasks must be >= 0 or None, got {max_tasks}")
+    with pool_lock(pool_dir):
+        return _route_locked(pool_dir, dataset_dir, champion, second, sink, threshold, per_class, max_tasks, since,
+                             batch_size, champion_tta)
+
+
+def _route_locked(
+    pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
+    threshold: float, per_class: Mapping[str, float] | None, max_tasks: int | None,
+    since: datetime | str | None, batch_size: int, champion_tta: bool,
+) -> RouteResult:
+    state = load_state(pool_dir)
+    images = pool_images(pool_dir, since, state)
+    result = RouteResult(new_images=len(images))
+    if not images:
+        return result
+    classes = list(champion.classes)
+    probs_a = _aligned(predict_pool(champion.onnx_path, images, batch_size, tta=champion_tta), champion.classes,
+                       classes)
+    probs_b = _aligned(predict_pool(second.onnx_path, images, batch_size), second.classes, classes)
+    auto, labels, reasons = select_batch(probs_a, probs_b, classes, threshold, per_class)
+    result.reasons = dict(Counter(reasons.tolist()))
+
+    auto_idx = np.flatnonzero(auto)
+    rows = [_auto_row(images[i], labels[i], probs_a[i], probs_b[i], champion, second) for i in auto_idx]
+    result.auto, result.auto_added = len(rows), len(add_images(dataset_dir, rows))
+    state.auto |= {images[i].sha256 for i in auto_idx}
+    save_state(pool_dir, state)  # the auto-labels are in; do not redo them if the sink fails
+
+    human_idx = _human_order(reasons, probs_a.max(1), probs_b.max(1), np.flatnonzero(~auto))
+    send = human_idx if max_tasks is None else human_idx[:max_tasks]
+    items = [
+        _pool_item(images[i], classes, probs_a[i], probs_b[i], reasons[i], champion, second) for i in send
+    ]
+    result.task_ids = list(sink(items)) if items else []
+    result.human, result.deferred = len(items), len(human_idx) - len(send)
+    state.human |= {images[i].sha256 for i in send}
+    save_state(pool_dir, state)
+    print(f"active learning: {result.new_images} new pool images: {result.auto} auto-labelled "
+          f"({result.auto_added} new to the dataset), {result.human} to labelers, {result.deferred} deferred; "
+          f"reasons {result.reasons}", flush=True)
+    return result
+
+
+def _auto_row(
+    image: PoolImage, label: str, pa: np.ndarray, pb: np.ndarray, a: ModelRef, b: ModelRef
+) -> dict[str, Any]:
+    return {
+        "image": str(image.path),
+        "label": label,
+        "source": "auto",
+        "labeled_at": datetime.now(UTC).isoformat(),
+        "model_versions": f"{a.model_version};{b.model_version}",
+        "scores": f"{pa.max():.6f};{pb.max():.6f}",
+    }
+
+
+def _pool_item(
+    image: PoolImage, classes: Sequence[str], pa: np.ndarray, pb: np.ndarray, reason: str,
+    a: ModelRef, b: ModelRef,
+) -> LabelingItem:
+    return LabelingItem(
+        image=image.path,
+        source=POOL_SOURCE,
+        sha256=image.sha256,
+        predictions=[
+            PredictionSpec(a.model_version, classes[int(pa.argmax())], float(pa.max())),
+            PredictionSpec(b.model_version, classes[int(pb.argmax())], float(pb.max())),
+        ],
+        meta={"al_reason": reason, "pool_timestamp": image.timestamp.isoformat(), "pool_phase": image.phase},
+    )
+
+
+def label_studio_sink(
+    project_title: str, classes: Sequence[str], url: str | None = None, token: str | None = None,
+    files_root: str | Path | None = None,
+) -> Sink:
+    """A sink that imports items as tasks of the Label Studio project `project_title`.
+
+    It connects only when first given items, so a pass that labels everything itself needs no
+    Label Studio. Images must lie under the server's local-files root (see `import_tasks`).
+    """
+    from tasks.labeling.client import connect, ensure_project, import_tasks
+
+    def sink(items: list[LabelingItem]) -> list[int]:
+        if not items:
+            return []
+        client = connect(url, token)
+        project_id = ensure_project(client, project_title, classes)
+        return import_tasks(client, project_id, items, Path(files_root) if files_root else None)
+
+    return sink
+
+
+# ------------------------------------------------------------------------------------- badcases
+
+
+def send_badcases(
+    badcase_file: str | Path, sink: Sink, pool_dir: str | Path, max_tasks: int | None = None
+) -> int:
+    """Send an evaluation's badcases to labelers, tagged `badcase`, each once.
+
+    The model's top class is the pre-annotation. The truth is left out of the task so labelers
+    judge the image afresh (a badcase may be a wrong label, not a wrong model). Sent images are
+    recorded in the pool's state file under `badcases`.
+
+    Args:
+        badcase_file: written by `write_badcases`.
+        sink: as for `route`.
+        pool_dir: the pool whose state file records what was sent.
+        max_tasks: at most this many badcases per run; None: all.
+
+    Returns:
+        The number of badcase tasks created.
+    """
+    doc = read_badcases(badcase_file)
+    with pool_lock(pool_dir):
+        return _send_badcases_locked(doc, sink, pool_dir, max_tasks)
+
+
+def _send_badcases_locked(doc: dict, sink: Sink, pool_dir: str | Path, max_tasks: int | None) -> int:
+    state = load_state(pool_dir)
+    fresh = [c for c in doc["badcases"] if c.sha256 not in state.badcases]
+    fresh = fresh if max_tasks is None else fresh[:max_tasks]
+    items = [
+        LabelingItem(
+            image=Path(c.path), source=BADCASE_SOURCE, sha256=c.sha256, badcase=True,
+            predictions=[PredictionSpec(doc["model_version"], c.predicted, c.score)],
+            meta={"eval_kind": c.kind, "eval_split": doc.get("split", ""), "eval_model_version": doc["model_version"]},
+        )
+        for c in fresh
+    ]
+    if items:
+        sink(items)
+    state.badcases |= {c.sha256 for c in fresh}
+    save_state(pool_dir, state)
+    print(f"badcases: {len(items)} sent to labelers ({len(doc['badcases']) - len(fresh)} sent before or held back)",
+          flush=True)
+    return len(items)
+
+
+# -------------------------------------------------------------------------------- Prefect faces
+
+# NO_CACHE: the sink is a closure and the pool changes under the same inputs; a cached result
+# would skip new images.
+resolve_models_task = task(name="resolve-models", cache_policy=NO_CACHE)(resolve_models)
+route_task = task(name="route-pool", cache_policy=NO_CACHE)(route)
+send_badcases_task = task(name="send-badcases", cache_policy=NO_CACHE)(send_badcases)

@@ -1,0 +1,1 @@
+"""Release: evaluation, badcases, pruning, quantization, release sets and report, steps, gate, registry."""

@@ -1,0 +1,166 @@
+"""Evaluation of the shipped artefact: accuracy at a confidence threshold and onnxruntime latency.
+
+The campaign's measure is image-level at a threshold: a prediction counts only when the model's
+top probability reaches it (default 0.9). Below it the app does not accept the scan: the
+decision falls back to the negative class when the dataset has one (`not_fu` in the Fu world),
+and otherwise is an abstention, which counts as wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from saofu.errors import SaofuError
+from tasks.data.loading import TensorSplit
+from tasks.train.export import INPUT_NAME, OUTPUT_NAME
+
+ABSTAIN = -1
+
+
+@dataclass
+class ClassMetrics:
+    precision: float
+    recall: float
+    support: int
+
+
+@dataclass
+class EvalReport:
+    accuracy: float  # top-1, no threshold
+    accuracy_at_threshold: float
+    threshold: float
+    negative_class: str | None
+    abstained: float  # share of images under the threshold
+    per_class: dict[str, ClassMetrics]
+    confusion: list[list[int]]  # rows: truth, columns: decision (last column: abstain)
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def session(onnx_path: str | Path, threads: int = 1) -> ort.InferenceSession:
+    """An onnxruntime CPU session pinned to `threads` threads (1 = the phone-like setting)."""
+    if not Path(onnx_path).is_file():
+        raise SaofuError(f"ONNX model not found: {onnx_path}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_classes(sess: ort.InferenceSession) -> list[str]:
+    return json.loads(sess.get_modelmeta().custom_metadata_map["classes"])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def onnx_predict_proba(sess: ort.InferenceSession, split: TensorSplit, batch_size: int = 256) -> np.ndarray:
+    """Probabilities [N,C] of an ONNX recogniser on a decoded split."""
+    pixels = split.images.permute(0, 2, 3, 1).contiguous().numpy()
+    out = [
+        sess.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + batch_size]})[0]
+        for i in range(0, len(pixels), batch_size)
+    ]
+    return softmax(np.concatenate(out).astype(np.float64))
+
+
+def decide(probs: np.ndarray, threshold: float, negative_index: int | None) -> np.ndarray:
+    """Top class where its probability reaches `threshold`, else the negative class or ABSTAIN."""
+    top = probs.argmax(1)
+    fallback = ABSTAIN if negative_index is None else negative_index
+    return np.where(probs.max(1) >= threshold, top, fallback)
+
+
+def threshold_report(
+    probs: np.ndarray, labels: np.ndarray, classes: list[str], threshold: float = 0.9,
+    negative_class: str | None = None,
+) -> EvalReport:
+    """Accuracy, per-class precision/recall and confusion at a confidence threshold.
+
+    Args:
+        probs: [N,C] class probabilities.
+        labels: [N] true class indices.
+        classes: class names in column order.
+        threshold: minimum top probability for a prediction to count.
+        negative_class: class that low-confidence predictions fall back to (None: abstain).
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise SaofuError(f"threshold must be in [0, 1], got {threshold}")
+    if negative_class is not None and negative_class not in classes:
+        raise SaofuError(f"negative class {negative_class!r} is not one of the classes {classes}")
+    neg = classes.index(negative_class) if negative_class is not None else None
+    decisions = decide(probs, threshold, neg)
+    k = len(classes)
+    confusion = np.zeros((k, k + 1), dtype=np.int64)
+    for truth, d in zip(labels, decisions):
+        confusion[truth, d if d != ABSTAIN else k] += 1
+    per_class = {}
+    for c, name in enumerate(classes):
+        tp = confusion[c, c]
+        predicted = confusion[:, c].sum()
+        support = confusion[c].sum()
+        per_class[name] = ClassMetrics(
+            precision=float(tp / predicted) if predicted else 0.0,
+            recall=float(tp / support) if support else 0.0,
+            support=int(support),
+        )
+    return EvalReport(
+        accuracy=float((probs.argmax(1) == labels).mean()),
+        accuracy_at_threshold=float((decisions == labels).mean()),
+        threshold=threshold,
+        negative_class=negative_class,
+        abstained=float((probs.max(1) < threshold).mean()),
+        per_class=per_class,
+        confusion=confusion.tolist(),
+        n=len(labels),
+    )
+
+
+def predict_split(onnx_path: str | Path, split: TensorSplit) -> np.ndarray:
+    """Probabilities [N,C] of an exported graph on a decoded split (class maps must match)."""
+    sess = session(onnx_path, threads=2)
+    classes = onnx_classes(sess)
+    if classes != split.classes:
+        raise SaofuError(f"model classes {classes} differ from the data's classes {split.classes}")
+    return onnx_predict_proba(sess, split)
+
+
+def evaluate_onnx(
+    onnx_path: str | Path, split: TensorSplit, threshold: float = 0.9, negative_class: str | None = None
+) -> EvalReport:
+    """Evaluate an exported graph on a decoded split (class maps must match)."""
+    probs = predict_split(onnx_path, split)
+    return threshold_report(probs, split.labels.numpy(), split.classes, threshold, negative_class)
+
+
+def measure_latency(
+    onnx_path: str | Path, image_size: int = 64, threads: int = 1, warmup: int = 20, runs: int = 200
+) -> dict[str, float]:
+    """onnxruntime latency at batch 1 on `threads` threads: p50/p95/mean in milliseconds."""
+    sess = session(onnx_path, threads=threads)
+    pixels = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3), dtype=np.uint8)
+    for _ in range(warmup):
+        sess.run([OUTPUT_NAME], {INPUT_NAME: pixels})
+    times = np.empty(runs)
+    for i in range(runs):
+        t = time.perf_counter()
+        sess.run([OUTPUT_NAME], {INPUT_NAME: pixels})
+        times[i] = (time.perf_counter() - t) * 1000
+    return {
+        "latency_p50_ms": float(np.percentile(times, 50)),
+        "latency_p95_ms": float(np.percentile(times, 95)),
+        "latency_mean_ms": float(times.mean()),
+        "threads": threads,
+    }

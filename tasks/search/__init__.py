@@ -1,0 +1,1 @@
+"""Architecture and hyper-parameter search: space, objective, study, worker, tracking, report."""

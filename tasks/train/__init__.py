@@ -1,0 +1,1 @@
+"""Training: the loop, data-parallel, ONNX export, the training flow's steps."""

@@ -1,0 +1,302 @@
+"""Training as plain functions: no Prefect, no MLflow; progress leaves through a callback.
+
+`fit` trains any registered model (or an architecture string) on tensors from `tasks.data.loading`, on
+the CPU or CUDA (mixed precision on CUDA), seeded, with a checkpoint per epoch that holds model,
+optimizer, scheduler, epoch, config and class map, so a killed run resumes where it stopped and a
+checkpoint alone rebuilds the model.
+
+Launched under torchrun, `fit` trains data-parallel over the processes (gloo on the CPU, NCCL on
+CUDA) on the same global batches as one process would:
+`torchrun --nproc_per_node 2 -m saofu.cli step train --data DIR --out RUN_DIR ...`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import build_from_checkpoint_meta, create_model, model_meta
+from saofu.errors import SaofuError
+from tasks.data.loading import TensorSplit, iterate_batches
+from tasks.data.preprocess import normalize, to_float
+from tasks.train import distributed
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; logged as the run's parameters."""
+
+    model: str = "saofu_fu"
+    arch: str | None = None  # whole-architecture string, for model="saofu_from_arch"
+    # Defaults: the budget `saofu demo` and `saofu bench models` use. Small batches (more steps)
+    # and no label smoothing: smoothing caps the confidence the 0.9-threshold measure needs.
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 5e-3
+    weight_decay: float = 2e-4
+    label_smoothing: float = 0.0
+    aug_strength: float = 0.3
+    dropout: float = 0.1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    image_size: int = 64
+    val_share: float = 0.15  # share of each class held out when the dataset has no val/ folder
+
+    def model_kwargs(self) -> dict:
+        kw: dict = {"dropout": self.dropout}
+        if self.arch:
+            kw["arch"] = self.arch
+        return kw
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    classes: list[str]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_accuracy: float = 0.0
+    checkpoint_path: Path | None = None
+    seconds: float = 0.0
+
+
+def epoch_printer(total_epochs: int, prefix: str = "") -> EpochCallback:
+    """An `on_epoch` callback that prints one progress line per epoch."""
+
+    def show(epoch: int, m: dict[str, float]) -> None:
+        print(
+            f"{prefix}epoch {epoch:>3}/{total_epochs}  loss {m['train_loss']:.4f}  "
+            f"train acc {m['train_accuracy']:.3f}  val acc {m['val_accuracy']:.3f}",
+            flush=True,
+        )
+
+    return show
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SaofuError("device 'cuda' requested but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise SaofuError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def augment(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Random affine (rotation, scale, shift) and photometric jitter on a float [0,1] batch.
+
+    Runs on whatever device the batch is on, one fused grid_sample per batch. No flips: a
+    mirrored character is not the character.
+    """
+    if strength <= 0:
+        return x
+    n, dev = x.shape[0], x.device
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return (torch.rand(n, generator=generator) * (hi - lo) + lo).to(dev)
+
+    angle = uniform(-1, 1) * math.radians(20 * strength)
+    scale = 1 + uniform(-1, 1) * 0.2 * strength
+    tx, ty = uniform(-1, 1) * 0.15 * strength, uniform(-1, 1) * 0.15 * strength
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    brightness = uniform(-1, 1).view(n, 1, 1, 1) * 0.25 * strength
+    contrast = 1 + uniform(-1, 1).view(n, 1, 1, 1) * 0.35 * strength
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    split: TensorSplit,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None,
+) -> dict[str, float]:
+    """One pass over `split`; returns mean loss and training accuracy (on augmented images).
+
+    Under torchrun, `cfg.batch_size` is the global batch: every process draws and augments the
+    same global batch (same generator), trains on its own slice of it, and the returned metrics
+    are the means over the whole global batch, the same on every process.
+    """
+    model.train()
+    world, rank = distributed.world_size(), distributed.rank()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, labels in iterate_batches(split, cfg.batch_size, shuffle=True, generator=generator):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        x = normalize(augment(to_float(images), cfg.aug_strength, generator))
+        if world > 1:
+            part = distributed.local_slice(len(labels), rank, world)
+            # DDP averages gradients over processes; weighting each process's mean loss by its share
+            # of the batch makes that average the gradient of the global batch's mean loss, also
+            # for a last, short batch that splits unevenly.
+            share = (part.stop - part.start) * world / len(labels)
+            x, labels = x[part], labels[part]
+        with torch.autocast(device.type, enabled=scaler is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        grad_loss = loss * share if world > 1 else loss
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(grad_loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            grad_loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return distributed.all_reduce_mean({"train_loss": total_loss, "train_accuracy": correct}, seen)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, split: TensorSplit, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """Softmax probabilities [N, C] for a whole split, in eval mode."""
+    model.eval()
+    out = []
+    for images, _ in iterate_batches(split, batch_size, shuffle=False):
+        logits = model(normalize(to_float(images.to(device))))
+        out.append(logits.float().softmax(1).cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, split: TensorSplit, device: torch.device) -> dict[str, float]:
+    """Loss and top-1 accuracy of `model` on `split`."""
+    probs = predict_proba(model, split, device)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), split.labels).item()
+    return {"val_loss": loss, "val_accuracy": (probs.argmax(1) == split.labels).float().mean().item()}
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    return create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs())
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
+                    classes: list[str], history: list[dict], best_val_accuracy: float) -> None:
+    """Write atomically, so a run killed mid-save still has its previous checkpoint."""
+    state = {
+        "model": model.state_dict(),
+        "model_meta": model_meta(model),
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "epoch": epoch,
+        "config": asdict(cfg),
+        "classes": classes,
+        "history": history,
+        "best_val_accuracy": best_val_accuracy,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a trained model from its checkpoint alone. Returns (model in eval mode, state)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaofuError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_from_checkpoint_meta(state["model_meta"])
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def fit(
+    cfg: TrainConfig,
+    train: TensorSplit,
+    val: TensorSplit,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train `cfg.model` on `train`, validating on `val` after every epoch.
+
+    Args:
+        cfg: the run's configuration.
+        train, val: decoded splits sharing one class map.
+        checkpoint_path: where the per-epoch checkpoint goes (None: no checkpoint).
+        resume: continue from `checkpoint_path` if it exists.
+        on_epoch: called with (epoch, metrics) after every epoch: progress and tracking hook.
+            Under torchrun it is called on every process, with the same metrics; gate output on
+            `distributed.is_main_process()`.
+
+    Returns:
+        FitResult with the final model (eval mode), per-epoch history and best val accuracy.
+        Under torchrun only rank 0 writes the checkpoint; every process returns the same model.
+    """
+    if cfg.epochs < 1:
+        raise SaofuError(f"epochs must be >= 1, got {cfg.epochs}")
+    device = resolve_device(cfg.device)
+    ddp = distributed.launched()
+    if ddp:
+        distributed.check_global_batch(cfg.batch_size)
+        device = distributed.init(device)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, len(train.classes)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    best, start_epoch = 0.0, 0
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+
+    if resume and ckpt and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state["classes"] != train.classes:
+            raise SaofuError(f"checkpoint {ckpt} was trained on classes {state['classes']}, not {train.classes}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, start_epoch = state["history"], state["best_val_accuracy"], state["epoch"]
+    # Every process starts from the same seed, so the same weights; DDP checks that anyway.
+    train_model = distributed.wrap(model, device) if ddp else model
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        # Reseed per epoch (shuffling, augmentation, dropout) so a resumed run sees exactly the
+        # batches and masks an uninterrupted run would have seen.
+        generator.manual_seed(cfg.seed + 1_000_003 * epoch)
+        torch.manual_seed(cfg.seed + 1_000_003 * epoch)
+        metrics = train_one_epoch(train_model, train, optimizer, scheduler, cfg, device, generator, scaler)
+        distributed.broadcast_buffers(model)
+        # Every process evaluates the whole (small) val split on the same model: same metrics everywhere.
+        metrics.update(evaluate(model, val, device))
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        best = max(best, metrics["val_accuracy"])
+        history.append({"epoch": epoch + 1, **metrics})
+        if ckpt and distributed.is_main_process():
+            save_checkpoint(ckpt, model, optimizer, scheduler, epoch + 1, cfg, train.classes, history, best)
+        if on_epoch:
+            on_epoch(epoch + 1, metrics)
+    distributed.barrier()  # under torchrun, nobody returns before rank 0's last checkpoint is written
+    model.eval().cpu()
+    return FitResult(model, train.classes, history, best, ckpt, time.perf_counter() - t0)

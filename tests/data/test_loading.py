@@ -1,0 +1,89 @@
+"""ImageFolder loading: layouts, class maps, caching, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from saofu.errors import SaofuError
+from tasks.data.loading import prepare_dataset, scan_imagefolder
+from tests.conftest import make_shapes_dataset
+
+
+def test_flat_folder_gets_a_stratified_val_split(shapes_dir):
+    data = prepare_dataset(shapes_dir, image_size=32, val_share=0.2, seed=0)
+    assert data.classes == ["circle", "square", "triangle"]
+    assert data.test is None
+    assert len(data.train) + len(data.val) == 180
+    assert torch.bincount(data.val.labels).tolist() == [12, 12, 12]
+    assert data.train.images.dtype == torch.uint8 and data.train.images.shape[1:] == (3, 32, 32)
+    assert not set(data.train.paths) & set(data.val.paths)
+
+
+def test_resizes_to_the_requested_size(shapes_dir):
+    data = prepare_dataset(shapes_dir, image_size=24)
+    assert data.train.images.shape[1:] == (3, 24, 24)
+
+
+def test_explicit_splits_share_the_train_class_map(tmp_path):
+    for split, n in (("train", 10), ("val", 3), ("test", 4)):
+        make_shapes_dataset(tmp_path / split, n_per_class=n, seed=len(split))
+    shutil.rmtree(tmp_path / "test" / "circle")  # a test split may lack a class
+    data = prepare_dataset(tmp_path, image_size=32)
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 9, 8)
+    assert data.test.classes == data.classes
+    assert set(data.test.labels.tolist()) == {1, 2}  # square, triangle keep their train indices
+
+
+def test_cache_hit_returns_the_same_tensors_and_a_change_misses(shapes_dir, tmp_path):
+    first = prepare_dataset(shapes_dir, 32, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    again = prepare_dataset(shapes_dir, 32, cache_dir=tmp_path)
+    assert again.fingerprint == first.fingerprint
+    assert torch.equal(again.train.images, first.train.images)
+    other = prepare_dataset(shapes_dir, 24, cache_dir=tmp_path)
+    assert other.fingerprint != first.fingerprint
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing", "dataset folder not found"),
+        ("no_classes", "no class folders"),
+        ("empty_class", "class folder has no images"),
+        ("unreadable", "unreadable image"),
+        ("one_class", "at least 2 classes"),
+    ],
+)
+def test_bad_datasets_raise_one_clear_error(tmp_path, breakage, message):
+    root = make_shapes_dataset(tmp_path / "ds", n_per_class=4)
+    target = root
+    if breakage == "missing":
+        target = tmp_path / "nope"
+    elif breakage == "no_classes":
+        target = tmp_path / "empty"
+        target.mkdir()
+    elif breakage == "empty_class":
+        (root / "zebra").mkdir()
+    elif breakage == "unreadable":
+        (root / "circle" / "broken.png").write_bytes(b"not a png at all")
+    elif breakage == "one_class":
+        for cls in ("square", "triangle"):
+            shutil.rmtree(root / cls)
+    with pytest.raises(SaofuError, match=message) as err:
+        prepare_dataset(target, 32)
+    if breakage == "unreadable":
+        assert "broken.png" in str(err.value)
+    if breakage == "empty_class":
+        assert "zebra" in str(err.value)
+
+
+def test_scan_ignores_hidden_folders_and_non_images(shapes_dir, tmp_path):
+    root = make_shapes_dataset(tmp_path / "ds", n_per_class=3)
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / "circle" / "notes.txt").write_text("hello")
+    index = scan_imagefolder(root)
+    assert index.classes == ["circle", "square", "triangle"]
+    assert len(index.samples) == 9
