@@ -54,7 +54,7 @@ def _register_bench_model(home: Path, image_size: int) -> str:
     import torch
 
     from models import create_model
-    from tasks.tracking import register_onnx, start_run
+    from tasks.tracking import client, register_onnx, start_run
     from tasks.train.export import export_onnx
 
     torch.manual_seed(0)
@@ -62,9 +62,7 @@ def _register_bench_model(home: Path, image_size: int) -> str:
     onnx_path = export_onnx(model, CLASSES, home / "bench.onnx", image_size)
     run_id = start_run("bench-serving", "bench-serving", {"model": "saofu_fu"}, {})
     version = register_onnx(run_id, onnx_path, BENCH_MODEL, image_size, CLASSES, {})
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient().set_registered_model_alias(BENCH_MODEL, "champion", version)
+    client().set_registered_model_alias(BENCH_MODEL, "champion", version)
     return version
 
 

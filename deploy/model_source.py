@@ -183,9 +183,20 @@ class ModelSource:
     # ------------------------------------------------------------------------------ registry
 
     def _registry(self):
+        """A client of `tracking_uri` for tracking and registry alike (never MLflow's global store).
+
+        Raises:
+            SaofuError: a SQLite store that does not exist (serving from the wrong folder would
+                otherwise create an empty one and report a missing model).
+        """
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            if self.tracking_uri.startswith("sqlite:///"):
+                db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+                if not db.is_file():
+                    raise SaofuError(f"no MLflow store at {db}: run from the project folder or set SAOFU_HOME "
+                                     "(or MLFLOW_TRACKING_URI)")
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         return self._client
 
@@ -200,6 +211,21 @@ class ModelSource:
                 return None
             raise
 
+    def location(self, version: str) -> str:
+        """The concrete artefact URI of version `version` (file://, s3://, mlflow-artifacts:/...).
+
+        Resolved through this source's client: MLflow resolves a `models:/` URI through its
+        process-global registry (`./mlflow.db` in a process that never set one), whatever
+        `registry_uri` it is given.
+        """
+        uri = self._registry().get_model_version_download_uri(self.model_name, version)
+        if not uri.startswith("models:/"):
+            return uri
+        model_id = uri.removeprefix("models:/").strip("/")  # registered from `models:/<logged model id>`
+        if "/" in model_id or "@" in model_id:
+            raise SaofuError(f"{self.model_name} version {version}: cannot resolve its source {uri!r}")
+        return self._registry().get_logged_model(model_id).artifact_location
+
     def download(self, version: str) -> Path:
         """The local path of version `version`'s model.onnx (downloaded if the store is remote)."""
         import mlflow
@@ -208,8 +234,8 @@ class ModelSource:
         if dst is not None:
             dst.mkdir(parents=True, exist_ok=True)
         local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{self.model_name}/{version}/model.onnx",
-            dst_path=str(dst) if dst else None, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri,
+            artifact_uri=f"{self.location(version).rstrip('/')}/model.onnx", dst_path=str(dst) if dst else None,
+            tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri,
         ))
         return local / "model.onnx" if local.is_dir() else local
 
@@ -245,8 +271,8 @@ class ModelSource:
         if version is None:
             raise SaofuError(
                 f"registered model {self.model_name!r} has no alias {self.champion_alias!r} (or no such model) "
-                f"in {self.tracking_uri}: promote a version, e.g. MlflowClient().set_registered_model_alias("
-                f"{self.model_name!r}, {self.champion_alias!r}, VERSION)"
+                f"in {self.tracking_uri}: promote a version, e.g. "
+                f"`saofu promote {self.model_name} VERSION --reason ...`"
             )
         self.refresh()
         return self.current

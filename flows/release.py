@@ -26,7 +26,7 @@ from tasks.data.loading import TensorSplit, prepare_dataset
 from tasks.release import registry
 from tasks.release.gate import CandidateMetrics, GateConfig, evaluate_gate
 from tasks.release.report import compare_plot, compare_table, flat_metrics, release_report
-from tasks.release.sets import badcase_set, fresh_online_slice, regression_set, simulated_fresh_slice
+from tasks.release.sets import FreshSlice, badcase_set, choose_fresh_slice, regression_set, training_split_config
 from tasks.release.steps import (
     ARTEFACT_TAG,
     Candidate,
@@ -46,10 +46,12 @@ class ReleaseParams(BaseModel):
     registered_model: str = Field("fu-recognizer", min_length=1)
     candidate_version: str | None = Field(None, description="trained version to release; empty: the newest")
     labelled_dir: str | None = Field(
-        None, description="labelled dataset whose newest human labels form the fresh online slice"
+        None, description="fresh online slice: an ImageFolder of recent labelled images (a labelled dataset's "
+                          "newest human labels when its manifest has some); empty: the training data's held-out "
+                          "human labels, else simulated scans (Fu models), else its held-out split"
     )
     pool_dir: str | None = Field(
-        None, description="online pool for simulated fresh scans when no human-labelled slice exists"
+        None, description="online pool for simulated fresh scans (Fu-world models without human labels)"
     )
     fresh_n: int = Field(400, ge=10, description="images in the fresh online slice")
     regression_dir: str | None = Field(None, description="dataset whose test split is the regression set; "
@@ -59,7 +61,9 @@ class ReleaseParams(BaseModel):
     fine_tune_epochs: int = Field(3, ge=0)
     accuracy_bar: float = Field(0.01, ge=0, le=1, description="largest accuracy drop vs the float model that ships")
     threshold: float = Field(0.9, ge=0, le=1)
-    negative_class: str | None = "not_fu"
+    negative_class: str | None = Field(
+        "not_fu", description="class low-confidence predictions fall back to, where the model has it (else abstain)"
+    )
     gate: GateConfig = GateConfig()
     reason: str = Field("release flow", min_length=1, description="recorded with the promotion")
     experiment: str = Field("saofu-release", min_length=1)
@@ -80,17 +84,23 @@ class ReleaseResult(BaseModel):
     variants_table: str
     compare_table: str
     fresh_source: str
+    fresh_kind: str = ""
     served_version: str | None = None
 
 
-def _fresh_slice(params: ReleaseParams, candidate: Candidate) -> tuple[TensorSplit, str]:
-    if params.labelled_dir:
-        split = fresh_online_slice(params.labelled_dir, candidate.classes, candidate.image_size, params.fresh_n)
-        if split is not None:
-            return split, f"human labels in {params.labelled_dir}"
-    pool = params.pool_dir or str(get_settings().data_dir / "online_pool")
-    split, info = simulated_fresh_slice(pool, candidate.classes, candidate.image_size, params.fresh_n, params.seed)
-    return split, f"simulated scans ({info['n']} images, ground truth from the simulator) in {pool}"
+def _fresh_slice(params: ReleaseParams, candidate: Candidate) -> FreshSlice:
+    settings = get_settings()
+    val_share, split_seed = training_split_config(candidate.checkpoint)
+    return choose_fresh_slice(
+        candidate.classes, candidate.image_size, params.fresh_n, labelled_dir=params.labelled_dir,
+        data_dir=candidate.data_dir or None, pool_dir=params.pool_dir or str(settings.data_dir / "online_pool"),
+        seed=params.seed, val_share=val_share, split_seed=split_seed, cache_dir=settings.cache_dir,
+    )
+
+
+def _negative_class(params: ReleaseParams, candidate: Candidate) -> str | None:
+    # A dataset without the negative class has no fallback: low-confidence predictions abstain.
+    return params.negative_class if params.negative_class in candidate.classes else None
 
 
 def _gate_metrics(report: dict, version: str | None) -> CandidateMetrics:
@@ -105,19 +115,19 @@ def _gate_metrics(report: dict, version: str | None) -> CandidateMetrics:
 
 @task(name="compress")
 def compress(candidate: Candidate, params: ReleaseParams, fresh: TensorSplit,
-             out_dir: str) -> tuple[list[Variant], Variant | None]:
+             out_dir: str, negative_class: str | None) -> tuple[list[Variant], Variant | None]:
     data = prepare_dataset(candidate.data_dir, candidate.image_size, 0.15, params.seed, get_settings().cache_dir)
     variants = build_variants(candidate, data.train, data.val, out_dir, params.prune_amount, params.fine_tune_epochs,
                               params.seed)
-    measure_variants(variants, fresh, params.threshold, params.negative_class)
+    measure_variants(variants, fresh, params.threshold, negative_class)
     return variants, choose_artefact(variants, params.accuracy_bar)
 
 
 @task(name="evaluate-release")
 def evaluate_release(paths: dict[str, str], sets: dict[str, TensorSplit], params: ReleaseParams,
-                     out_dir: str) -> dict[str, dict]:
+                     out_dir: str, negative_class: str | None) -> dict[str, dict]:
     """`release_report` of each model (label -> ONNX path) on the same sets."""
-    return {label: release_report(path, sets, Path(out_dir) / label, params.threshold, params.negative_class)
+    return {label: release_report(path, sets, Path(out_dir) / label, params.threshold, negative_class)
             for label, path in paths.items()}
 
 
@@ -146,20 +156,27 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = settings.runs_dir / f"release-{stamp}"
     candidate = load_candidate(params.registered_model, params.candidate_version, run_dir / "candidate")
-    fresh, fresh_source = _fresh_slice(params, candidate)
-    print(f"candidate {candidate.name} v{candidate.version} ({candidate.arch}); fresh slice: {len(fresh)} images, "
-          f"{fresh_source}", flush=True)
+    chosen_slice = _fresh_slice(params, candidate)
+    fresh, fresh_source = chosen_slice.split, chosen_slice.source
+    negative_class = _negative_class(params, candidate)
+    log.info("candidate %s v%s (%s), classes %s", candidate.name, candidate.version, candidate.arch,
+             candidate.classes)
+    log.info("fresh slice: %d images, %s (why: %s)", len(fresh), fresh_source, chosen_slice.reason)
+    log.info("under the threshold %s: %s", params.threshold,
+             f"fall back to {negative_class!r}" if negative_class else
+             f"abstain (the model has no negative class {params.negative_class!r})")
     flow_run_id = str(flow_run.get_id() or "")
     lineage = registry.lineage_tags(candidate.data_version, flow_run_id, candidate.version, candidate.arch)
     run_id = tracking.start_run(params.experiment, f"release-{candidate.name}-v{candidate.version}", {
         "candidate_version": candidate.version, "prune_amount": params.prune_amount,
         "fine_tune_epochs": params.fine_tune_epochs, "accuracy_bar": params.accuracy_bar,
         "threshold": params.threshold, "fresh_source": fresh_source, "fresh_n": len(fresh),
+        "fresh_kind": chosen_slice.kind, "negative_class": negative_class or "",
         **{f"gate_{k}": v for k, v in params.gate.model_dump().items()},
-    }, {**lineage, "flow": "release"})
+    }, {**lineage, "flow": "release", "fresh_reason": chosen_slice.reason})
     champion_before = registry.current_champion(candidate.name)
     try:
-        variants, chosen = compress(candidate, params, fresh, str(run_dir / "artefacts"))
+        variants, chosen = compress(candidate, params, fresh, str(run_dir / "artefacts"), negative_class)
         variants_table = format_variants(variants, chosen)
         print(variants_table, flush=True)
         tracking.log_dict(run_id, json.loads(variants_json(variants)), "compression/variants.json")
@@ -170,6 +187,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
                 run_id=run_id, candidate_version=candidate.version, shipped=None, challenger_version=None,
                 champion_before=champion_before, champion_after=champion_before, promoted=False, gate_passed=None,
                 gate_table="", variants_table=variants_table, compare_table="", fresh_source=fresh_source,
+                fresh_kind=chosen_slice.kind,
             )
 
         reference = next(v for v in variants if v.label == "fp32")
@@ -192,7 +210,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
         paths = {f"challenger v{version}": chosen.path}
         if champion_before:
             paths[f"champion v{champion_before}"] = _download_onnx(candidate.name, champion_before, run_dir)
-        reports = evaluate_release(paths, sets, params, str(run_dir / "evaluation"))
+        reports = evaluate_release(paths, sets, params, str(run_dir / "evaluation"), negative_class)
         table = compare_table(reports)
         print(table, flush=True)
         plot = compare_plot(reports, run_dir / "evaluation" / "compare.png")
@@ -229,7 +247,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
         run_id=run_id, candidate_version=candidate.version, shipped=chosen.label, challenger_version=version,
         champion_before=champion_before, champion_after=registry.current_champion(candidate.name),
         promoted=report.passed, gate_passed=report.passed, gate_table=report.table(), variants_table=variants_table,
-        compare_table=table, fresh_source=fresh_source, served_version=served,
+        compare_table=table, fresh_source=fresh_source, fresh_kind=chosen_slice.kind, served_version=served,
     )
 
 
@@ -241,10 +259,8 @@ def _download_onnx(name: str, version: str, run_dir: Path) -> str:
 
 def _candidate_badcases(candidate: Candidate, run_dir: Path) -> str:
     """The candidate training run's badcases.json (written by its evaluation), or "" if it has none."""
-    from mlflow.tracking import MlflowClient
-
     try:
-        return MlflowClient().download_artifacts(candidate.run_id, "evaluation/badcases.json", str(run_dir))
+        return tracking.download_run_artifact(candidate.run_id, "evaluation/badcases.json", run_dir)
     except Exception:
         return ""
 

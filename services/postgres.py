@@ -1,5 +1,8 @@
 """PostgreSQL as a real local service on loopback: the shared Optuna study store of a multi-worker search.
 
+Size: one module on purpose (~630 lines): one server's lifecycle over one state folder. Binaries, cluster,
+OS user and start/stop share the path helpers, `_OsUser` and `_run_as`; tests patch `VERSIONED_BIN_GLOB` here.
+
 A search keeps its study in SQLite by default; several workers writing one study need a server
 (`saofu search --workers N --storage postgresql://...`). `start_postgres` creates a cluster once
 (`initdb`), starts it with `pg_ctl -w` on 127.0.0.1 only and creates the study's role and database;

@@ -1,80 +1,117 @@
 """MLflow at the edge: tracking runs, logging artefacts, registering model versions.
 
-Runs are addressed by id through `MlflowClient`, never through a process-global "active run", so
-Prefect tasks (which may run on other threads) can each add to the same run.
+Every call goes through `client()`, an `MlflowClient` built with the project's store as both its
+tracking and its registry URI (`saofu.settings`: `<SAOFU_HOME>/mlflow/mlflow.db`, or
+MLFLOW_TRACKING_URI). Nothing here reads or sets MLflow's process-global URIs: a fresh process
+(`saofu serve`, a Prefect worker, a test) that never configured MLflow would otherwise write to,
+or look models up in, MLflow's default store, `./mlflow.db` of whatever folder it started in.
+For the same reason the fluent API (`mlflow.start_run`, `mlflow.<flavor>.log_model`) and
+`models:/` URIs, which MLflow resolves through the global registry, are not used.
+
+Runs are addressed by id, never through a process-global "active run", so Prefect tasks (which
+may run on other threads) can each add to the same run.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import onnx
-from mlflow.models import ModelSignature
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
+from saofu.errors import SaofuError
 from saofu.settings import get_settings
 
 DEFAULT_EXPERIMENT = "saofu"
 
 
+def tracking_uri() -> str:
+    """The project's store (or MLFLOW_TRACKING_URI); a SQLite store's folder is created."""
+    uri = get_settings().tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def client() -> MlflowClient:
+    """A client of the project's store, for tracking and registry alike.
+
+    Built per call from the settings (cheap: MLflow caches the store), so a changed SAOFU_HOME
+    is followed and `mlflow.set_tracking_uri` elsewhere in the process changes nothing.
+    """
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def configure_mlflow(experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """Point MLflow at the project's store (or MLFLOW_TRACKING_URI) and ensure the experiment.
+    """Ensure `experiment` exists in the project's store (MLflow's globals are left alone).
 
     Returns:
         The experiment id.
     """
-    settings = get_settings()
-    uri = settings.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
     # A local store gets its artefacts under mlflow/artifacts, not ./mlruns of whatever folder
     # the command happened to start in; a remote server keeps its own default.
-    location = settings.artifact_root if uri.startswith("sqlite:") else None
-    return client.create_experiment(experiment, artifact_location=location)
+    uri = mlflow_client.tracking_uri
+    location = get_settings().artifact_root if uri.startswith("sqlite:") else None
+    return mlflow_client.create_experiment(experiment, artifact_location=location)
 
 
 def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create a run, log its parameters and tags, and return its id (the run stays open)."""
     experiment_id = configure_mlflow(experiment)
-    client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    mlflow_client = client()
+    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags)
     for key, value in params.items():
-        client.log_param(run.info.run_id, key, "" if value is None else value)
+        mlflow_client.log_param(run.info.run_id, key, "" if value is None else value)
     return run.info.run_id
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    client = MlflowClient()
+    mlflow_client = client()
     for key, value in metrics.items():
-        client.log_metric(run_id, key, float(value), step=step or 0)
+        mlflow_client.log_metric(run_id, key, float(value), step=step or 0)
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
-    client = MlflowClient()
+    mlflow_client = client()
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+        mlflow_client.set_tag(run_id, key, value)
 
 
 def log_dict(run_id: str, data: dict, artifact_file: str) -> None:
-    MlflowClient().log_dict(run_id, data, artifact_file)
+    client().log_dict(run_id, data, artifact_file)
 
 
 def log_file(run_id: str, path: str | Path, artifact_dir: str | None = None) -> None:
-    MlflowClient().log_artifact(run_id, str(path), artifact_dir)
+    client().log_artifact(run_id, str(path), artifact_dir)
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient().set_terminated(run_id, status)
+    client().set_terminated(run_id, status)
+
+
+def download_run_artifact(run_id: str, path: str, dst_dir: str | Path) -> str:
+    """Download `path` of run `run_id`'s artefacts from the project's store into `dst_dir`.
+
+    Returns:
+        The local path of the file or folder.
+    """
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    return client().download_artifacts(run_id, path, str(dst_dir))
 
 
 def onnx_signature(image_size: int, num_classes: int) -> ModelSignature:
@@ -90,31 +127,94 @@ def register_onnx(
 ) -> str:
     """Log the ONNX graph as the run's MLflow model and register it as a new version.
 
+    What `mlflow.onnx.log_model(..., registered_model_name=...)` does, through an explicit client:
+    the fluent call resolves the store, the logged model and the registration through MLflow's
+    process-global URIs.
+
     Returns:
         The registered version number (as MLflow's string).
     """
-    configure_mlflow()  # same store as the run; the experiment already exists
-    model = onnx.load(str(onnx_path))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(
-            model,
-            name="model",
-            registered_model_name=registered_model,
-            signature=onnx_signature(image_size, len(classes)),
-            save_as_external_data=False,
-            metadata={"classes": classes, "image_size": image_size},
-        )
-    client = MlflowClient()
-    version = str(info.registered_model_version)
-    for key, value in version_tags.items():
-        client.set_model_version_tag(registered_model, version, key, str(value))
+    mlflow_client = client()
+    run = mlflow_client.get_run(run_id)
+    logged = mlflow_client.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id, params=dict(run.data.params),
+    )
+    mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    metadata = {"classes": classes, "image_size": image_size}
+    try:
+        with tempfile.TemporaryDirectory(prefix="saofu-onnx-") as tmp:
+            local = Path(tmp) / "model"
+            mlflow.onnx.save_model(
+                onnx.load(str(onnx_path)), str(local),
+                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+                                   model_uuid=logged.model_id, metadata=metadata),
+                signature=onnx_signature(image_size, len(classes)), metadata=metadata, save_as_external_data=False,
+            )
+            mlflow_client.log_model_artifacts(logged.model_id, str(local))
+    except Exception:
+        mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    try:
+        mlflow_client.create_registered_model(registered_model)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # The source is the concrete artefact location, not `models:/<model_id>`: MLflow's SQL
+    # registry resolves a `models:/` source through a client of the global store.
+    mv = mlflow_client.create_model_version(
+        registered_model, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+        tags={key: str(value) for key, value in version_tags.items()},
+    )
+    version = str(mv.version)
+    mlflow_client.set_logged_model_tags(
+        logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": registered_model, "version": version}])},
+    )
     return version
 
 
+def model_version_location(mlflow_client: MlflowClient, name: str, version: str) -> str:
+    """The concrete artefact URI (file://, s3://, mlflow-artifacts:/...) of a registered version.
+
+    Raises:
+        SaofuError: the version's source is a `models:/` URI other than a logged model's.
+    """
+    uri = mlflow_client.get_model_version_download_uri(name, version)
+    if not uri.startswith("models:/"):
+        return uri
+    # Registered from `models:/<model_id>` with no storage location resolved: MLflow would look
+    # the logged model up in the global store, so look it up here, in this client's.
+    model_id = uri.removeprefix("models:/").strip("/")
+    if "/" in model_id or "@" in model_id:
+        raise SaofuError(f"{name} version {version}: cannot resolve its source {uri!r} to an artefact location")
+    return mlflow_client.get_logged_model(model_id).artifact_location
+
+
+def download_model_version(name: str, version: str, dst_dir: str | Path | None = None) -> Path:
+    """Download registered version `version` of `name` (its MLflow model folder) from the project's store.
+
+    Args:
+        name: registered model.
+        version: version number.
+        dst_dir: destination folder; None: a local store's folder is used in place, a remote
+            store's is downloaded to a temporary folder.
+
+    Returns:
+        The local model folder (holding MLmodel, model.onnx, ...).
+    """
+    mlflow_client = client()
+    location = model_version_location(mlflow_client, name, version)
+    if dst_dir is not None:
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=location, dst_path=str(dst_dir) if dst_dir is not None else None,
+        tracking_uri=mlflow_client.tracking_uri, registry_uri=mlflow_client.tracking_uri,
+    ))
+
+
 def mlflow_ui_hint() -> str:
-    """The command that opens the UI on the store this process uses."""
-    settings = get_settings()
-    uri = settings.tracking_uri
+    """The command that opens the UI on the project's store."""
+    uri = get_settings().tracking_uri
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri} --port 5000"
     return f"open {uri}"

@@ -7,8 +7,12 @@ Any image-classification dataset in ImageFolder layout goes through here, not on
 
 Decoding PNG/JPEG is the slow part of training small models on a CPU, so images are decoded once,
 resized to the model's input size, and cached as one tensor file keyed by the dataset's
-fingerprint (file names, sizes and modification times). Later epochs, runs and benchmark
-entries read tensors.
+fingerprint (file names relative to the dataset root, sizes and modification times). Later
+epochs, runs and benchmark entries read tensors.
+
+The key does not depend on where the dataset lies, so a dataset moved or extracted again elsewhere
+(same files, same times) reuses its entry: the entry therefore stores image paths relative to the
+dataset root, and a hit rebuilds them from the root being loaded, never from the first copy's.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,9 @@ from PIL import Image, UnidentifiedImageError
 
 from saofu.errors import SaofuError
 
+# Bumped when what a cache file holds changes, so entries in an older format are never read
+# (format 1 stored absolute image paths: those of whichever copy was decoded first).
+CACHE_FORMAT = 2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 
@@ -176,9 +183,9 @@ def prepare_dataset(
     if not 0.0 < val_share < 1.0:
         raise SaofuError(f"val_share must be between 0 and 1, got {val_share}")
     fingerprint = fingerprint_dataset(root, image_size, val_share, seed)
-    cache_file = Path(cache_dir) / f"{fingerprint}.pt" if cache_dir else None
+    cache_file = Path(cache_dir) / f"{fingerprint}.v{CACHE_FORMAT}.pt" if cache_dir else None
     if cache_file and cache_file.exists():
-        return torch.load(cache_file, weights_only=False)
+        return _rebase(torch.load(cache_file, weights_only=False), root)
 
     layout = dataset_layout(root)
     train_index = scan_imagefolder(layout["train"])
@@ -197,9 +204,27 @@ def prepare_dataset(
         # Write to a private name, then rename (atomic): a killed run never leaves half a cache
         # file, and two runs preparing the same data at once don't trip over each other.
         tmp = cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        torch.save(prepared, tmp)
+        torch.save(_relative_to(prepared, root), tmp)
         tmp.replace(cache_file)
     return prepared
+
+
+def _map_paths(prepared: PreparedData, source: str, fn) -> PreparedData:
+    def split(s: TensorSplit | None) -> TensorSplit | None:
+        return None if s is None else replace(s, paths=[fn(p) for p in s.paths])
+
+    return replace(prepared, train=split(prepared.train), val=split(prepared.val), test=split(prepared.test),
+                   source=source)
+
+
+def _relative_to(prepared: PreparedData, root: Path) -> PreparedData:
+    """What a cache entry holds: image paths relative to the dataset root (POSIX), no source."""
+    return _map_paths(prepared, "", lambda p: Path(p).relative_to(root).as_posix())
+
+
+def _rebase(cached: PreparedData, root: Path) -> PreparedData:
+    """A cache entry's splits with paths under `root`, the copy being loaded now."""
+    return _map_paths(cached, str(root.resolve()), lambda p: str(root / p))
 
 
 def iterate_batches(

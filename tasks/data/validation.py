@@ -1,5 +1,8 @@
 """Great Expectations suite over a dataset: its manifest plus what each image file really holds.
 
+Size: one module on purpose (~620 lines): the frames' columns, the checks that read them and the messages that
+quote them change together; split, each part would import the others' private helpers.
+
 A dataset folder is an ImageFolder tree (`<split>/<label>/<file>`) with `manifest.csv` beside it
 (see `tasks.data.manifest`). Before a dataset becomes a data version, `validate_dataset` reads every
 file the manifest names (exists? bytes match the recorded sha256? decodes? size? mode?) into one

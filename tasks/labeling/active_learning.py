@@ -11,11 +11,7 @@ confidence (the campaign's "dual ASR engine" selection strategy).
 Evaluation badcases (the images the latest model got wrong) go to Label Studio as well, tagged
 `badcase`, so a later evaluation can tell which of them were fixed (`compare_badcases`).
 
-State. The pool only grows (`tasks.data.stream.write_scans` appends to `index.jsonl`), so which images
-were already handled is kept beside it in `pool_dir/.al_state.json`:
-
-    {"format": 1, "auto": [sha256, ...], "human": [sha256, ...], "badcases": [sha256, ...]}
-
+State. Which pool images were already handled is kept beside the pool (`tasks.labeling.pool`).
 An image is recorded only after its auto-label was written or its task imported, so a run that
 fails half-way is retried; images held back by `max_tasks` stay unrecorded and come back next run.
 
@@ -28,37 +24,30 @@ for `flows/active_learning.py`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from filelock import FileLock, Timeout
 from PIL import Image, UnidentifiedImageError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saofu.errors import SaofuError
 from tasks.data.manifest import add_images
-from tasks.data.stream import INDEX_NAME
 from tasks.labeling.client import LabelingItem, PredictionSpec
+from tasks.labeling.pool import PoolImage, load_state, pool_images, pool_lock, save_state
 from tasks.labeling.tta import tta_probabilities_nhwc
 from tasks.release.badcases import read_badcases
 from tasks.release.evaluation import onnx_classes, session, softmax
 from tasks.train.export import INPUT_NAME, OUTPUT_NAME, read_metadata
 
-STATE_NAME = ".al_state.json"
-STATE_FORMAT = 1
-LOCK_NAME = ".al_state.lock"
-LOCK_WAIT_S = 600.0  # a scheduled run waits this long for a running one to finish
 POOL_SOURCE = "online_pool"
 BADCASE_SOURCE = "evaluation"
 CHAMPION_ALIAS = "champion"
@@ -175,150 +164,6 @@ def select_batch(
     return auto, labels, reasons
 
 
-# ------------------------------------------------------------------------------------ pool state
-
-
-@dataclass
-class PoolImage:
-    """A pool image awaiting a label. The simulator's `truth` is deliberately not carried."""
-
-    sha256: str
-    path: Path
-    timestamp: datetime
-    phase: str = ""
-
-
-@dataclass
-class PoolState:
-    """The sha256s already handled by active learning (see the module docstring)."""
-
-    auto: set[str] = field(default_factory=set)
-    human: set[str] = field(default_factory=set)
-    badcases: set[str] = field(default_factory=set)
-
-    @property
-    def processed(self) -> set[str]:
-        return self.auto | self.human
-
-
-def state_path(pool_dir: str | Path) -> Path:
-    return Path(pool_dir) / STATE_NAME
-
-
-def load_state(pool_dir: str | Path) -> PoolState:
-    """The pool's active-learning state (empty when none was written yet)."""
-    path = state_path(pool_dir)
-    if not path.exists():
-        return PoolState()
-    try:
-        raw = json.loads(path.read_text())
-        return PoolState(set(raw.get("auto", [])), set(raw.get("human", [])), set(raw.get("badcases", [])))
-    except (json.JSONDecodeError, AttributeError, TypeError) as exc:
-        raise SaofuError(
-            f"unreadable active-learning state {path}: {exc}. Delete it to reprocess the whole pool."
-        ) from None
-
-
-def save_state(pool_dir: str | Path, state: PoolState) -> Path:
-    """Write the state atomically: a killed run leaves the old file or the new one, never half."""
-    path = state_path(pool_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {
-        "format": STATE_FORMAT,
-        "updated_at": datetime.now(UTC).isoformat(),
-        "auto": sorted(state.auto),
-        "human": sorted(state.human),
-        "badcases": sorted(state.badcases),
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=0))
-    os.replace(tmp, path)
-    return path
-
-
-@contextmanager
-def pool_lock(pool_dir: str | Path, wait_s: float | None = None) -> Iterator[None]:
-    """Hold the pool's active-learning lock: one run at a time reads and writes its state file.
-
-    Two runs on one pool (a scheduled one and a click in the UI) would otherwise both read the
-    same state, both send the same images to labelers, and the last writer would drop the other's
-    record. The lock is an OS file lock (`filelock`), released when its holder exits or dies.
-
-    Raises:
-        SaofuError: another run still holds it after `wait_s` seconds (default `LOCK_WAIT_S`).
-    """
-    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
-    path = Path(pool_dir) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=wait_s)
-    except Timeout:
-        raise SaofuError(f"another active-learning run holds {path} (waited {wait_s:g} s); "
-                         "try again when it has finished") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _utc(when: datetime | str) -> datetime:
-    """Timestamps compare in UTC; naive ones (the stream simulator's) are taken as UTC."""
-    if isinstance(when, str):
-        when = datetime.fromisoformat(when.replace("Z", "+00:00"))
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
-def _index_lines(index: Path) -> Iterable[dict[str, Any]]:
-    lines = index.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                return  # the stream is appending this very line; the next run will see it whole
-            raise SaofuError(f"corrupt line {number} in the pool index {index}") from None
-
-
-def pool_images(
-    pool_dir: str | Path, since: datetime | str | None = None, state: PoolState | None = None
-) -> list[PoolImage]:
-    """The pool's images that active learning has not handled yet, oldest first.
-
-    Reads `pool_dir/index.jsonl` (written by `tasks.data.stream.write_scans` or the serving app) and
-    leaves out images recorded in the state file. The index's `truth` field, which only the
-    simulator knows, is never read.
-
-    Args:
-        pool_dir: the online pool's folder.
-        since: only images that arrived strictly after this time (naive times are UTC).
-        state: the state to filter by; default the pool's own state file.
-
-    Returns:
-        One PoolImage per new image (an image logged twice appears once).
-    """
-    pool = Path(pool_dir)
-    index = pool / INDEX_NAME
-    if not index.is_file():
-        raise SaofuError(f"no online pool index at {index}: is {pool} the pool folder?")
-    done = (state or load_state(pool)).processed
-    since_t = _utc(since) if since is not None else None
-    seen: set[str] = set()
-    images: list[PoolImage] = []
-    for entry in _index_lines(index):
-        sha = entry["sha256"]
-        if sha in done or sha in seen:
-            continue
-        stamp = _utc(entry["timestamp"])
-        if since_t is not None and stamp <= since_t:
-            continue
-        seen.add(sha)
-        images.append(PoolImage(sha, (pool / entry["path"]).resolve(), stamp, entry.get("phase", "")))
-    return images
-
-
 # ----------------------------------------------------------------------------------- prediction
 
 
@@ -417,9 +262,10 @@ def parse_model_spec(spec: str | None, default_name: str) -> tuple[str, str | No
 def _registry_version(name: str, alias: str | None, version: str | None) -> str:
     """The version number an alias (or "latest") points at now, with a fixable error if none."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    from tasks.tracking import client as mlflow_client
+
+    client = mlflow_client()
     if version is not None:
         return version
     if alias is not None:
@@ -428,7 +274,8 @@ def _registry_version(name: str, alias: str | None, version: str | None) -> str:
         except MlflowException:
             raise SaofuError(
                 f"registered model {name!r} has no alias {alias!r} (or no such model): set it with "
-                f"`mlflow.MlflowClient().set_registered_model_alias({name!r}, {alias!r}, VERSION)` "
+                f"`mlflow.MlflowClient({client.tracking_uri!r}, registry_uri={client.tracking_uri!r})"
+                f".set_registered_model_alias({name!r}, {alias!r}, VERSION)` "
                 "or promote a version through the release flow"
             ) from None
     versions = client.search_model_versions(f"name = '{name}'")
@@ -438,11 +285,9 @@ def _registry_version(name: str, alias: str | None, version: str | None) -> str:
 
 
 def _download(name: str, version: str, alias: str | None, dst: Path | None) -> ModelRef:
-    import mlflow
+    from tasks.tracking import download_model_version
 
-    local = Path(mlflow.artifacts.download_artifacts(
-        f"models:/{name}/{version}", dst_path=str(dst / f"{name}-v{version}") if dst else None
-    ))
+    local = download_model_version(name, version, dst / f"{name}-v{version}" if dst else None)
     onnx_file = local / "model.onnx" if local.is_dir() else local
     if not onnx_file.is_file():
         raise SaofuError(f"registered model {name} version {version} holds no model.onnx (got {local})")
@@ -493,9 +338,6 @@ def resolve_models(
         SaofuError: an alias or model is missing, both are the same version, the class sets differ,
             or (strict) the architectures are the same.
     """
-    from tasks.tracking import configure_mlflow
-
-    configure_mlflow()
     dst = Path(dst_dir) if dst_dir else None
     a_version = _registry_version(name, champion_alias, None)
     b_name, b_alias, b_version = parse_model_spec(second, name)

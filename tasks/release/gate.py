@@ -13,6 +13,11 @@ phone's numbers. The gate passes only when every check passes:
 
 With no champion (the first deployment) the comparisons pass with a note; targets and budgets
 still apply. Each check stands alone, so the report says exactly what held a challenger back.
+
+The gate knows no class by name: the checks are over whatever classes the dataset has. A negative
+class (`not_fu` in the Fu world) matters only upstream, in the decisions the recalls are counted
+from (`tasks.release.evaluation.decide`), and only for a model that has it; otherwise
+low-confidence predictions abstain and count as wrong.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, Field
 
 from saofu.errors import SaofuError
-from tasks.tracking import configure_mlflow
+from tasks import tracking
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -83,8 +83,7 @@ def lineage_tags(data_version: str | None, prefect_flow_run_id: str | None, pare
 
 
 def _client() -> MlflowClient:
-    configure_mlflow()  # the project's store (or MLFLOW_TRACKING_URI), registry included
-    return MlflowClient()
+    return tracking.client()  # the project's store (or MLFLOW_TRACKING_URI), registry included
 
 
 def _not_found(error: MlflowException) -> bool:

@@ -13,11 +13,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
-
 from models import count_flops, count_params
 from models.recognizer import Recognizer
 from saofu.errors import SaofuError
+from tasks import tracking
 from tasks.data.loading import TensorSplit
 from tasks.release.evaluation import evaluate_onnx, measure_latency
 from tasks.release.quantize import quantize_int8
@@ -44,7 +43,7 @@ class Candidate:
 
 def latest_float_version(name: str) -> str:
     """The newest version of `name` that a training run registered (not a release artefact)."""
-    client = MlflowClient()
+    client = tracking.client()
     versions = [v for v in client.search_model_versions(f"name = '{name}'") if ARTEFACT_TAG not in (v.tags or {})]
     if not versions:
         raise SaofuError(f"registered model {name!r} has no trained version to release: run `saofu train` first")
@@ -57,7 +56,7 @@ def load_candidate(name: str, version: str | None, dst_dir: str | Path) -> Candi
     Raises:
         SaofuError: unknown version, a release artefact given as candidate, or a run without checkpoint.
     """
-    client = MlflowClient()
+    client = tracking.client()
     version = version or latest_float_version(name)
     try:
         mv = client.get_model_version(name, version)

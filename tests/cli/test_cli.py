@@ -144,6 +144,16 @@ def test_rollback_of_an_unknown_model_is_one_clear_line(tmp_path):
 
 
 def test_serve_of_an_unregistered_model_fails_before_opening_the_port(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    no_store = run(["serve", "--port", "0", "--model", "no-such-model"], tmp_path, timeout=120)
+    assert no_store.returncode == 2, no_store.stderr
+    last = no_store.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no MLflow store at ") and "Traceback" not in no_store.stderr
+    assert "Uvicorn running" not in no_store.stderr
+
+    (tmp_path / "mlflow").mkdir()
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}").search_registered_models()
     out = run(["serve", "--port", "0", "--model", "no-such-model"], tmp_path, timeout=120)
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
@@ -166,3 +176,24 @@ def test_bench_search_seeds_sums_up_the_committed_draws_and_names_a_wrong_file(t
     assert bad.returncode != 0
     assert "labeling.json is not a `saofu bench search` result" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "q.json").exists()
+
+
+def test_demo_ends_by_naming_the_next_commands(saofu_home, monkeypatch, capsys):
+    """The demo registers a version but no champion: it tells a new user how to get one served."""
+    from types import SimpleNamespace
+
+    import saofu.cli.train as train_cli
+
+    summary = {"run_id": "r1", "registered_model": "fu-recognizer", "version": "1", "val_accuracy": 0.9,
+               "test_accuracy_at_threshold": 0.8, "eval_split": "test", "params": 9000, "mflops": 1.5,
+               "latency_p50_ms": 0.2, "onnx_path": "model.onnx", "tracking_uri": "sqlite:///mlflow.db"}
+    result = SimpleNamespace(**summary, model_dump=lambda: summary)
+    monkeypatch.setattr(train_cli, "run_flow", lambda flow, params: result)
+
+    train_cli.demo(n=60, epochs=1, as_json=False)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("next: saofu release ") and "the first release becomes the champion" in lines[-2]
+    assert lines[-1] == "then: saofu serve --port 8080"
+
+    train_cli.demo(n=60, epochs=1, as_json=True)
+    assert json.loads(capsys.readouterr().out) == summary  # --json: the summary alone

@@ -1,4 +1,4 @@
-"""Tests of the Fu-world generator and the font split (tasks/data/fu_world.py, tasks/data/fonts.py).
+"""Tests of the Fu-world generator and the font split (tasks/data/fu_world/, tasks/data/fonts.py).
 
 They draw with the operating system's CJK fonts and skip when none are installed.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,36 @@ def test_scan_ignores_hidden_folders_and_non_images(shapes_dir, tmp_path):
     index = scan_imagefolder(root)
     assert index.classes == ["circle", "square", "triangle"]
     assert len(index.samples) == 9
+
+
+def test_a_moved_dataset_reuses_the_cache_but_reads_its_own_paths(saofu_home, tmp_path, monkeypatch):
+    """Re-extracted elsewhere (same files, same times): the same cache entry, paths under the new root."""
+    from saofu.settings import get_settings
+    from tasks.data import loading
+
+    cache = get_settings().cache_dir
+    first_root = make_shapes_dataset(tmp_path / "first", n_per_class=5)
+    for split in ("train", "test"):  # the split layout too: paths keep their split folder
+        make_shapes_dataset(tmp_path / "split" / split, n_per_class=4, seed=len(split))
+    firsts = {root: prepare_dataset(root, 32, cache_dir=cache) for root in (first_root, tmp_path / "split")}
+    moved = {}
+    for root in firsts:
+        moved[root] = tmp_path / "moved" / root.name
+        shutil.copytree(root, moved[root])  # copy2 keeps modification times: the same fingerprint
+        shutil.rmtree(root)
+
+    def no_decoding(*_args, **_kwargs):
+        raise AssertionError("the moved dataset was decoded again instead of read from the cache")
+
+    monkeypatch.setattr(loading, "_decode", no_decoding)
+    for root, first in firsts.items():
+        data = prepare_dataset(moved[root], 32, cache_dir=cache)
+        assert data.fingerprint == first.fingerprint and data.source == str(moved[root].resolve())
+        splits = [data.train, data.val] + ([data.test] if data.test is not None else [])
+        paths = [p for split in splits for p in split.paths]
+        assert len(paths) == len(first.train) + len(first.val) + (len(first.test) if first.test else 0)
+        assert all(Path(p).is_file() and Path(p).is_relative_to(moved[root]) for p in paths)
+        assert [Path(p).relative_to(moved[root]) for p in data.train.paths] == \
+               [Path(p).relative_to(root) for p in first.train.paths]
+        assert torch.equal(data.train.images, first.train.images)
+    assert len(list(cache.glob("*.pt"))) == 2  # one entry per dataset, shared by both copies

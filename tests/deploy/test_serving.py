@@ -394,7 +394,7 @@ def test_pool_log_is_bounded_and_evicts_the_oldest(tmp_path, images):
 
 @pytest.mark.slow
 def test_served_requests_feed_the_online_pool_that_active_learning_reads(store, images, tmp_path):
-    from tasks.labeling.active_learning import pool_images
+    from tasks.labeling.pool import pool_images
 
     set_aliases(store, champion=GOOD)
     pool = tmp_path / "pool"

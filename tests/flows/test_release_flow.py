@@ -49,3 +49,45 @@ def test_release_ships_int8_gates_against_the_champion_and_rolls_back(prefect_ap
     assert registry.current_champion("fu-rel") == second.challenger_version
     record = registry.rollback("fu-rel", reason="test")
     assert record.version == first.challenger_version == registry.current_champion("fu-rel")
+
+
+@pytest.mark.slow
+def test_a_dataset_outside_the_fu_world_goes_through_release_and_serving(prefect_api, saofu_home, shapes_dir,
+                                                                          tmp_path):
+    """Shapes (no not_fu, no simulator): fresh slice = its own held-out split, then a named plain ImageFolder."""
+    from deploy.model_source import ModelSource
+    from tests.conftest import SHAPES, make_shapes_dataset
+
+    trained = train_flow(TrainFlowParams(data_dir=str(shapes_dir), image_size=32, model="saofu_fu_tiny", epochs=4,
+                                         registered_model="shapes-rel", experiment="t"))
+    common = dict(registered_model="shapes-rel", fresh_n=200, fine_tune_epochs=1, gate={"max_latency_ms": 50.0})
+
+    first = release_flow(ReleaseParams(**common))
+    assert first.fresh_kind == "held-out" and "held-out val split" in first.fresh_source
+    assert first.gate_passed and first.promoted and "size_bytes" in first.gate_table
+    assert registry.current_champion("shapes-rel") == first.challenger_version
+    client = MlflowClient(tracking_uri=trained.tracking_uri, registry_uri=trained.tracking_uri)
+    run = client.get_run(first.run_id)
+    assert run.data.params["negative_class"] == "" and "not a Fu-world model" in run.data.tags["fresh_reason"]
+
+    champion = ModelSource("shapes-rel", challenger_alias=None).load().champion  # what the serving app loads
+    assert champion.classes == SHAPES and champion.version == first.challenger_version
+    pixels = _pixels(shapes_dir / "circle" / "0000.png")
+    assert champion.probabilities(pixels).shape == (1, 3)
+
+    # A plain ImageFolder (no manifest) named as the fresh slice: judged against the champion on it.
+    mine = make_shapes_dataset(tmp_path / "mine", n_per_class=6, seed=7)
+    second = release_flow(ReleaseParams(**common, labelled_dir=str(mine)))
+    assert second.fresh_kind == "named-folder" and str(mine) in second.fresh_source
+    assert "recall[circle]" in second.gate_table and second.gate_passed is not None
+    assert second.promoted and second.champion_before == first.challenger_version
+    assert registry.current_champion("shapes-rel") == second.challenger_version
+    assert client.get_run(second.run_id).data.params["fresh_n"] == "18"
+
+
+def _pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((32, 32)), dtype=np.uint8)[None]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -12,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import TrainFlowParams, train_flow
+from tasks import tracking
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,8 @@ def test_train_flow_registers_a_model_version(prefect_api, saofu_home, shapes_di
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"checkpoint", "onnx", "evaluation", "history.csv", "model_card.json"} <= artifacts
 
-    # The registered model is the ONNX graph itself, loadable by URI and runnable on raw pixels.
-    mlflow.set_tracking_uri(result.tracking_uri)
-    local = mlflow.artifacts.download_artifacts(f"models:/shapes-recognizer/{result.version}")
+    # The registered model is the ONNX graph itself, loadable from the store and runnable on raw pixels.
+    local = tracking.download_model_version("shapes-recognizer", result.version)
     sess = ort.InferenceSession(f"{local}/model.onnx", providers=["CPUExecutionProvider"])
     logits = sess.run(None, {"pixels": np.zeros((2, 32, 32, 3), np.uint8)})[0]
     assert logits.shape == (2, 3)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.active_learning import ActiveLearningParams, active_learning_flow
 from tasks import tracking
 from tasks.data.manifest import read_manifest
 from tasks.data.stream import simulate_scans, write_scans
-from tasks.labeling.active_learning import model_ref, pool_images
+from tasks.labeling.active_learning import model_ref
 from tasks.labeling.client import ensure_project, list_tasks
+from tasks.labeling.pool import pool_images
 from tasks.train.export import export_onnx
 from tests.labeling.test_active_learning import CASES, CLASSES, START, _decoded, _gap, _steered_model
 
@@ -45,7 +45,7 @@ def test_disagreements_become_label_studio_tasks_with_both_predictions(
         ref = model_ref(path, "fu", str(which + 1))
         tracking.register_onnx(tracking.start_run("test-al", "register", {}, {}), ref.onnx_path, "fu", 32,
                                CLASSES, {})
-    registry = MlflowClient()
+    registry = tracking.client()
     registry.set_registered_model_alias("fu", "champion", "1")
     registry.set_registered_model_alias("fu", "second", "2")
 

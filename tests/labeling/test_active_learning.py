@@ -28,10 +28,8 @@ from tasks.labeling.active_learning import (
     BOTH_LOW,
     DISAGREE,
     Prediction,
-    load_state,
     model_ref,
     parse_model_spec,
-    pool_images,
     predict_pool,
     resolve_models,
     route,
@@ -40,6 +38,7 @@ from tasks.labeling.active_learning import (
     send_badcases,
 )
 from tasks.labeling.client import task_payload
+from tasks.labeling.pool import load_state, pool_images
 from tasks.release.badcases import BadCase, compare_badcases, find_badcases, read_badcases, write_badcases
 from tasks.train.export import export_onnx
 
@@ -358,16 +357,16 @@ def test_a_second_run_on_the_same_pool_waits_for_the_first_and_then_gives_up_cle
     import subprocess
     import sys
 
-    import tasks.labeling.active_learning as al
+    import tasks.labeling.pool as pool_module
 
     holder = subprocess.Popen(  # another process (a scheduled run) holds the pool's lock
         [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
-         "l.acquire(); print('held', flush=True); time.sleep(60)", str(pool / al.LOCK_NAME)],
+         "l.acquire(); print('held', flush=True); time.sleep(60)", str(pool / pool_module.LOCK_NAME)],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr(al, "LOCK_WAIT_S", 0.3)
+        monkeypatch.setattr(pool_module, "LOCK_WAIT_S", 0.3)
         with pytest.raises(SaofuError, match="another active-learning run holds .*al_state.lock"):
             route(pool, tmp_path / "ds", *models, RecordingSink(), threshold=0.9)
         assert not (tmp_path / "ds").exists() and load_state(pool).processed == set()  # nothing was done
@@ -450,7 +449,6 @@ def test_second_model_specs(spec, expected):
 
 
 def test_resolve_models_downloads_champion_and_second_and_names_a_missing_alias(saofu_home, models):
-    from mlflow.tracking import MlflowClient
 
     from tasks import tracking
 
@@ -460,7 +458,7 @@ def test_resolve_models_downloads_champion_and_second_and_names_a_missing_alias(
         tracking.register_onnx(run_id, ref.onnx_path, name, 32, CLASSES, {})
     with pytest.raises(SaofuError, match="no alias 'champion'.*set_registered_model_alias"):
         resolve_models("fu")
-    client = MlflowClient()
+    client = tracking.client()
     client.set_registered_model_alias("fu", "champion", "1")
     with pytest.raises(SaofuError, match="no alias 'second'"):
         resolve_models("fu")
@@ -496,7 +494,6 @@ def prefect_api():
 def test_the_flow_routes_the_pool_sends_badcases_and_logs_the_counts(
     prefect_api, saofu_home, models, pool, tmp_path, monkeypatch
 ):
-    from mlflow.tracking import MlflowClient
 
     import flows.active_learning as al_flow
     from tasks import tracking
@@ -504,7 +501,7 @@ def test_the_flow_routes_the_pool_sends_badcases_and_logs_the_counts(
     champ, second = models
     for ref in models:
         tracking.register_onnx(tracking.start_run("test-al", "register", {}, {}), ref.onnx_path, "fu", 32, CLASSES, {})
-    client = MlflowClient()
+    client = tracking.client()
     client.set_registered_model_alias("fu", "champion", "1")
     client.set_registered_model_alias("fu", "second", "2")
     sinks: list[RecordingSink] = []

@@ -116,3 +116,14 @@ def test_metrics_become_version_tags():
     tags = challenger().to_tags()
     assert tags["metric.accuracy"] == "0.96" and tags["metric.recall.fu_new"] == "0.92"
     assert tags["metric.size_bytes"] == "62000" and tags["metric.n_images"] == "400"
+
+
+def test_any_class_set_is_gated_without_a_negative_class():
+    """A dataset outside the Fu world: checks are named after its own classes, nothing assumes not_fu."""
+    shapes = {"circle": 0.9, "square": 0.88, "triangle": 0.93}
+    held = CandidateMetrics(accuracy=0.9, per_class_recall=shapes, latency_p50_ms=0.3, latency_p95_ms=0.4,
+                            size_bytes=40_000, version="1")
+    worse = held.model_copy(update={"per_class_recall": {**shapes, "square": 0.8}, "version": "2"})
+    report = evaluate_gate(worse, held, GateConfig(max_latency_ms=1.0, max_size_bytes=100_000))
+    assert [c.name for c in report.checks][:4] == ["accuracy", "recall[circle]", "recall[square]", "recall[triangle]"]
+    assert failed_names(report) == ["recall[square]"] and "not_fu" not in report.table()

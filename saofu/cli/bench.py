@@ -1,0 +1,115 @@
+"""`saofu bench ...`: benchmarks that print tables side by side with their peers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from saofu.cli.common import JsonOpt, emit, progress_to_stderr
+from saofu.errors import SaofuError
+from tasks.data.fu_world import WorldConfig
+from tasks.train.config import TrainConfig
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks (tables side by side with their peers).")
+
+
+@app.command("models")
+def bench_models(
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Training budget, the same for every model."),
+    data: Path | None = typer.Option(None, "--data", help="Use this ImageFolder dataset instead."),
+    out: Path = typer.Option(Path("bench/results/models.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """saofu's default architecture vs torchvision baselines, same data, same budget."""
+    from bench.models import run_models_bench
+
+    with progress_to_stderr(as_json):
+        result = run_models_bench(n=n, epochs=epochs, data_dir=data, out=out)
+    emit(result["summary"], as_json, result["table"])
+
+
+@app.command("labeling")
+def bench_labeling(
+    n_seed: int = typer.Option(1200, "--n-seed", help="Labelled seed set the two models train on."),
+    n_pool: int = typer.Option(2400, "--n-pool", help="Unlabelled pool (with known truth) to label."),
+    epochs: int = typer.Option(14, "--epochs"),
+    model_a: str = typer.Option("saofu_fu", "--model-a", help="The champion: its top class is the auto-label."),
+    model_b: str = typer.Option("mobilenet_v2_035", "--model-b", help="The second model, another architecture."),
+    thresholds: list[float] = typer.Option([0.8, 0.9, 0.95, 0.98], "--threshold", help="Repeat for several."),
+    sweep: bool = typer.Option(
+        False, "--sweep", help="Retrain every strategy at every threshold: human labels needed within 1 point."
+    ),
+    retrain: bool = typer.Option(
+        True, "--retrain/--no-retrain", help="Retrain on the auto-labels against a human-labelled reference."
+    ),
+    out: Path = typer.Option(Path("bench/results/labeling.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """Dual-model agreement (plain and with TTA) vs single-model confidence vs random, per threshold."""
+    from bench.labeling import run_labeling_bench
+    from models import list_models
+
+    for name in (model_a, model_b):
+        if name not in list_models():
+            raise SaofuError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    with progress_to_stderr(as_json):
+        result = run_labeling_bench(n_seed=n_seed, n_pool=n_pool, epochs=epochs, out=out, thresholds=thresholds,
+                                    model_a=model_a, model_b=model_b, sweep=sweep,
+                                    **({} if retrain or sweep else {"retrain": ()}))
+    emit(result["summary"], as_json, result["table"])
+
+
+@app.command("search")
+def bench_search(
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
+    budget_min: float = typer.Option(12.0, "--budget-min", help="Wall-clock budget of each of the three studies."),
+    trial_epochs: int = typer.Option(9, "--trial-epochs", help="Epochs of an unpruned trial (9: rungs 1, 3, 9)."),
+    final_epochs: int = typer.Option(TrainConfig.epochs, "--final-epochs", help="Epochs of the final comparison."),
+    seed: int = typer.Option(0, "--seed", help="Worlds' and samplers' seed: another seed is another draw."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines",
+                                   help="Train the torchvision baselines too (the size comparison)."),
+    out: Path = typer.Option(Path("bench/results/search.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """Hyperband vs no pruning vs random at equal compute; the searched model vs the baselines."""
+    from bench.models import BENCH_MODELS
+    from bench.search import run_search_bench
+
+    with progress_to_stderr(as_json):
+        result = run_search_bench(n=n, budget_min=budget_min, trial_epochs=trial_epochs, final_epochs=final_epochs,
+                                  seed=seed, out=out, baselines=BENCH_MODELS if baselines else ())
+    emit(result["summary"], as_json, result["table"])
+
+
+@app.command("search-seeds")
+def bench_search_seeds(
+    results: list[Path] = typer.Argument(..., help="JSON files of `saofu bench search` runs, one seed each."),
+    out: Path = typer.Option(Path("bench/results/search_pruning.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """The pruning comparison of several `bench search` draws side by side (median share, plot)."""
+    from bench.search_seeds import run_search_seeds
+
+    result = run_search_seeds(results, out)
+    emit(result["summary"], as_json, result["table"])
+
+
+@app.command("release")
+def bench_release(
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Training epochs of the float model."),
+    fresh_n: int = typer.Option(1000, "--fresh-n", help="Images in the simulated fresh online slice."),
+    serving: bool = typer.Option(True, "--serving/--no-serving", help="Also the app vs `mlflow models serve`."),
+    seconds: float = typer.Option(10.0, "--seconds", help="Measured seconds per serving point."),
+    out: Path = typer.Option(Path("bench/results/release.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """FP32 vs INT8 vs pruned+INT8; the serving app vs `mlflow models serve` at 1 and 16 clients."""
+    from bench.release import run_release_bench
+
+    with progress_to_stderr(as_json):
+        result = run_release_bench(n=n, epochs=epochs, fresh_n=fresh_n, out=out, serving=serving,
+                                   serving_seconds=seconds)
+    emit(result["summary"], as_json, result["table"])

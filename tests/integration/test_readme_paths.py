@@ -1,0 +1,154 @@
+"""A new user's path, exactly as the README tells it, on a fresh copy of the project.
+
+The commands run as subprocesses of the installed `saofu` (the project's `.venv/bin` first on
+PATH, which is what the README's `. .venv/bin/activate` does), with the project folder as the
+working directory and none of saofu's, MLflow's, Prefect's or Label Studio's environment
+variables: only what the README tells a user to set (nothing, for these paths).
+
+The project is a copy of the checkout's files (tracked and untracked-but-not-ignored, mtimes
+kept) beside a link to the checkout's `.venv`, so `make demo` finds its set-up done and runs
+`saofu demo`; nothing the commands write lands in the developer's checkout.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import SHAPES, make_shapes_dataset
+from tests.serving_process import free_port, serving
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = REPO / ".venv"
+# Variables a user of the README never sets: the test must not lean on any of them.
+_FOREIGN_PREFIXES = ("SAOFU_", "MLFLOW_", "PREFECT_", "LABEL_STUDIO_", "PYTHONPATH", "VIRTUAL_ENV")
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _user_env() -> dict[str, str]:
+    """The environment of a user who ran `. .venv/bin/activate` in a fresh shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_PREFIXES)}
+    env["VIRTUAL_ENV"] = str(VENV)
+    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _copy_project(dst: Path) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True, timeout=60,
+    ).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if not src.is_file():  # deleted in the work tree, not yet committed
+            continue
+        target = dst / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)  # keeps mtimes: make sees the set-up as done
+    (dst / ".venv").symlink_to(VENV, target_is_directory=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    if not (VENV / "bin" / "saofu").exists():
+        pytest.fail(f"{VENV} has no saofu: run `make install` (or `make test`) first")
+    project = _copy_project(tmp_path_factory.mktemp("fresh") / "saofu")
+    # `make demo` must not re-run the set-up here: it would point the shared editable install at this copy.
+    stale = subprocess.run(["make", "-q", "install"], cwd=project, env=_user_env(), timeout=60)
+    if stale.returncode != 0:
+        pytest.fail("the checkout's .venv is older than pyproject.toml/constraints.txt: run `make install` first")
+    return project
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=_user_env(), capture_output=True, text=True, timeout=timeout)
+    said = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{said}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result
+
+
+@contextmanager
+def _serve(project: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    port = free_port()
+    with serving(["saofu", "serve", "--port", str(port), *args], cwd=project, env=_user_env(), port=port) as served:
+        yield served
+
+
+def _loaded_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def _png(path: Path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(1800)
+def test_demo_release_serve_as_the_readme_says(project):
+    """`make demo` → `saofu release` → `saofu serve --port P`: the Fu model answers, without torch loaded."""
+    demo = _run(["make", "demo"], project, timeout=900)
+    tail = demo.stdout.strip().splitlines()[-4:]
+    assert any("saofu release" in line for line in tail), f"the demo's last lines say nothing of what next: {tail}"
+
+    release = _run(["saofu", "release"], project, timeout=900)
+    assert "promoted: fu-recognizer version" in release.stdout, release.stdout[-2000:]
+
+    scan = next((project / "data").rglob("fu/*.png"))  # a scan of the generated world
+    with _serve(project) as (server, url):
+        answer = httpx.post(f"{url}/predict", content=_png(scan),
+                            headers={"content-type": "image/png"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model"] == "fu-recognizer" and body["top_class"] in {"fu", "not_fu"}, body
+        maps = _loaded_libraries(server.pid)
+        assert "libtorch" not in maps and "/torch/" not in maps, "the serving process has loaded torch"
+        assert "onnxruntime" in maps  # the check reads the right process
+    # every MLflow call used the project's store: no stray default store in the working directory
+    assert not (project / "mlflow.db").exists()
+    assert not (project / "mlruns").exists()
+
+
+@pytest.mark.timeout(1500)
+def test_own_imagefolder_dataset_trains_releases_and_serves(project, tmp_path):
+    """Train → release → serve on a small non-Fu ImageFolder dataset, then train it again after a move."""
+    data = make_shapes_dataset(tmp_path / "shapes", n_per_class=50, size=32)
+    _run(["saofu", "train", "--data", str(data), "--registered-model", "shapes", "--epochs", "3",
+          "--image-size", "32"], project, timeout=600)
+    release = _run(["saofu", "release", "--model", "shapes"], project, timeout=600)
+    assert "promoted: shapes version" in release.stdout, release.stdout[-2000:]
+
+    with _serve(project, "--model", "shapes") as (server, url):
+        answer = httpx.post(f"{url}/predict", content=_png(next((data / "circle").glob("*.png"))),
+                            headers={"content-type": "image/png"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["top_class"] in SHAPES, answer.json()
+
+    # A user re-extracts the dataset elsewhere and trains again in the same project home.
+    moved = shutil.copytree(data, tmp_path / "shapes-moved")
+    shutil.rmtree(data)
+    _run(["saofu", "train", "--data", str(moved), "--registered-model", "shapes", "--epochs", "1",
+          "--image-size", "32"], project, timeout=600)
+
+
+@pytest.mark.timeout(120)
+def test_usage_errors_are_usage_lines_not_tracebacks(project):
+    env = _user_env()
+    bare = subprocess.run(["saofu"], cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 0 and "Usage:" in bare.stdout and "Traceback" not in bare.stderr
+    bogus = subprocess.run(["saofu", "train", "--bogus"], cwd=project, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert bogus.returncode == 2, (bogus.returncode, bogus.stderr)
+    assert "Usage:" in bogus.stderr and "--bogus" in bogus.stderr and "Traceback" not in bogus.stderr
