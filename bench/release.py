@@ -68,7 +68,7 @@ def run_release_bench(n: int = WorldConfig.n, epochs: int = TrainConfig.epochs, 
     summary = {
         "benchmark": "release", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _device_name(),
         "settings": {"world_n": n, "seed": seed, "threshold": 0.9, **info,
-                     "latency": "onnxruntime, batch 1, one thread, 300 runs"},
+                     "latency": "onnxruntime, batch 1, one thread, 5 interleaved rounds x 200 runs per variant"},
         "compression": [asdict(v) | {"path": Path(v.path).name} for v in variants],
     }
     tables = [table]

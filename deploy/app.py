@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from deploy.canary import RUNNING, Canary, CanaryPolicy, CanaryRun
+from deploy.canary import RUNNING, Canary, CanaryPolicy, CanaryRun, compare_answers
 from deploy.model_source import CHALLENGER, CHAMPION, LoadedModel, ModelSet, ModelSource
 from deploy.pool_log import PoolEntry, PoolLogger, PoolStore
 from saofu.errors import SaofuError
@@ -195,6 +195,9 @@ class _SnapshotCollector:
             if "agreement" in canary:
                 yield GaugeMetricFamily("saofu_canary_agreement", "Challenger/champion top-class agreement",
                                         value=canary["agreement"])
+                yield GaugeMetricFamily("saofu_canary_not_compared", "Canary answers of a class the other model "
+                                        "lacks (nothing it knows refined): left out of the agreement",
+                                        value=canary["not_compared"])
                 conf = GaugeMetricFamily("saofu_canary_confident_share", "Share of confident answers on canary "
                                          "requests", labels=["arm"])
                 conf.add_metric([CHAMPION], canary["champion_confident_share_on_canary"])
@@ -319,10 +322,12 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
             else:
                 probs, seconds = run_model(champion, pixels, CHAMPION)  # shadow: agreement and confidence
                 result = answer(challenger, probs_c, CHALLENGER)
+                # Each model's classes name its own answer: after a class change they differ.
+                agreed = compare_answers(result["top_class"], champion.classes[int(probs.argmax())], challenger,
+                                         champion)
                 canary.record_challenger(
                     run, seconds_c, result["confident"], False, shadow_confident=bool(probs.max() >= threshold),
-                    agreed=challenger.classes[int(probs_c.argmax())] == champion.classes[int(probs.argmax())],
-                    shadow_seconds=seconds,
+                    agreed=agreed, shadow_seconds=seconds,
                 )
                 return result
         during = canary.current_run(models) if canary is not None else None

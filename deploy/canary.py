@@ -4,7 +4,8 @@ There is no ground truth at serving time, so the challenger is judged against th
 in shadow on the same canary requests (the paired comparison needs far fewer requests than
 comparing two disjoint streams):
 
-* agreement - share of canary requests where the challenger's top class equals the champion's;
+* agreement - share of canary requests where the challenger's top class equals the champion's,
+  on the classes both know (`compare_answers`, below);
 * confident share - share whose top probability reaches the threshold, challenger vs champion on
   the same images (a model that stopped being sure of itself is suspect even when it agrees);
 * error rate - inference failures per request, challenger vs champion's own traffic;
@@ -15,6 +16,20 @@ requests; if any measure is past its margin the canary stops ("rolled back": all
 to the champion) and the reason is logged, kept in `snapshot()` and counted in the metrics. The
 same challenger version is not tried again by this process; a new version under the alias starts
 a fresh canary. Promotion stays the release flow's decision: moving `@champion` is never done here.
+
+A challenger with a class the champion lacks (a fast retrain added `fu_merchant`). The champion
+cannot give that answer, so the two top classes are compared on the classes both know: an answer
+of a class the other model lacks is replaced by the nearest class up its refinement chain that the
+other model knows (the graphs' `refines` metadata, e.g. `fu_merchant` -> `fu`). A challenger's
+`fu_merchant` where the champion said `fu` is therefore agreement (the champion's expected answer
+for a merchant's 福), and where the champion said `not_fu` a disagreement (the two differ on
+whether it is a 福 at all). An answer with no such class (a new class refining nothing the
+champion knows) cannot be compared: the request is left out of the agreement's denominator and
+counted as `not_compared`. Counting it as a disagreement would roll back any challenger whose new
+class is actually used (a merchant campaign is easily more than the 10 % agreement margin of the
+traffic), counting it as agreement would credit answers nothing checked; how often the new
+class is answered is the gate's matter (its recall target on labelled images), and the count is
+shown in `snapshot()` so a challenger that answers it suspiciously often can be seen.
 """
 
 from __future__ import annotations
@@ -28,14 +43,33 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deploy.model_source import ModelSet
+from deploy.model_source import LoadedModel, ModelSet
 from saofu.errors import SaofuError
+from saofu.refines import known_ancestor
 
 log = logging.getLogger("saofu.serve")
 
 OFF = "off"
 RUNNING = "running"
 ROLLED_BACK = "rolled_back"
+
+
+def compare_answers(challenger_class: str, champion_class: str, challenger: LoadedModel,
+                    champion: LoadedModel) -> bool | None:
+    """Whether two top classes agree on the classes both models know (see the module's note).
+
+    Returns:
+        True or False; None when either answer is a class the other model lacks and refines
+        nothing it knows (not comparable: left out of the agreement).
+    """
+    if challenger_class == champion_class:
+        return True
+    refines = {**champion.refines, **challenger.refines}
+    mine = known_ancestor(challenger_class, champion.classes, refines)
+    theirs = known_ancestor(champion_class, challenger.classes, refines)
+    if mine is None or theirs is None:
+        return None
+    return mine == theirs
 
 
 @dataclass(frozen=True)
@@ -111,16 +145,21 @@ class CanaryRun:
     champion: ArmStats
     challenger: ArmStats
     shadow_confident: int = 0  # champion confident on the challenger's requests
-    agreed: int = 0  # challenger and shadow champion gave the same top class
+    agreed: int = 0  # challenger and shadow champion gave the same top class (on the classes both know)
+    not_compared: int = 0  # answers the other model could not give: left out of the agreement
     status: str = RUNNING
     reason: str = ""
     kinds: tuple[str, ...] = ()  # which measures failed: agreement, confidence, errors, latency
     ended_at: float | None = None
 
     @property
+    def compared(self) -> int:
+        """Answered canary requests whose two answers could be compared."""
+        return self.challenger.requests - self.challenger.errors - self.not_compared
+
+    @property
     def agreement(self) -> float:
-        answered = self.challenger.requests - self.challenger.errors
-        return self.agreed / answered if answered else 1.0
+        return self.agreed / self.compared if self.compared else 1.0
 
     @property
     def shadow_confident_share(self) -> float:
@@ -131,6 +170,7 @@ class CanaryRun:
         return {
             "status": self.status, "reason": self.reason or None, "champion_version": self.champion_version,
             "challenger_version": self.challenger_version, "agreement": self.agreement,
+            "compared": self.compared, "not_compared": self.not_compared,
             "champion_confident_share_on_canary": self.shadow_confident_share,
             "champion": self.champion.to_dict(), "challenger": self.challenger.to_dict(),
             "started_at": self.started_at, "ended_at": self.ended_at,
@@ -147,10 +187,11 @@ def verdict(run: CanaryRun, policy: CanaryPolicy) -> tuple[str, tuple[str, ...]]
         kinds.append("errors")
         reasons.append(f"error rate {ch.error_rate:.1%} vs champion {champ.error_rate:.1%}")
     if ch.requests > ch.errors:
-        if run.agreement < policy.min_agreement:
+        if run.compared and run.agreement < policy.min_agreement:
             kinds.append("agreement")
             reasons.append(f"agrees with the champion on {run.agreement:.1%} of requests "
-                           f"(minimum {policy.min_agreement:.0%})")
+                           f"(minimum {policy.min_agreement:.0%}"
+                           + (f"; {run.not_compared} answers not comparable left out)" if run.not_compared else ")"))
         drop = run.shadow_confident_share - ch.confident_share
         if drop > policy.max_confident_drop:
             kinds.append("confidence")
@@ -248,9 +289,13 @@ class Canary:
 
     def record_challenger(
         self, run: CanaryRun, seconds: float, confident: bool, error: bool,
-        shadow_confident: bool = False, agreed: bool = False, shadow_seconds: float | None = None,
+        shadow_confident: bool = False, agreed: bool | None = False, shadow_seconds: float | None = None,
     ) -> None:
-        """A canary request: the challenger's answer and the champion's shadow answer."""
+        """A canary request: the challenger's answer and the champion's shadow answer.
+
+        `agreed` is `compare_answers`' verdict: None (not comparable) leaves the request out of
+        the agreement.
+        """
         stop = None
         with self._lock:
             arm = run.challenger
@@ -260,7 +305,10 @@ class Canary:
                 arm.confident += confident
                 arm.latencies.append(seconds)
                 run.shadow_confident += shadow_confident
-                run.agreed += agreed
+                if agreed is None:
+                    run.not_compared += 1
+                else:
+                    run.agreed += agreed
             if shadow_seconds is not None:
                 run.champion.latencies.append(shadow_seconds)
             if run.status == RUNNING and arm.requests % self.policy.check_every == 0:

@@ -9,6 +9,10 @@ the old session is freed when the last request holding it is done (reference cou
 A background thread polls the aliases every `poll_seconds`. Anything that goes wrong there (the
 registry unreachable, a version without a usable graph) is logged and reported to `on_error`;
 the app keeps serving what it has.
+
+A swap may change the class list (a fast retrain adds `fu_merchant`: 2 classes, then 3): each
+`LoadedModel` carries its own classes, and a request answers with the classes of the model set
+it read, so no request mixes one version's probabilities with another's class names.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +46,10 @@ class LoadedModel:
     """One registered version, ready to run: its session and what its metadata says.
 
     The graph is `tasks.train.export.export_onnx`'s: uint8 NHWC RGB `pixels` in, `logits` out, class
-    names (JSON) and input size in the ONNX metadata. Names are read from the session rather than
-    imported from tasks.train.export, which would pull in torch.
+    names (JSON) and input size in the ONNX metadata, and optionally `refines` (JSON: new class ->
+    the class it refines, e.g. `{"fu_merchant": "fu"}`; {} without it), which the canary uses to
+    compare a challenger with a champion that lacks the new class. Names are read from the session
+    rather than imported from tasks.train.export, which would pull in torch.
     """
 
     name: str
@@ -54,6 +60,7 @@ class LoadedModel:
     input_name: str
     output_name: str
     path: str
+    refines: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def model_version(self) -> str:
@@ -82,6 +89,27 @@ class ModelSet:
         }
 
 
+def parse_refines(text: str | None, where: str) -> dict[str, str]:
+    """The `refines` metadata entry: JSON {class: the class it refines}; {} when absent or empty.
+
+    (`tasks.release.evaluation.refines_from_metadata` reads the same entry; the app imports no `tasks`.)
+
+    Raises:
+        SaofuError: not a JSON object mapping class names to other class names (named by `where`).
+    """
+    if not text:
+        return {}
+    try:
+        refines = json.loads(text)
+    except json.JSONDecodeError:
+        refines = None
+    if not isinstance(refines, dict) or not all(isinstance(k, str) and isinstance(v, str) and k != v
+                                                for k, v in refines.items()):
+        raise SaofuError(f"{where}: its `refines` metadata must be a JSON object mapping a class to the class it "
+                         f"refines, got {text[:80]!r}")
+    return refines
+
+
 def build_session(onnx_path: str | Path, threads: int = 1) -> ort.InferenceSession:
     """A CPU session on `threads` intra-op threads (1: the request is the unit of parallelism)."""
     opts = ort.SessionOptions()
@@ -96,7 +124,8 @@ def load_model(onnx_path: str | Path, name: str, version: str, threads: int = 1)
     """Open an exported graph, check its interface, and run it once (first runs allocate).
 
     Raises:
-        SaofuError: no such file, no class map in the metadata, or not the uint8 NHWC interface.
+        SaofuError: no such file, no class map in the metadata (or one whose length is not the
+            number of logits), a malformed `refines` entry, or not the uint8 NHWC interface.
     """
     path = Path(onnx_path)
     if not path.is_file():
@@ -114,8 +143,14 @@ def load_model(onnx_path: str | Path, name: str, version: str, threads: int = 1)
     model = LoadedModel(
         name=name, version=str(version), session=sess, classes=tuple(json.loads(meta["classes"])),
         image_size=size, input_name=inp.name, output_name=out.name, path=str(path),
+        refines=parse_refines(meta.get("refines"), f"{name} version {version} ({path})"),
     )
-    model.probabilities(np.zeros((1, size, size, 3), np.uint8))
+    width = model.probabilities(np.zeros((1, size, size, 3), np.uint8)).shape[1]
+    if width != len(model.classes):
+        # A class-count change (2 -> 3 classes) must come with its own class list, or every answer
+        # would name the wrong class: refuse the version, the app keeps serving what it has.
+        raise SaofuError(f"{name} version {version} ({path}) outputs {width} logits but its metadata lists "
+                         f"{len(model.classes)} classes {list(model.classes)}")
     return model
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, model_validator
 from tasks import tracking
 from tasks.labeling.active_learning import (
     RouteResult,
+    label_classes,
     label_studio_sink,
     resolve_models_task,
     route_task,
@@ -85,7 +86,7 @@ def active_learning_flow(params: ActiveLearningParams) -> ActiveLearningResult:
     champion, second = resolve_models_task(
         params.registered_model, params.second_model, require_different_arch=params.require_different_arch
     )
-    sink = label_studio_sink(params.project, list(champion.classes))
+    sink = label_studio_sink(params.project, label_classes(champion, second))
     run_id = tracking.start_run(
         params.experiment, "active-learning", params.model_dump(),
         {"prefect_flow_run_id": str(flow_run.get_id() or ""), "flow": "active_learning",

@@ -1,13 +1,14 @@
 """The release flow: compress → evaluate → register → gate → deploy.
 
 A trained float version of the registered model is compressed (static INT8, and channel pruning
-with a short fine-tune for saofu recognisers); the fastest INT8 artefact within the accuracy bar is
-registered as a new version with its lineage and set as `challenger`. Challenger and champion are
-evaluated on the same three sets (fresh online slice, regression set, open badcases) with plots
-and a runtime profile; the gate compares them on the fresh slice. A passing gate moves `champion`
-(recorded, so `saofu rollback` undoes it): that is the deployment, since the serving app follows
-the alias and swaps models without failing a request; with `serve_url` the flow waits until the
-app answers with the new version. A failing gate is recorded on the version and changes nothing.
+with a short fine-tune for saofu recognisers); the fastest artefact within the accuracy bar (FP32
+or INT8, pruned or not; only a speed difference beyond timing noise counts) is registered as a new
+version with its lineage and set as `challenger`. Challenger and champion are evaluated on the same
+three sets (fresh online slice, regression set, open badcases) with plots and a runtime profile;
+the gate compares them on the fresh slice. A passing gate moves `champion` (recorded, so `saofu
+rollback` undoes it): that is the deployment, since the serving app follows the alias and swaps
+models without failing a request; with `serve_url` the flow waits until the app answers with the
+new version. A failing gate is recorded on the version and changes nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from saofu.settings import get_settings
 from tasks import tracking
 from tasks.data.loading import TensorSplit, prepare_dataset
 from tasks.release import registry
-from tasks.release.gate import CandidateMetrics, GateConfig, evaluate_gate
-from tasks.release.report import compare_plot, compare_table, flat_metrics, release_report
+from tasks.release.gate import GateConfig, evaluate_gate
+from tasks.release.report import compare_plot, compare_table, flat_metrics, gate_metrics, release_report
 from tasks.release.sets import FreshSlice, badcase_set, choose_fresh_slice, regression_set, training_split_config
 from tasks.release.steps import (
     ARTEFACT_TAG,
@@ -103,16 +104,6 @@ def _negative_class(params: ReleaseParams, candidate: Candidate) -> str | None:
     return params.negative_class if params.negative_class in candidate.classes else None
 
 
-def _gate_metrics(report: dict, version: str | None) -> CandidateMetrics:
-    fresh, runtime = report["sets"]["fresh"], report["runtime"]
-    return CandidateMetrics(
-        accuracy=fresh["accuracy_at_threshold"],
-        per_class_recall={c: m["recall"] for c, m in fresh["per_class"].items()},
-        latency_p50_ms=runtime["latency_p50_ms"], latency_p95_ms=runtime["latency_p95_ms"],
-        size_bytes=int(runtime["file_bytes"]), n_images=fresh["n"], version=version,
-    )
-
-
 @task(name="compress")
 def compress(candidate: Candidate, params: ReleaseParams, fresh: TensorSplit,
              out_dir: str, negative_class: str | None) -> tuple[list[Variant], Variant | None]:
@@ -181,7 +172,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
         print(variants_table, flush=True)
         tracking.log_dict(run_id, json.loads(variants_json(variants)), "compression/variants.json")
         if chosen is None:
-            tracking.set_tags(run_id, {"outcome": "no INT8 artefact met the accuracy bar"})
+            tracking.set_tags(run_id, {"outcome": "no artefact met the accuracy bar"})
             tracking.finish_run(run_id)
             return ReleaseResult(
                 run_id=run_id, candidate_version=candidate.version, shipped=None, challenger_version=None,
@@ -222,9 +213,10 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
                 for png in set_result["files"].values():
                     tracking.log_file(run_id, png, f"evaluation/{prefix}")
 
-        champion_metrics = _gate_metrics(reports[f"champion v{champion_before}"], champion_before) \
+        champion_metrics = gate_metrics(reports[f"champion v{champion_before}"], "fresh", champion_before) \
             if champion_before else None
-        report = evaluate_gate(_gate_metrics(reports[f"challenger v{version}"], version), champion_metrics, params.gate)
+        report = evaluate_gate(gate_metrics(reports[f"challenger v{version}"], "fresh", version), champion_metrics,
+                               params.gate)
         print(report.table(), flush=True)
         tracking.log_dict(run_id, report.to_dict(), "gate_report.json")
         tracking.set_tags(run_id, {"gate": "passed" if report.passed else "failed", "challenger_version": version})

@@ -30,7 +30,7 @@ def release(
     serve_url: str | None = typer.Option(None, "--serve-url", help="Wait until this serving app runs the new model."),
     as_json: bool = JsonOpt,
 ):
-    """Compress → evaluate → register → gate → deploy: promote the INT8 artefact if it beats the champion."""
+    """Compress → evaluate → register → gate → deploy: promote the fastest artefact if it beats the champion."""
     from flows.release import ReleaseParams, release_flow
 
     params = ReleaseParams(

@@ -8,6 +8,19 @@ so labelers confirm the champion's answer rather than draw from scratch). Differ
 architectures make different mistakes, so their agreement is worth more than one model's
 confidence (the campaign's "dual ASR engine" selection strategy).
 
+Two models with different classes (after a fast retrain the champion knows `fu_merchant`, the
+second model not yet): an image that either model puts in a class the other lacks goes to
+labelers, with the reason "class unknown to the other model"; everything else follows the rule
+above, over the union of both class lists (`label_classes`, also the labeling project's choices).
+An auto-label then never rests on one model's word, and the images sent are the new class's
+examples, the ones the next retrain (of either model) needs most; once the second model learns
+the class, its images are auto-labelled again with no change here. Bringing the second model
+along in the fast retrain instead would double the retrain's minutes for a model no gate judges,
+and the rule is needed anyway whenever the two lists differ. A limit: where the second model
+lacks a refinement (`fu_merchant` of `fu`), its `fu` vote cannot tell a merchant's 福 from
+another, so an agreed `fu` rests on the champion for that distinction; a stricter per-class
+threshold on the parent class covers the time until the second model catches up.
+
 Evaluation badcases (the images the latest model got wrong) go to Label Studio as well, tagged
 `badcase`, so a later evaluation can tell which of them were fixed (`compare_badcases`).
 
@@ -45,7 +58,7 @@ from tasks.labeling.client import LabelingItem, PredictionSpec
 from tasks.labeling.pool import PoolImage, load_state, pool_images, pool_lock, save_state
 from tasks.labeling.tta import tta_probabilities_nhwc
 from tasks.release.badcases import read_badcases
-from tasks.release.evaluation import onnx_classes, session, softmax
+from tasks.release.evaluation import align_probs, onnx_classes, session, softmax
 from tasks.train.export import INPUT_NAME, OUTPUT_NAME, read_metadata
 
 POOL_SOURCE = "online_pool"
@@ -59,6 +72,7 @@ DISAGREE = "disagree"
 A_LOW = "a below threshold"
 B_LOW = "b below threshold"
 BOTH_LOW = "both below threshold"
+UNKNOWN_TO_OTHER = "class unknown to the other model"
 
 # Receives the images for labelers and returns the created task ids (e.g. `label_studio_sink`).
 Sink = Callable[[list[LabelingItem]], Sequence[int]]
@@ -100,6 +114,7 @@ def _check_thresholds(threshold: float, per_class: Mapping[str, float] | None) -
 def select(
     pred_a: Prediction, pred_b: Prediction, threshold: float,
     per_class_threshold: Mapping[str, float] | None = None,
+    classes_a: Sequence[str] | None = None, classes_b: Sequence[str] | None = None,
 ) -> Decision:
     """The selection strategy for one image.
 
@@ -108,13 +123,17 @@ def select(
         pred_b: the second model's.
         threshold: confidence both models must reach (>=) for an auto-label.
         per_class_threshold: class -> threshold replacing `threshold` for that agreed class.
+        classes_a, classes_b: each model's classes, when they may differ (None: the same).
 
     Returns:
         `auto` with the agreed label when both agree and both are confident enough, else `human`
-        with the reason: disagree, "a below threshold", "b below threshold" or
-        "both below threshold".
+        with the reason: "class unknown to the other model" (either answer is a class the other
+        model lacks), disagree, "a below threshold", "b below threshold" or "both below threshold".
     """
     _check_thresholds(threshold, per_class_threshold)
+    if (classes_b is not None and pred_a.label not in classes_b) or (classes_a is not None
+                                                                     and pred_b.label not in classes_a):
+        return Decision("human", UNKNOWN_TO_OTHER)
     if pred_a.label != pred_b.label:
         return Decision("human", DISAGREE)
     needed = (per_class_threshold or {}).get(pred_a.label, threshold)
@@ -127,15 +146,18 @@ def select(
 def select_batch(
     probs_a: np.ndarray, probs_b: np.ndarray, classes: Sequence[str], threshold: float,
     per_class: Mapping[str, float] | None = None,
+    classes_a: Sequence[str] | None = None, classes_b: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`select` over a batch of probability rows (for the pool and for benchmarks).
 
     Args:
-        probs_a: [N,C] probabilities of model A (the champion), columns in `classes` order.
+        probs_a: [N,C] probabilities of model A (the champion), columns in `classes` order (0 in
+            the column of a class it lacks, `align_probs`).
         probs_b: [N,C] probabilities of model B, same columns.
-        classes: class names of the columns.
+        classes: class names of the columns (both models' classes when they differ).
         threshold: global confidence threshold (>=).
         per_class: class -> threshold for images both models put in that class.
+        classes_a, classes_b: each model's own classes (None: all of `classes`).
 
     Returns:
         (auto_mask bool [N], labels [N] model A's top class, which is the agreed class where
@@ -154,11 +176,13 @@ def select_batch(
     conf_a, conf_b = probs_a.max(1), probs_b.max(1)
     class_threshold = np.array([(per_class or {}).get(c, threshold) for c in classes], dtype=np.float64)
     needed = class_threshold[top_a]
-    agree = top_a == top_b
+    in_a, in_b = (np.isin(classes, list(classes if known is None else known)) for known in (classes_a, classes_b))
+    unknown = ~in_b[top_a] | ~in_a[top_b]
+    agree = (top_a == top_b) & ~unknown
     a_ok, b_ok = conf_a >= needed, conf_b >= needed
     auto = agree & a_ok & b_ok
     reasons = np.select(
-        [~agree, auto, a_ok, b_ok], [DISAGREE, AGREE, B_LOW, A_LOW], default=BOTH_LOW
+        [unknown, ~agree, auto, a_ok, b_ok], [UNKNOWN_TO_OTHER, DISAGREE, AGREE, B_LOW, A_LOW], default=BOTH_LOW
     ).astype(object)
     labels = np.asarray(classes, dtype=object)[top_a]
     return auto, labels, reasons
@@ -335,8 +359,9 @@ def resolve_models(
         (champion, second) with local ONNX paths.
 
     Raises:
-        SaofuError: an alias or model is missing, both are the same version, the class sets differ,
-            or (strict) the architectures are the same.
+        SaofuError: an alias or model is missing, both are the same version, they share no class,
+            or (strict) the architectures are the same. Class lists that differ otherwise are
+            fine: `route` sends images of a class one model lacks to labelers.
     """
     dst = Path(dst_dir) if dst_dir else None
     a_version = _registry_version(name, champion_alias, None)
@@ -345,10 +370,18 @@ def resolve_models(
     a = _download(name, a_version, champion_alias, dst)
     b = _download(b_name, b_version, b_alias, dst)
     check_different_arch(a, b, strict=require_different_arch)
-    if set(a.classes) != set(b.classes):
+    if not set(a.classes) & set(b.classes):
         raise SaofuError(f"{a.model_version} predicts {list(a.classes)} but {b.model_version} predicts "
-                         f"{list(b.classes)}: both models need the same classes")
+                         f"{list(b.classes)}: the two models share no class to agree on")
+    if set(a.classes) != set(b.classes):
+        print(f"active learning: {a.model_version} has classes {list(a.classes)}, {b.model_version} "
+              f"{list(b.classes)}: images either puts in a class the other lacks go to labelers", flush=True)
     return a, b
+
+
+def label_classes(a: ModelRef, b: ModelRef) -> list[str]:
+    """The classes labelers choose from: the champion's, then the second model's others."""
+    return list(a.classes) + [c for c in b.classes if c not in a.classes]
 
 
 # ---------------------------------------------------------------------------------------- route
@@ -373,14 +406,9 @@ class RouteResult:
                 **{f"reason_{k.replace(' ', '_')}": v for k, v in self.reasons.items()}}
 
 
-def _aligned(probs: np.ndarray, columns: Sequence[str], classes: Sequence[str]) -> np.ndarray:
-    """Probabilities reordered to `classes` (two models may list the same classes differently)."""
-    return probs[:, [list(columns).index(c) for c in classes]]
-
-
 def _human_order(reasons: np.ndarray, conf_a: np.ndarray, conf_b: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Most informative first: disagreements, then the least confident agreement."""
-    disagree = (reasons[idx] == DISAGREE).astype(int)
+    """Most informative first: disagreements and classes unknown to one model, then the least confident."""
+    disagree = np.isin(reasons[idx], [DISAGREE, UNKNOWN_TO_OTHER]).astype(int)
     return idx[np.lexsort((np.minimum(conf_a, conf_b)[idx], -disagree))]
 
 
@@ -428,11 +456,12 @@ def _route_locked(
     result = RouteResult(new_images=len(images))
     if not images:
         return result
-    classes = list(champion.classes)
-    probs_a = _aligned(predict_pool(champion.onnx_path, images, batch_size, tta=champion_tta), champion.classes,
-                       classes)
-    probs_b = _aligned(predict_pool(second.onnx_path, images, batch_size), second.classes, classes)
-    auto, labels, reasons = select_batch(probs_a, probs_b, classes, threshold, per_class)
+    classes = label_classes(champion, second)
+    probs_a = align_probs(predict_pool(champion.onnx_path, images, batch_size, tta=champion_tta), champion.classes,
+                          classes)
+    probs_b = align_probs(predict_pool(second.onnx_path, images, batch_size), second.classes, classes)
+    auto, labels, reasons = select_batch(probs_a, probs_b, classes, threshold, per_class, champion.classes,
+                                         second.classes)
     result.reasons = dict(Counter(reasons.tolist()))
 
     auto_idx = np.flatnonzero(auto)

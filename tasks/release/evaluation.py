@@ -4,12 +4,19 @@ The campaign's measure is image-level at a threshold: a prediction counts only w
 top probability reaches it (default 0.9). Below it the app does not accept the scan: the
 decision falls back to the negative class when the dataset has one (`not_fu` in the Fu world),
 and otherwise is an abstention, which counts as wrong.
+
+A model need not know every class of the images it is evaluated on: after a fast retrain added
+`fu_merchant`, the champion is still evaluated on a slice with merchant images
+(`predict_on_classes`). Its probabilities are laid out over the slice's classes plus its own, with
+0 for a class it lacks, so it never decides one: those images count wrong, and callers say which
+classes it lacked.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +65,33 @@ def session(onnx_path: str | Path, threads: int = 1) -> ort.InferenceSession:
 
 def onnx_classes(sess: ort.InferenceSession) -> list[str]:
     return json.loads(sess.get_modelmeta().custom_metadata_map["classes"])
+
+
+def refines_from_metadata(meta: Mapping[str, str]) -> dict[str, str]:
+    """The graph's optional `refines` metadata: JSON {new class: the class it refines}; {} without it.
+
+    A fast retrain that adds `fu_merchant` (a merchant's own 福, which an older model calls `fu`)
+    records `{"fu_merchant": "fu"}`, so that comparisons with a model lacking the new class know
+    which of its answers is the expected one.
+
+    Raises:
+        SaofuError: the entry is not a JSON object of class names, or a class refines itself.
+    """
+    text = meta.get("refines")
+    if not text:
+        return {}
+    try:
+        refines = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SaofuError(f"the graph's `refines` metadata is not JSON ({exc}): {text[:80]!r}") from None
+    if not isinstance(refines, dict) or not all(isinstance(k, str) and isinstance(v, str) and k != v
+                                                for k, v in refines.items()):
+        raise SaofuError(f"the graph's `refines` metadata must map class names to other class names, got {text[:80]!r}")
+    return refines
+
+
+def onnx_refines(sess: ort.InferenceSession) -> dict[str, str]:
+    return refines_from_metadata(sess.get_modelmeta().custom_metadata_map)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -137,6 +171,36 @@ def predict_split(onnx_path: str | Path, split: TensorSplit) -> np.ndarray:
     return onnx_predict_proba(sess, split)
 
 
+def evaluation_classes(data_classes: Sequence[str], model_classes: Sequence[str]) -> list[str]:
+    """What an evaluation counts over: the data's classes (so labels index them), then the model's others."""
+    return list(data_classes) + [c for c in model_classes if c not in data_classes]
+
+
+def align_probs(probs: np.ndarray, model_classes: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """[N, len(classes)]: each class's probability under the model, 0 for a class it lacks.
+
+    A softmax is never 0, so a lacked class is never the top class nor reaches a threshold.
+    """
+    out = np.zeros((len(probs), len(classes)), dtype=probs.dtype)
+    index = {c: i for i, c in enumerate(classes)}
+    for j, cls in enumerate(model_classes):
+        out[:, index[cls]] = probs[:, j]
+    return out
+
+
+def predict_on_classes(onnx_path: str | Path, split: TensorSplit) -> tuple[np.ndarray, list[str], list[str]]:
+    """Probabilities of a graph on a split whose classes may differ from the model's.
+
+    Returns:
+        (probs [N, len(classes)] laid out by `align_probs`, classes = `evaluation_classes` (the
+        split's first, so its labels index them), the model's own classes).
+    """
+    sess = session(onnx_path, threads=2)
+    model_classes = onnx_classes(sess)
+    classes = evaluation_classes(split.classes, model_classes)
+    return align_probs(onnx_predict_proba(sess, split), model_classes, classes), classes, model_classes
+
+
 def evaluate_onnx(
     onnx_path: str | Path, split: TensorSplit, threshold: float = 0.9, negative_class: str | None = None
 ) -> EvalReport:
@@ -164,3 +228,67 @@ def measure_latency(
         "latency_mean_ms": float(times.mean()),
         "threads": threads,
     }
+
+
+@dataclass
+class LatencyStats:
+    """Batch-1 latency of one graph over interleaved rounds, in milliseconds (all runs pooled)."""
+
+    p50_ms: float
+    p95_ms: float
+    p25_ms: float
+    p75_ms: float
+    mean_ms: float
+    round_p50_ms: list[float]  # median of each round, in round order: how stable it stayed over time
+    runs: int  # timed runs in all
+
+
+def measure_latency_interleaved(
+    onnx_paths: Sequence[str | Path], image_size: int = 64, threads: int = 1, rounds: int = 5, runs: int = 200,
+    warmup: int = 50,
+) -> list[LatencyStats]:
+    """onnxruntime latency at batch 1 of several graphs measured turn about, so they can be compared.
+
+    Timing one graph after the other lets a slow spell of the machine (another process, a frequency
+    step) land on one of them only; here every round times each graph `runs` times, the order
+    rotating by one each round so none is always first. Sessions are created and warmed up once.
+
+    Args:
+        onnx_paths: the graphs (same input size).
+        image_size: input side length.
+        threads: onnxruntime intra-op threads (1 = the phone-like setting).
+        rounds: rounds of `runs` timed runs per graph.
+        runs: timed runs per graph and round.
+        warmup: untimed runs per graph before the first round.
+
+    Returns:
+        One LatencyStats per path, in the order given.
+    """
+    if rounds < 1 or runs < 1:
+        raise SaofuError(f"latency needs at least one round and one run, got rounds={rounds}, runs={runs}")
+    sessions = [session(p, threads=threads) for p in onnx_paths]
+    feed = {INPUT_NAME: np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3), dtype=np.uint8)}
+    outputs = [OUTPUT_NAME]
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(outputs, feed)
+    times = np.empty((len(sessions), rounds, runs))
+    clock = time.perf_counter
+    for r in range(rounds):
+        for k in range(len(sessions)):
+            i = (r + k) % len(sessions)
+            run = sessions[i].run
+            for j in range(runs):
+                t = clock()
+                run(outputs, feed)
+                times[i, r, j] = clock() - t
+    times *= 1000
+    stats = []
+    for per_round in times:
+        pooled = per_round.ravel()
+        p25, p50, p75, p95 = np.percentile(pooled, [25, 50, 75, 95])
+        stats.append(LatencyStats(
+            p50_ms=float(p50), p95_ms=float(p95), p25_ms=float(p25), p75_ms=float(p75), mean_ms=float(pooled.mean()),
+            round_p50_ms=[float(m) for m in np.median(per_round, axis=1)], runs=int(pooled.size),
+        ))
+    return stats

@@ -4,15 +4,35 @@ Both models are measured by the caller on the same fresh online slice; the chall
 artefact that would ship (the INT8 ONNX graph, not the float model), so its numbers are the
 phone's numbers. The gate passes only when every check passes:
 
-* accuracy: not worse than the champion's by more than `overall_margin`;
+* accuracy: not worse than the champion's by more than `overall_margin`, both counted on the
+  images of the classes both models know (see "A class change" below);
 * recall[c], for every class the champion recognises: not worse by more than `class_margin`
   (a class the challenger lost fails here);
 * new_class_recall[c], for every class the champion lacks and for the named `new_class`:
   at least `new_class_recall` (a new class has nothing to be compared with, only a target);
+* parent_recall[c->p], for a new class `c` that refines a champion class `p` (`fu_merchant`
+  refines `fu`): on the images of `c`, the share the challenger answers `c` or `p` (any class
+  whose refinement chain reaches `p`) is not worse than the share the champion answered `p` by
+  more than `class_margin` (users whose merchant 福 was accepted as a 福 still are);
 * latency_p95_ms and size_bytes: within the phone's budget.
 
 With no champion (the first deployment) the comparisons pass with a note; targets and budgets
 still apply. Each check stands alone, so the report says exactly what held a challenger back.
+
+A class change (a fast retrain adds `fu_merchant`, or corrects a class). The two models are
+compared only on what both know: per-class recall on the shared classes, and accuracy on the
+images whose true class both models have (from each model's `confusion` on the slice). Images of
+a class the champion lacks are left out of that comparison for both models: the champion cannot
+answer them right, so counting them would push its accuracy down and "penalise" it into letting
+the challenger pass; the challenger's answers on them are judged by the new class's own recall
+target instead. Where the new class refines a champion class, the champion's expected answer
+on those images is that parent class, and `parent_recall` compares the two models there in the
+champion's terms (the challenger counts right with the new class or the parent). Whether a plain
+`fu` image called `fu_merchant` by the challenger is an error stays strict: on the classes both
+know, each model is judged by its own decision, so such an answer lowers the challenger's
+`recall[fu]`. The refinement map is the graphs' `refines` metadata (challenger over champion)
+with `GateConfig.refines` on top; with no map a new class has no parent and only its target.
+Without `confusion` (hand-made metrics, old reports) the reported `accuracy` is compared as is.
 
 The gate knows no class by name: the checks are over whatever classes the dataset has. A negative
 class (`not_fu` in the Fu world) matters only upstream, in the decisions the recalls are counted
@@ -25,6 +45,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from saofu.refines import known_ancestor
 
 # Metrics go through float arithmetic (0.90 - 0.02 is 0.8800000000000001): a value exactly at
 # its limit must pass, so comparisons allow this much slack.
@@ -41,18 +63,30 @@ class GateConfig(BaseModel):
     max_latency_ms: float = Field(1.0, gt=0, description="budget on p95 latency: batch 1, 1 thread, onnxruntime")
     # A tiny INT8 recogniser is tens of kilobytes; a megabyte means something went wrong.
     max_size_bytes: int = Field(1_000_000, gt=0, description="budget on the shipped ONNX file's size")
+    refines: dict[str, str] = Field(
+        default_factory=dict, description="new class -> the class it refines (e.g. fu_merchant -> fu), on top of "
+                                          "what the graphs' `refines` metadata says"
+    )
 
 
 class CandidateMetrics(BaseModel):
     """One model's numbers on the gate's slice (use the same slice for challenger and champion)."""
 
     accuracy: float = Field(ge=0, le=1)
-    per_class_recall: dict[str, float] = Field(min_length=1)
+    per_class_recall: dict[str, float] = Field(min_length=1, description="recall of every class the model knows "
+                                                                         "(and of no other)")
     latency_p50_ms: float = Field(ge=0)
     latency_p95_ms: float = Field(ge=0)
     size_bytes: int = Field(ge=0)
     n_images: int | None = Field(None, ge=0, description="size of the slice, for the report")
     version: str | None = Field(None, description="registered model version, for the report")
+    confusion: dict[str, dict[str, int]] | None = Field(
+        None, description="true class -> the model's decision -> images on the slice ('' for an abstention); "
+                          "rows for the slice's classes the model lacks too. Lets the gate count accuracy on the "
+                          "classes both models know"
+    )
+    refines: dict[str, str] = Field(default_factory=dict, description="the graph's `refines` metadata: "
+                                                                      "class -> the class it refines")
 
     def to_tags(self) -> dict[str, str]:
         """Flat `metric.*` tags for a registered model version (MLflow tags are strings)."""
@@ -125,6 +159,38 @@ def _at_most(name: str, value: float, limit: float, detail: str = "") -> GateChe
     return GateCheck(name=name, value=value, op="<=", limit=limit, passed=value <= limit + TOLERANCE, detail=detail)
 
 
+def merged_refines(challenger: CandidateMetrics, champion: CandidateMetrics | None,
+                   config: GateConfig) -> dict[str, str]:
+    """The refinement map the gate uses: the champion's metadata, the challenger's over it, the config's last."""
+    return {**(champion.refines if champion is not None else {}), **challenger.refines, **config.refines}
+
+
+def _images(metrics: CandidateMetrics, truths: set[str]) -> tuple[int, int]:
+    """(right, all) decisions of `metrics` on the images whose true class is in `truths`."""
+    rows = {truth: row for truth, row in (metrics.confusion or {}).items() if truth in truths}
+    return sum(row.get(truth, 0) for truth, row in rows.items()), sum(sum(row.values()) for row in rows.values())
+
+
+def _accuracy_check(challenger: CandidateMetrics, champion: CandidateMetrics, config: GateConfig) -> GateCheck:
+    """Accuracy on the images of the classes both know (with both confusions), else the reported accuracy."""
+    margin = f"margin {config.overall_margin}"
+    if challenger.confusion is None or champion.confusion is None:
+        return _at_least("accuracy", challenger.accuracy, champion.accuracy - config.overall_margin,
+                         f"champion {champion.accuracy:.4f}, {margin}")
+    shared = set(challenger.per_class_recall) & set(champion.per_class_recall)
+    right_ch, n_ch = _images(challenger, shared)
+    right_champ, n_champ = _images(champion, shared)
+    if not n_ch or not n_champ:
+        return GateCheck(name="accuracy", value=None, op="", limit=None, passed=True,
+                         detail=f"the slice has no images of the classes both know ({', '.join(sorted(shared))})")
+    value, reference = right_ch / n_ch, right_champ / n_champ
+    total = sum(sum(row.values()) for row in challenger.confusion.values())
+    where = "" if n_ch == total else (f" on the {n_ch} of {total} images of the classes both know "
+                                      f"({', '.join(sorted(shared))})")
+    return _at_least("accuracy", value, reference - config.overall_margin,
+                     f"champion {reference:.4f}, {margin}{where}")
+
+
 def _comparison_checks(challenger: CandidateMetrics, champion: CandidateMetrics | None,
                        config: GateConfig) -> list[GateCheck]:
     """Accuracy and per-class recall against the champion (notes only when there is none)."""
@@ -134,10 +200,7 @@ def _comparison_checks(challenger: CandidateMetrics, champion: CandidateMetrics 
             GateCheck(name="accuracy", value=challenger.accuracy, op="", limit=None, passed=True, detail=note),
             GateCheck(name="recall[*]", value=None, op="", limit=None, passed=True, detail=note),
         ]
-    checks = [
-        _at_least("accuracy", challenger.accuracy, champion.accuracy - config.overall_margin,
-                  f"champion {champion.accuracy:.4f}, margin {config.overall_margin}")
-    ]
+    checks = [_accuracy_check(challenger, champion, config)]
     for cls, champion_recall in sorted(champion.per_class_recall.items()):
         name = f"recall[{cls}]"
         if cls not in challenger.per_class_recall:
@@ -149,12 +212,32 @@ def _comparison_checks(challenger: CandidateMetrics, champion: CandidateMetrics 
     return checks
 
 
+def _parent_check(cls: str, challenger: CandidateMetrics, champion: CandidateMetrics, config: GateConfig,
+                  refines: dict[str, str]) -> GateCheck | None:
+    """parent_recall[cls->parent] for a new class that refines a champion class; None where not measurable."""
+    known = frozenset(champion.per_class_recall)
+    parent = known_ancestor(refines[cls], known, refines) if cls in refines else None
+    if parent is None or challenger.confusion is None or champion.confusion is None:
+        return None
+    row_ch, row_champ = challenger.confusion.get(cls, {}), champion.confusion.get(cls, {})
+    n_ch, n_champ = sum(row_ch.values()), sum(row_champ.values())
+    if not n_ch or not n_champ:
+        return None  # no images of the class: its recall target already fails, with the reason
+    value = sum(n for decision, n in row_ch.items() if decision and known_ancestor(decision, known, refines) == parent)
+    reference = row_champ.get(parent, 0) / n_champ
+    return _at_least(f"parent_recall[{cls}->{parent}]", value / n_ch, reference - config.class_margin,
+                     f"images of '{cls}' answered '{cls}' or '{parent}'; champion answered '{parent}' on "
+                     f"{reference:.4f}, margin {config.class_margin}")
+
+
 def _new_class_checks(challenger: CandidateMetrics, champion: CandidateMetrics | None,
                       config: GateConfig) -> list[GateCheck]:
-    """The recall target for each class the champion lacks, and for the named new class."""
+    """The recall target for each class the champion lacks and for the named new class, and the
+    parent check for each that refines a champion class."""
     new = set(challenger.per_class_recall) - set(champion.per_class_recall) if champion is not None else set()
     if config.new_class is not None:
         new.add(config.new_class)
+    refines = merged_refines(challenger, champion, config)
     checks = []
     for cls in sorted(new):
         name = f"new_class_recall[{cls}]"
@@ -162,8 +245,14 @@ def _new_class_checks(challenger: CandidateMetrics, champion: CandidateMetrics |
             checks.append(GateCheck(name=name, value=None, op=">=", limit=config.new_class_recall, passed=False,
                                     detail=f"the named new class '{cls}' is not among the challenger's classes"))
             continue
-        named = "named new class" if cls == config.new_class else "class the champion lacks"
-        checks.append(_at_least(name, challenger.per_class_recall[cls], config.new_class_recall, named))
+        detail = "named new class" if cls == config.new_class else "class the champion lacks"
+        if challenger.confusion is not None and not sum(challenger.confusion.get(cls, {}).values()):
+            detail += f"; the slice has no images of '{cls}'"
+        checks.append(_at_least(name, challenger.per_class_recall[cls], config.new_class_recall, detail))
+        if champion is not None and cls not in champion.per_class_recall:
+            parent = _parent_check(cls, challenger, champion, config, refines)
+            if parent is not None:
+                checks.append(parent)
     return checks
 
 

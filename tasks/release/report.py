@@ -13,6 +13,13 @@ come from `tasks.release.sets`.
   batch 1 on one thread, peak memory of a process that loads and runs it, file size.
 * `compare_table` / `compare_plot`: several models (FP32, INT8, pruned, the current release...)
   side by side.
+* `gate_metrics`: one model's numbers on one set as the gate's `CandidateMetrics`.
+
+A model is evaluated on sets that may hold images of classes it lacks (the champion, after a
+fast retrain added `fu_merchant`): those images count wrong in its accuracy, are left out of its
+per-class numbers, errors and gallery, and the set's result names the classes it lacks and
+gives its accuracy on the images of the classes it knows. The comparison table adds, per set
+where the models' classes differ, the accuracy on the images of the classes every model knows.
 
 Matplotlib is used through `matplotlib.figure.Figure`, not pyplot, so nothing here selects a
 global backend or keeps figures alive in a pyplot registry.
@@ -26,7 +33,7 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,16 @@ from matplotlib.figure import Figure
 
 from saofu.errors import SaofuError
 from tasks.data.loading import TensorSplit
-from tasks.release.evaluation import ABSTAIN, EvalReport, decide, measure_latency, predict_split, threshold_report
+from tasks.release.evaluation import (
+    ABSTAIN,
+    EvalReport,
+    decide,
+    measure_latency,
+    predict_on_classes,
+    refines_from_metadata,
+    threshold_report,
+)
+from tasks.release.gate import CandidateMetrics
 from tasks.train.export import read_metadata
 
 ERROR_KINDS = ("false_positive", "false_negative", "confusion")  # gallery order; as tasks.release.badcases names them
@@ -97,12 +113,14 @@ def _gallery_order(probs: np.ndarray, labels: np.ndarray, decisions: np.ndarray,
 
 
 def _plot_pr(probs: np.ndarray, labels: np.ndarray, classes: list[str], report: EvalReport, path: Path,
-             title: str) -> dict[str, float | None]:
-    """One PR curve per class with the threshold's operating point; returns each class's AP."""
+             title: str, known: Sequence[str]) -> dict[str, float | None]:
+    """One PR curve per class the model knows, with the threshold's operating point; returns each one's AP."""
     fig = Figure(figsize=(5.5, 4.5))
     ax = fig.add_subplot()
     average_precisions = {}
     for c, name in enumerate(classes):
+        if name not in known:
+            continue  # a class the model lacks has no scores to rank by
         precision, recall, ap = pr_curve(probs[:, c], labels == c)
         average_precisions[name] = ap
         if ap is None:
@@ -122,13 +140,15 @@ def _plot_pr(probs: np.ndarray, labels: np.ndarray, classes: list[str], report: 
     return average_precisions
 
 
-def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str,
+                    lacked: Sequence[str] = ()) -> None:
     fig = Figure(figsize=(1.2 * confusion.shape[1] + 2.5, 1.0 * confusion.shape[0] + 2))
     ax = fig.add_subplot()
     ax.imshow(confusion, cmap="Blues", vmin=0, vmax=max(1, int(confusion.max())))
-    columns = classes + ["abstain"] if confusion.shape[1] > len(classes) else classes
+    names = [f"{c} (model lacks)" if c in lacked else c for c in classes]
+    columns = names + ["abstain"] if confusion.shape[1] > len(classes) else names
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), names)
     ax.set(xlabel="decision", ylabel="truth", title=title)
     for (row, col), count in np.ndenumerate(confusion):
         ax.text(col, row, str(count), ha="center", va="center",
@@ -137,9 +157,8 @@ def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title
     fig.savefig(path, dpi=110)
 
 
-def _plot_gallery(split: TensorSplit, probs: np.ndarray, decisions: np.ndarray, shown: list[tuple[int, str]],
-                  n_errors: int, path: Path, title: str) -> None:
-    classes = split.classes
+def _plot_gallery(split: TensorSplit, classes: list[str], probs: np.ndarray, decisions: np.ndarray,
+                  shown: list[tuple[int, str]], n_errors: int, path: Path, title: str) -> None:
     columns = max(1, min(_GALLERY_COLUMNS, len(shown)))
     rows = max(1, math.ceil(len(shown) / columns))
     # Room under each caption's four lines; constrained layout keeps captions off the row above.
@@ -155,7 +174,7 @@ def _plot_gallery(split: TensorSplit, probs: np.ndarray, decisions: np.ndarray, 
         ax.set_axis_off()
         top = int(probs[i].argmax())
         decision = "abstain" if decisions[i] == ABSTAIN else classes[decisions[i]]
-        truth = classes[int(split.labels[i])]
+        truth = split.classes[int(split.labels[i])]
         caption = f"{kind.replace('_', ' ')}\ntrue {truth}\npred {classes[top]} {probs[i, top]:.2f}"
         if decision != classes[top]:
             caption += f"\n-> {decision}"
@@ -172,32 +191,46 @@ def evaluate_set(onnx_path: str | Path, name: str, split: TensorSplit, out_dir: 
         raise SaofuError(f"evaluation set {name!r} has no images")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probs = predict_split(onnx_path, split)
+    probs, classes, model_classes = predict_on_classes(onnx_path, split)
+    if negative_class is not None and negative_class not in classes:
+        raise SaofuError(f"negative class {negative_class!r} is not one of the classes {classes}")
+    # As the serving app: under the threshold, the negative class only where the model has it.
+    negative_class = negative_class if negative_class in model_classes else None
     labels = split.labels.numpy()
-    report = threshold_report(probs, labels, split.classes, threshold, negative_class)
-    negative = split.classes.index(negative_class) if negative_class is not None else None
+    report = threshold_report(probs, labels, classes, threshold, negative_class)
+    negative = classes.index(negative_class) if negative_class is not None else None
     decisions = decide(probs, threshold, negative)
-    errors = _gallery_order(probs, labels, decisions, negative)
+    lacks = [c for c in split.classes if c not in model_classes]
+    known_rows = np.isin(labels, [classes.index(c) for c in model_classes])
+    # Images of a lacked class are wrong by construction: counted in `lacked_images`, not errors.
+    errors = [(i, kind) for i, kind in _gallery_order(probs, labels, decisions, negative) if known_rows[i]]
     shown = errors[:max_gallery]
 
     files = {kind: out_dir / f"{kind}_{name}.png" for kind in ("pr", "confusion", "gallery")}
-    average_precisions = _plot_pr(probs, labels, split.classes, report, files["pr"], f"{name}: precision-recall")
+    average_precisions = _plot_pr(probs, labels, classes, report, files["pr"], f"{name}: precision-recall",
+                                  model_classes)
     confusion = np.asarray(report.confusion)
     if negative is not None:
         confusion = confusion[:, :-1]  # nothing abstains when under-threshold falls back to a class
-    _plot_confusion(confusion, split.classes, files["confusion"], f"{name}: decisions at threshold {threshold:g}")
-    _plot_gallery(split, probs, decisions, shown, len(errors), files["gallery"],
+    _plot_confusion(confusion, classes, files["confusion"], f"{name}: decisions at threshold {threshold:g}", lacks)
+    _plot_gallery(split, classes, probs, decisions, shown, len(errors), files["gallery"],
                   f"{name}: wrong at threshold {threshold:g}")
+    known_n = int(known_rows.sum())
     return {
         "n": report.n,
         "accuracy": report.accuracy,
         "accuracy_at_threshold": report.accuracy_at_threshold,
+        "known_accuracy_at_threshold": float((decisions == labels)[known_rows].mean()) if known_n else None,
         "abstained": report.abstained,
         "threshold": threshold,
         "negative_class": negative_class,
-        "per_class": {cls: {"precision": m.precision, "recall": m.recall, "support": m.support,
-                            "average_precision": average_precisions[cls]}
-                      for cls, m in report.per_class.items()},
+        "classes": classes,
+        "model_classes": model_classes,
+        "lacks": lacks,
+        "lacked_images": {c: int((labels == classes.index(c)).sum()) for c in lacks},
+        "per_class": {cls: {"precision": report.per_class[cls].precision, "recall": report.per_class[cls].recall,
+                            "support": report.per_class[cls].support, "average_precision": average_precisions[cls]}
+                      for cls in classes if cls in model_classes},
         "confusion": confusion.tolist(),
         "errors": {kind: sum(k == kind for _, k in errors) for kind in ERROR_KINDS},
         "gallery_rows": [i for i, _ in shown],
@@ -216,25 +249,32 @@ def evaluate_sets(onnx_path: str | Path, sets: Mapping[str, TensorSplit], thresh
 
     Args:
         onnx_path: the graph `tasks.train.export.export_onnx` (or `tasks.release.quantize.quantize_int8`) wrote.
-        sets: set name (used in file names: letters, digits, ``_-.``) -> decoded split with the
-            model's class map, e.g. ``{"online": ..., "regression": ..., "badcases": ...}``.
+        sets: set name (used in file names: letters, digits, ``_-.``) -> decoded split, e.g.
+            ``{"online": ..., "regression": ..., "badcases": ...}``. Its classes may differ from
+            the model's: images of a class the model lacks count wrong (see the module's note).
         threshold: the confidence threshold.
-        negative_class: the class under-threshold predictions fall back to (``"not_fu"``), or None.
+        negative_class: the class under-threshold predictions fall back to (``"not_fu"``) where the
+            model has it (elsewhere they abstain, as in the serving app), or None.
         out_dir: where ``pr_<set>.png``, ``confusion_<set>.png`` and ``gallery_<set>.png`` go.
         max_gallery: most images in one gallery (the most confident errors of each kind first).
 
     Returns:
-        Per set name, a JSON-ready dict: ``n``, ``accuracy`` (top-1), ``accuracy_at_threshold``,
-        ``abstained`` (share under the threshold), ``threshold``, ``negative_class``, ``per_class``
-        (class -> precision, recall, support at the threshold, and ``average_precision`` of its PR
-        curve, None without positives), ``confusion`` (rows truth, columns decision, plus an
-        abstain column when there is no negative class), ``errors`` (count per kind:
+        Per set name, a JSON-ready dict: ``n``, ``accuracy`` (top-1), ``accuracy_at_threshold``
+        (all images), ``known_accuracy_at_threshold`` (on the images of the classes the model
+        knows; None without any), ``abstained`` (share under the threshold), ``threshold``,
+        ``negative_class`` (the one used: None where the model lacks it), ``classes`` (the set's
+        classes, then the model's others: the confusion's rows and columns), ``model_classes``,
+        ``lacks`` (the set's classes the model lacks) with ``lacked_images`` (class -> images),
+        ``per_class`` (each class the model knows -> precision, recall, support at the
+        threshold, and ``average_precision`` of its PR curve, None without positives),
+        ``confusion`` (rows truth, columns decision over ``classes``, plus an abstain column
+        when there is no negative class), ``errors`` (count per kind, images of lacked classes left out:
         false_positive, false_negative, confusion), ``gallery_rows`` / ``gallery_paths`` (the
         images in the gallery, in its order) and ``files`` (kind -> PNG path).
 
     Raises:
-        SaofuError: no sets, a bad set name, an empty set, a class map that differs from the
-            model's, a negative class that is not a class, a missing ONNX file.
+        SaofuError: no sets, a bad set name, an empty set, a negative class that is a class of
+            neither the set nor the model, a missing ONNX file.
     """
     if not sets:
         raise SaofuError("no evaluation sets given")
@@ -245,12 +285,17 @@ def evaluate_sets(onnx_path: str | Path, sets: Mapping[str, TensorSplit], thresh
 def flat_metrics(set_results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """`evaluate_sets`' numbers as one flat dict for ``mlflow.log_metrics``: ``<set>/<metric>``.
 
-    Per-class metrics become ``<set>/<precision|recall|ap>_<class>``; a missing AP is left out.
+    Per-class metrics become ``<set>/<precision|recall|ap>_<class>``; a missing AP is left out,
+    and so is ``known_accuracy_at_threshold`` where the model knows no class of the set.
     """
     flat: dict[str, float] = {}
     for name, r in set_results.items():
         for key in ("n", "accuracy", "accuracy_at_threshold", "abstained"):
             flat[f"{name}/{key}"] = float(r[key])
+        if r.get("known_accuracy_at_threshold") is not None:
+            flat[f"{name}/known_accuracy_at_threshold"] = float(r["known_accuracy_at_threshold"])
+        for cls, n in r.get("lacked_images", {}).items():
+            flat[f"{name}/lacked_images_{cls}"] = float(n)
         for kind, count in r["errors"].items():
             flat[f"{name}/{kind}s"] = float(count)
         for cls, m in r["per_class"].items():
@@ -371,9 +416,50 @@ def runtime_profile(onnx_path: str | Path, image_size: int | None = None, runs: 
 
 def release_report(onnx_path: str | Path, sets: Mapping[str, TensorSplit], out_dir: str | Path,
                    threshold: float = 0.9, negative_class: str | None = None) -> dict[str, Any]:
-    """`evaluate_sets` and `runtime_profile` of one model: one entry of `compare_table`'s input."""
+    """`evaluate_sets` and `runtime_profile` of one model: one entry of `compare_table`'s input.
+
+    Returns:
+        ``{"sets": ..., "runtime": ..., "model": {"classes": [...], "refines": {...}}}`` (the graph's
+        class list and its `refines` metadata, {} without it).
+    """
     return {"sets": evaluate_sets(onnx_path, sets, threshold, negative_class, out_dir),
-            "runtime": runtime_profile(onnx_path)}
+            "runtime": runtime_profile(onnx_path), "model": model_info(onnx_path)}
+
+
+def model_info(onnx_path: str | Path) -> dict[str, Any]:
+    """The graph's classes and `refines` map (`tasks.release.evaluation.refines_from_metadata`)."""
+    meta = read_metadata(onnx_path)
+    return {"classes": json.loads(meta["classes"]), "refines": refines_from_metadata(meta)}
+
+
+def confusion_by_class(set_result: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """A set result's confusion as true class -> decision -> images ('' for an abstention), zeros left out."""
+    classes = set_result["classes"]
+    confusion = {}
+    for truth, row in zip(classes, set_result["confusion"]):
+        columns = classes + [""] if len(row) > len(classes) else classes
+        confusion[truth] = {decision: int(n) for decision, n in zip(columns, row) if n}
+    return confusion
+
+
+def gate_metrics(report: Mapping[str, Any], set_name: str = "fresh", version: str | None = None) -> CandidateMetrics:
+    """One model's `release_report` on `set_name` as the gate's metrics (recall of the classes it knows,
+    its confusion there, latency, size, and its graph's `refines` map).
+
+    Raises:
+        SaofuError: the report has no such set, or no runtime profile.
+    """
+    if set_name not in report.get("sets", {}) or "runtime" not in report:
+        raise SaofuError(f"the release report has no {set_name!r} set or no runtime profile to gate on")
+    result, runtime = report["sets"][set_name], report["runtime"]
+    return CandidateMetrics(
+        accuracy=result["accuracy_at_threshold"],
+        per_class_recall={c: m["recall"] for c, m in result["per_class"].items()},
+        latency_p50_ms=runtime["latency_p50_ms"], latency_p95_ms=runtime["latency_p95_ms"],
+        size_bytes=int(runtime["file_bytes"]), n_images=result["n"], version=version,
+        confusion=confusion_by_class(result) if "classes" in result else None,
+        refines=report.get("model", {}).get("refines", {}),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +478,33 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _shared_classes(results: Mapping[str, Mapping[str, Any]], set_name: str) -> list[str] | None:
+    """The classes every model evaluated on `set_name` knows, in the set's order; None when all know the same."""
+    per_model = [r["sets"][set_name] for r in results.values() if set_name in r.get("sets", {})]
+    known = [set(r.get("model_classes") or r["per_class"]) for r in per_model]
+    if len({frozenset(k) for k in known}) <= 1 and not any(r.get("lacks") for r in per_model):
+        return None
+    shared = set.intersection(*known)
+    return [c for c in per_model[0].get("classes", per_model[0]["per_class"]) if c in shared]
+
+
+def _accuracy_on(set_result: Mapping[str, Any], truths: Sequence[str]) -> float | None:
+    """Accuracy at the threshold on the images whose true class is in `truths` (None: no such image)."""
+    if "classes" not in set_result:
+        return None
+    confusion = confusion_by_class(set_result)
+    rows = [confusion.get(t, {}) for t in truths]
+    n = sum(sum(row.values()) for row in rows)
+    return sum(row.get(t, 0) for t, row in zip(truths, rows)) / n if n else None
+
+
 def compare_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """A Markdown table, one row per model: accuracy on each set, latency, memory and size.
+
+    Where the models' classes differ on a set (a challenger with a class the champion lacks),
+    that set gets a third column, the accuracy at the threshold on the images of the classes
+    every model knows (the like-for-like comparison), and a `lacks` column names, per model, the
+    sets' classes it cannot answer; a note under the table says which classes were shared.
 
     Args:
         results: model label -> ``{"sets": evaluate_sets(...), "runtime": runtime_profile(...)}``
@@ -405,23 +516,34 @@ def compare_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     if not results:
         raise SaofuError("nothing to compare: no model results given")
     names = _set_names(results)
+    shared = {n: _shared_classes(results, n) for n in names}
     thresholds = {r["threshold"] for m in results.values() for r in m.get("sets", {}).values()}
     at = f"acc@{thresholds.pop():g}" if len(thresholds) == 1 else "acc@thr"
-    header = ["model", *(f"{n} {col}" for n in names for col in ("acc", at)),
-              "p50 ms", "p95 ms", "peak MiB", "model MiB", "size KiB"]
+    lacking = {label: sorted({c for r in m.get("sets", {}).values() for c in r.get("lacks", ())})
+               for label, m in results.items()}
+    set_columns = [f"{n} {col}" for n in names for col in ("acc", at) + ((f"{at} shared",) if shared[n] else ())]
+    header = ["model", *set_columns, "p50 ms", "p95 ms", "peak MiB", "model MiB", "size KiB"]
+    if any(lacking.values()):
+        header.insert(1, "lacks")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for label, m in results.items():
         sets, rt = m.get("sets", {}), m.get("runtime", {})
         cells = [str(label)]
+        if any(lacking.values()):
+            cells.append(", ".join(lacking[label]) or "-")
         for n in names:
             cells += [_fmt(sets[n]["accuracy"] if n in sets else None, ".3f"),
                       _fmt(sets[n]["accuracy_at_threshold"] if n in sets else None, ".3f")]
+            if shared[n]:
+                cells.append(_fmt(_accuracy_on(sets[n], shared[n]) if n in sets else None, ".3f"))
         mib = {k: rt[k] / 2**20 if k in rt else None for k in ("peak_rss_bytes", "model_rss_bytes")}
         cells += [_fmt(rt.get("latency_p50_ms"), ".3f"), _fmt(rt.get("latency_p95_ms"), ".3f"),
                   _fmt(mib["peak_rss_bytes"], ".1f"), _fmt(mib["model_rss_bytes"], ".1f"),
                   _fmt(rt["file_bytes"] / 1024 if "file_bytes" in rt else None, ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"{n} {at} shared: on the images of the classes every model knows ({', '.join(shared[n])})"
+             for n in names if shared[n]]
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
 
 
 def compare_plot(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:

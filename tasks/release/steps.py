@@ -1,16 +1,17 @@
 """The units of the release: load a trained candidate, compress it, choose the artefact to ship.
 
 Plain functions; `flows/release.py` composes them (and keeps MLflow and the registry at its edge).
-A candidate is a float model registered by the training flow; what ships is an INT8 ONNX artefact
-(the phone's), either of the model as trained or of a channel-pruned and fine-tuned copy. Each is
-measured on the fresh online slice, and the fastest INT8 artefact whose accuracy at the threshold
-is within `accuracy_bar` of the float model's is the one registered as challenger.
+A candidate is a float model registered by the training flow; what ships is one ONNX artefact (the
+phone's): FP32 or static INT8, of the model as trained or of a channel-pruned and fine-tuned copy.
+Each is measured on the fresh online slice, and the fastest artefact whose accuracy at the
+threshold is within `accuracy_bar` of the float model's is the one registered as challenger, where
+"fastest" only counts a difference the timing noise cannot explain (`clearly_faster`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models import count_flops, count_params
@@ -18,12 +19,12 @@ from models.recognizer import Recognizer
 from saofu.errors import SaofuError
 from tasks import tracking
 from tasks.data.loading import TensorSplit
-from tasks.release.evaluation import evaluate_onnx, measure_latency
+from tasks.release.evaluation import evaluate_onnx, measure_latency_interleaved
 from tasks.release.quantize import quantize_int8
 from tasks.train.export import export_onnx
 from tasks.train.loop import TrainConfig, epoch_printer, load_checkpoint
 
-ARTEFACT_TAG = "saofu.artefact"  # set on versions the release registers: "int8" or "pruned+int8"
+ARTEFACT_TAG = "saofu.artefact"  # set on versions the release registers: the Variant label ("int8", ...)
 
 
 @dataclass
@@ -97,6 +98,10 @@ class Variant:
     latency_p50_ms: float = 0.0
     latency_p95_ms: float = 0.0
     size_bytes: int = 0
+    latency_p25_ms: float = 0.0  # p25..p75: the spread of single runs that a speed difference must clear
+    latency_p75_ms: float = 0.0
+    latency_round_p50_ms: list[float] = field(default_factory=list)  # median of each interleaved round
+    latency_runs: int = 0
 
 
 def build_variants(
@@ -138,37 +143,99 @@ def build_variants(
     return variants
 
 
-def measure_variants(variants: list[Variant], fresh: TensorSplit, threshold: float,
-                     negative_class: str | None) -> list[Variant]:
-    """Accuracy on the fresh slice and onnxruntime latency (batch 1, one thread) of every variant."""
+def measure_variants(variants: list[Variant], fresh: TensorSplit, threshold: float, negative_class: str | None,
+                     *, rounds: int = 5, runs: int = 200, warmup: int = 50) -> list[Variant]:
+    """Accuracy on the fresh slice and onnxruntime latency (batch 1, one thread) of every variant.
+
+    The variants are timed together, turn about (`measure_latency_interleaved`: `rounds` rounds of
+    `runs` runs each, after `warmup` runs), so a slow spell of the machine falls on all of them and
+    `choose_artefact` can compare them round by round.
+
+    Returns:
+        `variants`, filled in place.
+    """
     size = int(fresh.images.shape[-1])
     for v in variants:
         report = evaluate_onnx(v.path, fresh, threshold, negative_class)
-        latency = measure_latency(v.path, image_size=size, threads=1, runs=300)
         v.accuracy, v.accuracy_at_threshold = report.accuracy, report.accuracy_at_threshold
-        v.latency_p50_ms, v.latency_p95_ms = latency["latency_p50_ms"], latency["latency_p95_ms"]
         v.size_bytes = Path(v.path).stat().st_size
+    latencies = measure_latency_interleaved([v.path for v in variants], image_size=size, threads=1, rounds=rounds,
+                                            runs=runs, warmup=warmup)
+    for v, lat in zip(variants, latencies):
+        v.latency_p50_ms, v.latency_p95_ms = lat.p50_ms, lat.p95_ms
+        v.latency_p25_ms, v.latency_p75_ms = lat.p25_ms, lat.p75_ms
+        v.latency_round_p50_ms, v.latency_runs = lat.round_p50_ms, lat.runs
     return variants
 
 
-def choose_artefact(variants: list[Variant], accuracy_bar: float) -> Variant | None:
-    """The fastest INT8 variant within `accuracy_bar` (accuracy at threshold) of the float model.
+def clearly_faster(a: Variant, b: Variant, min_gain: float = 0.05) -> bool:
+    """Whether `a` is faster than `b` by more than timing noise explains.
 
-    None when no INT8 variant meets the bar: nothing ships.
+    All three must hold: `a`'s median is at least `min_gain` below `b`'s (a difference too small to
+    survive the move to another CPU is no reason to ship a different graph); `a`'s whole
+    interquartile range of single runs lies below `b`'s (the medians differ by more than the runs'
+    spread); and, when both were timed in the same interleaved rounds, `a`'s median is lower in
+    every round (a slow spell of the machine during some rounds cannot make the difference).
+
+    It implies a lower p75, so it never runs in a circle: among any variants, some are left that
+    none is clearly faster than.
     """
-    reference = next(v for v in variants if v.label == "fp32")
-    ok = [v for v in variants if v.int8 and v.accuracy_at_threshold >= reference.accuracy_at_threshold - accuracy_bar]
-    return min(ok, key=lambda v: v.latency_p50_ms) if ok else None
+    if not (a.latency_p50_ms > 0 and b.latency_p50_ms > 0):
+        return False  # not measured: nothing to prefer it on
+    if a.latency_p50_ms > (1 - min_gain) * b.latency_p50_ms or a.latency_p75_ms >= b.latency_p25_ms:
+        return False
+    ra, rb = a.latency_round_p50_ms, b.latency_round_p50_ms
+    # Rounds pair up only when both were timed by the same call (same count); otherwise the two
+    # conditions above decide alone.
+    return len(ra) != len(rb) or all(x < y for x, y in zip(ra, rb))
+
+
+def tie_break_key(v: Variant) -> tuple:
+    """Order among variants no other is clearly faster than: the first ships.
+
+    Fewer MFLOPs, then fewer parameters: when our x86 timing cannot separate two graphs, the
+    compute they need is the cost that carries over to the phone's CPU (and less memory, a smaller
+    download). Then FP32 before INT8 of the same model: the plain graph computes exactly what was
+    trained and evaluated, with no Quantize/Dequantize work and no dependence on a calibration
+    sample, so INT8 ships only when it is measurably faster. The label last, so the choice never
+    depends on the list's order.
+    """
+    return (v.mflops, v.params, v.int8, v.label)
+
+
+def choose_artefact(variants: list[Variant], accuracy_bar: float, *, min_gain: float = 0.05) -> Variant | None:
+    """The fastest variant (FP32 or INT8, pruned or not) within `accuracy_bar` of the float model.
+
+    Eligible: accuracy at the threshold >= the unpruned FP32's minus `accuracy_bar` (the FP32
+    reference itself always is, for a bar >= 0). Among the eligible, those that no other eligible
+    variant is `clearly_faster` than are the fastest within noise; of these the first by
+    `tie_break_key` ships.
+
+    Returns:
+        The variant to ship; None when none meets the bar (a NaN accuracy never does).
+
+    Raises:
+        SaofuError: no unpruned FP32 variant to measure the bar from, or `min_gain` outside [0, 1).
+    """
+    if not 0 <= min_gain < 1:
+        raise SaofuError(f"min_gain must be in [0, 1), got {min_gain}")
+    reference = next((v for v in variants if v.label == "fp32"), None)
+    if reference is None:
+        raise SaofuError(f"no unpruned fp32 variant among {[v.label for v in variants]} to set the accuracy bar")
+    eligible = [v for v in variants if v.accuracy_at_threshold >= reference.accuracy_at_threshold - accuracy_bar]
+    fastest = [v for v in eligible if not any(clearly_faster(u, v, min_gain) for u in eligible)]
+    return min(fastest, key=tie_break_key) if fastest else None
 
 
 def format_variants(variants: list[Variant], chosen: Variant | None) -> str:
-    head = (f"{'artefact':<17}{'params':>9}{'MFLOPs':>8}{'acc':>8}{'acc@thr':>9}{'p50 ms':>8}{'p95 ms':>8}"
-            f"{'KiB':>8}")
+    head = (f"{'artefact':<17}{'params':>9}{'MFLOPs':>8}{'acc':>8}{'acc@thr':>9}{'p50 ms':>8}{'p25-p75 ms':>14}"
+            f"{'p95 ms':>8}{'KiB':>8}")
     lines = [head, "-" * len(head)]
     for v in variants:
         mark = "  <- ships" if chosen is not None and v.path == chosen.path else ""
         lines.append(f"{v.label:<17}{v.params:>9,}{v.mflops:>8.2f}{v.accuracy:>8.4f}{v.accuracy_at_threshold:>9.4f}"
-                     f"{v.latency_p50_ms:>8.3f}{v.latency_p95_ms:>8.3f}{v.size_bytes / 1024:>8.1f}{mark}")
+                     f"{v.latency_p50_ms:>8.3f}{f'{v.latency_p25_ms:.3f}-{v.latency_p75_ms:.3f}':>14}"
+                     f"{v.latency_p95_ms:>8.3f}{v.size_bytes / 1024:>8.1f}{mark}")
     return "\n".join(lines)
 
 

@@ -188,6 +188,85 @@ def test_champion_moves_twice_under_16_clients_without_a_failed_request(store, i
         assert per_client[-1][1] == WRONG
 
 
+CLASS_MODEL = "colour-serving"
+
+
+@pytest.fixture(scope="module")
+def class_change_store(tmp_path_factory) -> str:
+    """Versions 1 (`fu`, `not_fu`) and 2 (`fu`, `fu_merchant`, `not_fu`, refining `fu`): untrained
+    colour graphs (tests/deploy/test_canary_classes.py), the second a fast retrain's class change."""
+    from tasks.tracking import register_onnx, start_run
+    from tests.deploy.test_canary_classes import CHALLENGER_W, CHAMPION_W, MERCHANT, THREE, TWO, colour_model
+
+    home = tmp_path_factory.mktemp("class-change-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAOFU_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for version, classes, weights, refines in (("1", TWO, CHAMPION_W, None), ("2", THREE, CHALLENGER_W, MERCHANT)):
+            path = colour_model(home / f"v{version}.onnx", classes, weights, refines)
+            run_id = start_run("serving-test", f"v{version}", {}, {})
+            assert register_onnx(run_id, path, CLASS_MODEL, 8, classes, {}) == version
+    uri = f"sqlite:///{home}/mlflow/mlflow.db"
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(CLASS_MODEL, "champion", "1")
+    return uri
+
+
+@pytest.mark.slow
+def test_a_champion_whose_class_count_grew_swaps_in_under_load(class_change_store):
+    """2 classes, then 3: no request fails, and each answer's classes are those of the version that gave it."""
+    from tests.deploy.test_canary_classes import BLUE, GREEN, RED, THREE, TWO, png
+
+    uri = class_change_store
+    classes = {"1": set(TWO), "2": set(THREE)}
+    bodies = [png(c) for c in (RED, BLUE, GREEN)]
+    client_api = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client_api.set_registered_model_alias(CLASS_MODEL, "champion", "1")
+    cfg = ServeConfig(model_name=CLASS_MODEL, tracking_uri=uri, poll_seconds=0.1)
+    with running(cfg) as url:
+
+        async def load() -> list[list[tuple[int, dict]]]:
+            stop = asyncio.Event()
+            answers: list[list[tuple[int, dict]]] = [[] for _ in range(8)]
+
+            async def client(i: int, session: aiohttp.ClientSession) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    try:
+                        async with session.post(f"{url}/predict", data=bodies[(i + n) % 3],
+                                                headers={"content-type": "image/png"}) as r:
+                            answers[i].append((r.status, await r.json() if r.status == 200 else {}))
+                    except aiohttp.ClientError as exc:
+                        answers[i].append((0, {"error": repr(exc)}))
+
+            async with aiohttp.ClientSession() as session:
+                clients = [asyncio.create_task(client(i, session)) for i in range(8)]
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(client_api.set_registered_model_alias, CLASS_MODEL, "champion", "2")
+                while True:
+                    async with session.get(f"{url}/healthz") as r:
+                        if (await r.json())["versions"]["champion"] == "2":
+                            break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
+                stop.set()
+                await asyncio.gather(*clients)
+            return answers
+
+        answers = asyncio.run(load())
+    flat = [a for per_client in answers for a in per_client]
+    assert len(flat) > 50
+    assert [a for a in flat if a[0] != 200] == []
+    for _, data in flat:
+        assert data["top_class"] in classes[data["version"]], data
+        assert data["class"] is None or data["class"] in classes[data["version"]], data
+    assert {data["version"] for _, data in flat} == {"1", "2"}
+    assert {data["top_class"] for _, data in flat if data["version"] == "2"} == set(THREE)  # the new class answers
+    for per_client in answers:
+        versions = [data["version"] for _, data in per_client]
+        assert versions == sorted(versions) and versions[-1] == "2"
+
+
 @pytest.mark.slow
 def test_a_request_keeps_the_model_set_it_started_with(store):
     set_aliases(store, champion=GOOD)

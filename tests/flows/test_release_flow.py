@@ -19,7 +19,7 @@ def prefect_api():
 
 
 @pytest.mark.slow
-def test_release_ships_int8_gates_against_the_champion_and_rolls_back(prefect_api, saofu_home):
+def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls_back(prefect_api, saofu_home):
     trained = train_flow(TrainFlowParams(world_n=300, image_size=32, model="saofu_fu_tiny", epochs=6,
                                          registered_model="fu-rel", experiment="t"))
     common = dict(registered_model="fu-rel", fresh_n=60, fine_tune_epochs=1, gate={"max_latency_ms": 50.0})
@@ -28,7 +28,7 @@ def test_release_ships_int8_gates_against_the_champion_and_rolls_back(prefect_ap
     client = MlflowClient(tracking_uri=trained.tracking_uri, registry_uri=trained.tracking_uri)
     shipped = client.get_model_version("fu-rel", first.challenger_version)
     assert first.candidate_version == trained.version and first.promoted and first.champion_before is None
-    assert shipped.tags[ARTEFACT_TAG] in ("int8", "pruned+int8")  # the INT8 artefact ships, never the float model
+    assert shipped.tags[ARTEFACT_TAG] == first.shipped in ("fp32", "int8", "pruned fp32", "pruned+int8")
     assert shipped.tags["parent_version"] == trained.version and shipped.tags["arch"]
     assert registry.current_champion("fu-rel") == first.challenger_version
     run = client.get_run(first.run_id)

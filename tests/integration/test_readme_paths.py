@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,7 +73,16 @@ def project(tmp_path_factory) -> Path:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=_user_env(), capture_output=True, text=True, timeout=timeout)
+    """Run `cmd` as the user would; on a time-out the whole process group goes (make's `saofu demo` too)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"{' '.join(cmd)} took over {timeout:g} s:\n{out[-3000:]}\n{err[-3000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     said = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{said}"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

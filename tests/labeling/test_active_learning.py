@@ -549,3 +549,97 @@ def test_flow_params_are_checked_before_anything_runs():
         ActiveLearningParams(pool_dir="p", dataset_dir="d", per_class_thresholds={"fu": 0.3})
     with pytest.raises(ValidationError, match="no badcase_file"):
         ActiveLearningParams(pool_dir="p", dataset_dir="d", include_badcases=True)
+
+
+# ------------------------------------------------------------------ two models, different classes (issue 13)
+# After a fast retrain the champion knows `fu_merchant`; the second model does not yet. Untrained
+# colour graphs (tests/deploy/test_canary_classes.py) make the answers known: red is `fu` for both,
+# green `not_fu`, blue a merchant's 福 (`fu_merchant` for a 3-class model, `fu` for a 2-class one).
+
+THREE = ["fu", "fu_merchant", "not_fu"]
+
+
+def test_a_class_the_other_model_lacks_goes_to_a_human():
+    from tasks.labeling.active_learning import UNKNOWN_TO_OTHER
+
+    three, two = THREE, CLASSES
+    for b_label in ("fu", "not_fu"):  # whatever the other says, it could not have said fu_merchant
+        d = select(Prediction("fu_merchant", 0.99), Prediction(b_label, 0.99), 0.9, classes_a=three, classes_b=two)
+        assert not d.auto and d.reason == UNKNOWN_TO_OTHER
+    d = select(Prediction("fu", 0.99), Prediction("fu_merchant", 0.99), 0.9, classes_a=two, classes_b=three)
+    assert d.reason == UNKNOWN_TO_OTHER  # the same the other way round
+    # On the classes both know the rule is unchanged.
+    assert select(Prediction("fu", 0.97), Prediction("fu", 0.95), 0.9, classes_a=three, classes_b=two).auto
+    assert select(Prediction("fu", 0.97), Prediction("not_fu", 0.95), 0.9, classes_a=three,
+                  classes_b=two).reason == DISAGREE
+
+
+def test_the_vectorised_rule_matches_the_scalar_one_with_different_class_lists():
+    from tasks.labeling.active_learning import UNKNOWN_TO_OTHER
+    from tasks.release.evaluation import align_probs
+
+    rng = np.random.default_rng(1)
+    pa = _random_probs(rng, 1000, 3)  # the champion: fu, fu_merchant, not_fu
+    pb = align_probs(_random_probs(rng, 1000, 2), CLASSES, THREE)  # the second: no fu_merchant column
+    pb[:400] = align_probs(pa[:400][:, [0, 2]] / pa[:400][:, [0, 2]].sum(1, keepdims=True), CLASSES, THREE)
+    auto, labels, reasons = select_batch(pa, pb, THREE, 0.9, None, THREE, CLASSES)
+    for i in range(len(pa)):
+        d = select(Prediction(THREE[pa[i].argmax()], pa[i].max()), Prediction(THREE[pb[i].argmax()], pb[i].max()),
+                   0.9, None, THREE, CLASSES)
+        assert (d.auto, d.reason) == (bool(auto[i]), reasons[i]), i
+    assert {UNKNOWN_TO_OTHER, DISAGREE, AGREE} <= set(reasons)
+    assert "fu_merchant" not in set(labels[auto])
+
+
+@pytest.fixture
+def colour_pool(tmp_path) -> Path:
+    """3 red, 3 blue and 2 green images in an online pool, as the serving app logs them."""
+    from deploy.pool_log import PoolEntry, PoolStore
+    from tests.deploy.test_canary_classes import png
+
+    store = PoolStore(tmp_path / "colour_pool")
+    colours = [(250, 0, i) for i in range(3)] + [(i, 0, 250) for i in range(3)] + [(i, 250, 0) for i in range(2)]
+    for k, colour in enumerate(colours):
+        store.add(PoolEntry(png(colour), "PNG", {"model_version": "fu:1"}, START.timestamp() + k, {}))
+    store.close()
+    return tmp_path / "colour_pool"
+
+
+@pytest.mark.parametrize("new_class_in", ["champion", "second"])
+def test_route_sends_images_of_a_class_one_model_lacks_to_labelers(colour_pool, tmp_path, new_class_in):
+    from tasks.labeling.active_learning import UNKNOWN_TO_OTHER, label_classes
+    from tests.deploy.test_canary_classes import CHALLENGER_W, CHAMPION_W, MERCHANT, colour_model
+
+    three = model_ref(colour_model(tmp_path / "three.onnx", THREE, CHALLENGER_W, MERCHANT), "fu", "2")
+    two = model_ref(colour_model(tmp_path / "two.onnx", CLASSES, CHAMPION_W), "fu-second", "1")
+    champion, second = (three, two) if new_class_in == "champion" else (two, three)
+    assert label_classes(champion, second) == (THREE if new_class_in == "champion" else ["fu", "not_fu", "fu_merchant"])
+    sink = RecordingSink()
+    result = route(colour_pool, tmp_path / "ds", champion, second, sink, threshold=0.9)
+
+    assert (result.new_images, result.auto, result.human) == (8, 5, 3)
+    assert result.reasons == {AGREE: 5, UNKNOWN_TO_OTHER: 3}
+    assert sorted(r["label"] for r in read_manifest(tmp_path / "ds")) == ["fu"] * 3 + ["not_fu"] * 2
+    blue = ("fu_merchant", "fu") if new_class_in == "champion" else ("fu", "fu_merchant")
+    for item in sink.items:
+        assert item.meta["al_reason"] == UNKNOWN_TO_OTHER
+        assert tuple(p.label for p in item.predictions) == blue  # champion first
+    assert result.metrics()["reason_class_unknown_to_the_other_model"] == 3
+
+
+def test_resolve_models_accepts_two_class_lists_that_overlap(saofu_home, tmp_path):
+    from tasks import tracking
+    from tests.deploy.test_canary_classes import CHALLENGER_W, CHAMPION_W, colour_model
+
+    graphs = [(colour_model(tmp_path / "three.onnx", THREE, CHALLENGER_W), THREE),
+              (colour_model(tmp_path / "two.onnx", CLASSES, CHAMPION_W), CLASSES),
+              (colour_model(tmp_path / "shapes.onnx", ["circle", "square"], CHAMPION_W), ["circle", "square"])]
+    for path, classes in graphs:
+        tracking.register_onnx(tracking.start_run("test-al", "register", {}, {}), path, "fu", 8, classes, {})
+    client = tracking.client()
+    client.set_registered_model_alias("fu", "champion", "1")
+    client.set_registered_model_alias("fu", "second", "2")
+    a, b = resolve_models("fu", dst_dir=saofu_home / "dl")
+    assert (a.classes, b.classes) == (tuple(THREE), tuple(CLASSES))
+    with pytest.raises(SaofuError, match="share no class"):
+        resolve_models("fu", "fu/3")

@@ -20,6 +20,7 @@ from tasks.release.report import (
 )
 from tasks.train.export import export_onnx
 from tasks.train.loop import TrainConfig, fit
+from tests.deploy.test_canary_classes import BLUE, CHALLENGER_W, CHAMPION_W, GREEN, RED, colour_model
 
 THRESHOLD = 0.9
 
@@ -165,3 +166,91 @@ def test_bad_inputs_are_refused(tmp_path, exported):
         runtime_profile(tmp_path / "missing.onnx")
     with pytest.raises(SaofuError, match="nothing to compare"):
         compare_table({})
+
+
+# ---------------------------------------------------------------------- a class the model lacks (issue 13)
+# Tiny hand-made graphs, no training: logits = mean colour @ W, so a colour picks the class
+# (`colour_model`, tests/deploy/test_canary_classes.py).
+# The champion calls a merchant's (blue) 福 `fu`; the challenger knows `fu_merchant`.
+
+
+def colour_split(colours_and_labels, classes: list[str], size: int = 8) -> TensorSplit:
+    images = torch.stack([torch.tensor(c, dtype=torch.uint8)[:, None, None].expand(3, size, size)
+                          for c, _ in colours_and_labels]).contiguous()
+    labels = torch.tensor([classes.index(label) for _, label in colours_and_labels])
+    return TensorSplit(images, labels, list(classes), [f"img{i}.png" for i in range(len(labels))])
+
+
+@pytest.fixture
+def class_change(tmp_path):
+    champion = colour_model(tmp_path / "champion.onnx", ["fu", "not_fu"], CHAMPION_W)
+    challenger = colour_model(tmp_path / "challenger.onnx", ["fu", "fu_merchant", "not_fu"], CHALLENGER_W,
+                              refines={"fu_merchant": "fu"})
+    fresh = colour_split([(RED, "fu")] * 4 + [(BLUE, "fu_merchant")] * 3 + [(GREEN, "not_fu")] * 4,
+                         ["fu", "fu_merchant", "not_fu"])
+    return champion, challenger, fresh
+
+
+def test_a_model_lacking_a_class_of_the_set_is_evaluated_and_says_what_it_lacks(tmp_path, class_change):
+    champion_path, challenger_path, fresh = class_change
+    champion = evaluate_sets(champion_path, {"fresh": fresh}, THRESHOLD, "not_fu", tmp_path / "a")["fresh"]
+    assert champion["lacks"] == ["fu_merchant"] and champion["lacked_images"] == {"fu_merchant": 3}
+    assert champion["model_classes"] == ["fu", "not_fu"]
+    assert list(champion["per_class"]) == ["fu", "not_fu"]  # no recall of a class it cannot answer
+    assert champion["per_class"]["fu"]["precision"] == pytest.approx(4 / 7)  # the merchants' 福 it calls fu
+    assert champion["accuracy_at_threshold"] == pytest.approx(8 / 11)  # merchant images count wrong...
+    assert champion["known_accuracy_at_threshold"] == 1.0  # ... and it is right on the rest
+    assert sum(champion["errors"].values()) == 0 and champion["gallery_rows"] == []  # not errors of the model
+    assert champion["classes"] == ["fu", "fu_merchant", "not_fu"]
+    assert champion["confusion"] == [[4, 0, 0], [3, 0, 0], [0, 0, 4]]
+    for file in champion["files"].values():
+        _valid_png(file)
+    flat = flat_metrics({"fresh": champion})
+    assert flat["fresh/lacked_images_fu_merchant"] == 3 and flat["fresh/known_accuracy_at_threshold"] == 1.0
+    assert "fresh/recall_fu_merchant" not in flat
+
+    challenger = evaluate_sets(challenger_path, {"fresh": fresh}, THRESHOLD, "not_fu", tmp_path / "b")["fresh"]
+    assert challenger["lacks"] == [] and challenger["accuracy_at_threshold"] == 1.0
+    # ... and on an old set without merchant images, its new class has no support, nothing breaks
+    old = colour_split([(RED, "fu"), (GREEN, "not_fu")], ["fu", "not_fu"])
+    on_old = evaluate_sets(challenger_path, {"old": old}, THRESHOLD, "not_fu", tmp_path / "c")["old"]
+    assert on_old["per_class"]["fu_merchant"]["support"] == 0 and on_old["accuracy_at_threshold"] == 1.0
+    assert on_old["classes"] == ["fu", "not_fu", "fu_merchant"]
+
+    # A model without the negative class abstains under the threshold, as the serving app does.
+    no_negative = colour_model(tmp_path / "nn.onnx", ["fu", "fu_merchant"], [[0.1, 0], [0, 0], [0, 0.1]])
+    unsure = colour_split([((250, 0, 240), "fu")], ["fu", "not_fu"])
+    result = evaluate_sets(no_negative, {"u": unsure}, THRESHOLD, "not_fu", tmp_path / "d")["u"]
+    assert result["negative_class"] is None and result["abstained"] == 1.0 and result["lacks"] == ["not_fu"]
+
+
+def test_the_comparison_table_shows_both_models_and_the_shared_classes(tmp_path, class_change):
+    from tasks.release.gate import GateConfig, evaluate_gate
+    from tasks.release.report import gate_metrics, model_info
+
+    champion_path, challenger_path, fresh = class_change
+    runtime = {"latency_p50_ms": 0.1, "latency_p95_ms": 0.2, "file_bytes": 1000}
+    reports = {label: {"sets": evaluate_sets(path, {"fresh": fresh}, THRESHOLD, "not_fu", tmp_path / label),
+                       "runtime": runtime, "model": model_info(path)}
+               for label, path in (("challenger v2", challenger_path), ("champion v1", champion_path))}
+    table = compare_table(reports)
+    print(table)
+    lines = table.strip().splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:5] == ["model", "lacks", "fresh acc", "fresh acc@0.9", "fresh acc@0.9 shared"]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:4]}
+    assert rows["challenger v2"][1:5] == ["-", "1.000", "1.000", "1.000"]
+    assert rows["champion v1"][1:5] == ["fu_merchant", "0.727", "0.727", "1.000"]
+    assert lines[-1] == "fresh acc@0.9 shared: on the images of the classes every model knows (fu, not_fu)"
+    _valid_png(compare_plot(reports, tmp_path / "compare.png"))
+
+    challenger = gate_metrics(reports["challenger v2"], "fresh", "2")
+    champion = gate_metrics(reports["champion v1"], "fresh", "1")
+    assert challenger.refines == {"fu_merchant": "fu"} and champion.refines == {}
+    assert set(champion.per_class_recall) == {"fu", "not_fu"}
+    assert champion.confusion["fu_merchant"] == {"fu": 3}
+    gate = evaluate_gate(challenger, champion, GateConfig(new_class="fu_merchant", max_latency_ms=1.0))
+    assert gate.passed, gate.table()
+    assert [c.name for c in gate.checks][:5] == ["accuracy", "recall[fu]", "recall[not_fu]",
+                                                 "new_class_recall[fu_merchant]", "parent_recall[fu_merchant->fu]"]
+    assert gate.checks[0].value == 1.0 and "on the 8 of 11 images" in gate.checks[0].detail

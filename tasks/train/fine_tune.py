@@ -1,0 +1,501 @@
+"""The fast retrain's fine-tune: add or correct classes of a trained model within a wall-clock budget.
+
+Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like `loop.fit`.
+`fine_tune` starts from a base checkpoint (the champion's, as `loop.fit` wrote it) and
+
+* grows the classifier by one row per new class (`models.head.grow_classifier`: old rows and all
+  other weights unchanged, a class that refines an old one starts from its parent's row), or, for
+  *changed* classes (corrected labels of classes the model has), keeps the class list as it is;
+* trains on every training image of the new and changed classes plus a replay sample of the other
+  classes (`replay_share` of each epoch, stratified by class, drawn afresh every epoch so the run
+  sees as much of the old data as its epochs allow), so old classes do not regress;
+* plans its epochs from the training throughput measured on a few real batches of this data and
+  model (`measure_throughput`, `plan_epochs`), so the learning-rate schedule ends with the budget;
+* validates after every epoch and keeps the best checkpoint, in `loop.save_checkpoint`'s format
+  (export, evaluation and release take it like any other), chosen on balanced accuracy (mean
+  per-class recall): the validation split is mostly old classes, and plain accuracy would
+  prefer an epoch that has not learned the new class yet;
+* stops at the budget: the clock is checked before every batch, and training ends early enough
+  that the last (possibly partial) epoch is still evaluated and saved within the budget.
+
+Learning rate: half the base run's peak rate (5e-3 -> 2.5e-3 at the defaults), decayed to zero on
+a cosine with no warm-up over the planned steps (so it reaches zero as the budget ends), like
+`tasks.release.pruning.fine_tune` for pruned models: the weights are already trained, and `fit`'s
+one-cycle climb from a small rate would spend the few minutes warming up. Half the peak is about
+the mean rate of the from-scratch schedule. The classifier layer trains at `head_lr_scale` (3x)
+that rate: its new rows start untrained while the features only need to adjust. Measured on a
+48px Fu world with ``fu_merchant`` refining ``fu`` (saofu_fu_tiny, 8 epochs, replay 0.5): at a
+fifth of the peak the merchant row could not leave its parent in time (``fu`` recall 0.83 ->
+0.40); at half, ``fu`` 0.85, ``fu_merchant`` 0.94-0.97, ``not_fu`` 0.74 -> 0.58-0.65, as good as a
+3-class model trained from scratch on all the data (0.81 / 0.96 / 0.57: merchant-frame decoys in
+``not_fu`` are what costs it); at the full peak ``not_fu`` fell further (0.55); the head at 1x
+left ``fu`` at 0.60.
+
+Class prior: an epoch holds every new-class image but only a sample of the old ones, so the
+model is validated and saved with the data's class prior put back into its biases
+(`prior_correction`); training goes on without it.
+
+Works for any model `models.create_model` builds and any ImageFolder dataset: the data's classes
+(sorted folder names) are mapped onto the model's order, old classes first, new ones appended.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.head import DEFAULT_REFINE_LOGIT_OFFSET, check_new_classes, classifier_layer, grow_classifier
+from saofu.errors import SaofuError
+from tasks.data.loading import PreparedData, TensorSplit
+from tasks.train import distributed
+from tasks.train.config import TrainConfig
+from tasks.train.loop import (
+    EpochCallback,
+    load_checkpoint,
+    predict_proba,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    train_one_epoch,
+)
+
+Clock = Callable[[], float]
+LR_SCALE = 0.5  # fine-tune rate as a share of the base run's peak rate, when `lr` is not given
+PLAN_HEADROOM = 0.9  # plan epochs for 90% of the time left: throughput measured on 3 batches is noisy
+
+
+@dataclass
+class FineTuneConfig:
+    """What a fine-tune changes and how; logged as the run's parameters.
+
+    A label correction moves images between classes: name as changed every class that lost or
+    gained images, so all the corrected images are trained on in full, not only by chance in the
+    replay sample.
+    """
+
+    new_classes: list[str] = field(default_factory=list)  # appended to the model's classes
+    changed_classes: list[str] = field(default_factory=list)  # classes it has, with corrected labels
+    refines: dict[str, str] = field(default_factory=dict)  # new class -> the old class it refines
+    replay_share: float = 0.5  # share of each epoch's training images drawn from the other classes
+    budget_s: float = 600.0  # wall clock for the whole call, loading and evaluation included
+    max_epochs: int = 30  # cap on planned epochs
+    epochs: int | None = None  # a fixed epoch count instead of a plan (the budget still stops it)
+    lr: float | None = None  # None: LR_SCALE x the base run's peak rate
+    head_lr_scale: float = 3.0  # the classifier layer's rate, relative to `lr`
+    refine_logit_offset: float = DEFAULT_REFINE_LOGIT_OFFSET
+    batch_size: int | None = None  # None: the base run's
+    seed: int | None = None  # None: the base run's
+    device: str = "auto"
+
+
+@dataclass
+class FineTuneResult:
+    """What a fine-tune did; `recall_before` / `recall_after` show whether old classes held."""
+
+    model: nn.Module  # the best model (eval mode, CPU)
+    classes: list[str]  # its classes in logit order: the base's, then the new ones
+    checkpoint_path: Path  # the best checkpoint, in loop.save_checkpoint's format
+    new_classes: list[str]
+    changed_classes: list[str]
+    epochs_planned: int
+    epochs_run: int  # epochs that trained at least one batch (history's epoch_fraction < 1: cut short)
+    stopped_by_budget: bool
+    seconds: float
+    budget_s: float
+    images_per_s: float  # measured training throughput the plan used
+    train_images: int  # per epoch: all new/changed-class images + the replay sample
+    replay_images: int
+    best_epoch: int  # 0: no trained epoch beat the starting (grown, untrained) model
+    best_val_accuracy: float
+    best_val_balanced_accuracy: float
+    recall_before: dict[str, float]  # per-class val recall of the base model (0 for new classes)
+    recall_after: dict[str, float]  # per-class val recall of the best model
+    lr: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def regressions(self, tolerance: float = 0.02) -> dict[str, float]:
+        """Classes outside the fine-tune whose val recall fell by more than `tolerance`: {class: drop}."""
+        touched = set(self.new_classes) | set(self.changed_classes)
+        drops = {c: self.recall_before[c] - self.recall_after.get(c, 0.0)
+                 for c in self.recall_before if c not in touched}
+        return {c: d for c, d in drops.items() if d > tolerance}
+
+    def summary(self) -> dict:
+        """The result without model and history: JSON-ready, for logs and a flow's return value."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "history")}
+        out["checkpoint_path"] = str(self.checkpoint_path)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training set: new/changed classes + a stratified replay sample
+# ---------------------------------------------------------------------------------------------
+
+
+def align_split(split: TensorSplit, classes: Sequence[str]) -> TensorSplit:
+    """`split` with its labels re-indexed onto `classes` (which must hold all of its classes)."""
+    unknown = [c for c in split.classes if c not in classes]
+    if unknown:
+        raise SaofuError(f"the data has classes {unknown} that are neither the model's nor new: {list(classes)}")
+    remap = torch.tensor([list(classes).index(c) for c in split.classes], dtype=torch.int64)
+    labels = remap[split.labels] if len(split) else split.labels
+    return TensorSplit(split.images, labels, list(classes), list(split.paths))
+
+
+def _take(split: TensorSplit, idx: Tensor) -> TensorSplit:
+    return TensorSplit(split.images[idx], split.labels[idx], split.classes, [split.paths[i] for i in idx.tolist()])
+
+
+def replay_count(n_focus: int, n_available: int, share: float) -> int:
+    """Replay images that make `share` of an epoch of `n_focus` focus images (at most all available)."""
+    if not 0.0 <= share < 1.0:
+        raise SaofuError(f"replay_share must be >= 0 and < 1, got {share!r}")
+    return min(n_available, round(n_focus * share / (1.0 - share)))
+
+
+def _stratified_quota(counts: list[int], n: int) -> list[int]:
+    """Split `n` draws over classes in proportion to `counts`, at least one per non-empty class.
+
+    Proportional, so the old classes keep the mix the base model was trained on; the floor of one
+    keeps a rare class in every epoch. Largest remainders round the shares to whole images.
+    """
+    quota = [0] * len(counts)
+    present = [i for i, c in enumerate(counts) if c > 0]
+    if n <= 0 or not present:
+        return quota
+    if n < len(present):  # fewer draws than classes: the largest classes get one each
+        for i in sorted(present, key=lambda i: -counts[i])[:n]:
+            quota[i] = 1
+        return quota
+    for i in present:
+        quota[i] = 1
+    rest, spare = n - len(present), [max(counts[i] - 1, 0) for i in range(len(counts))]
+    total = sum(spare)
+    if rest and total:
+        exact = [rest * s / total for s in spare]
+        floors = [math.floor(e) for e in exact]
+        left = rest - sum(floors)
+        for i in sorted(range(len(counts)), key=lambda i: floors[i] - exact[i])[:left]:
+            floors[i] += 1
+        quota = [q + f for q, f in zip(quota, floors)]
+    return quota
+
+
+def replay_sample(labels: Tensor, focus: Sequence[int], share: float, generator: torch.Generator) -> Tensor:
+    """Indices of a class-stratified random sample of the images outside the `focus` classes.
+
+    Args:
+        labels: int64 labels of the training split.
+        focus: class indices trained in full (new and changed classes); never sampled.
+        share: the sample's share of focus images + sample, in [0, 1).
+        generator: draws the sample (seeded runs).
+
+    Returns:
+        Sorted int64 indices into `labels`.
+    """
+    focus_mask = torch.isin(labels, torch.tensor(list(focus), dtype=labels.dtype))
+    old_classes = sorted(set(labels[~focus_mask].tolist()))
+    pools = [torch.nonzero(labels == c).flatten() for c in old_classes]
+    n = replay_count(int(focus_mask.sum()), int((~focus_mask).sum()), share)
+    picked = [pool[torch.randperm(len(pool), generator=generator)[:q]]
+              for pool, q in zip(pools, _stratified_quota([len(p) for p in pools], n))]
+    return torch.cat(picked).sort().values if picked else torch.zeros(0, dtype=torch.int64)
+
+
+def training_set(train: TensorSplit, focus_classes: Sequence[str], replay_share: float, seed: int) -> TensorSplit:
+    """Every image of `focus_classes` plus a seeded, stratified replay sample of the other classes."""
+    focus = [train.classes.index(c) for c in focus_classes]
+    in_focus = torch.nonzero(torch.isin(train.labels, torch.tensor(focus, dtype=torch.int64))).flatten()
+    replay = replay_sample(train.labels, focus, replay_share, torch.Generator().manual_seed(seed))
+    return _take(train, torch.cat([in_focus, replay]).sort().values)
+
+
+def prior_correction(train_labels: Tensor, epoch_labels: Tensor, num_classes: int) -> Tensor:
+    """Per-class logit offsets log(p_data / p_epoch) that undo the class mix of the fine-tune's epochs.
+
+    An epoch holds every new-class image but only a sample of the old ones, so the new classes are
+    far more frequent in it than in the data (half of it at replay_share 0.5, against a fifth of
+    the data for the Fu world's ``fu_merchant``). Softmax cross-entropy learns the training
+    distribution's class prior into the logits; adding log(prior in the data / prior in the
+    epochs) to the biases puts back the data's prior (logit adjustment, Menon et al. 2021,
+    "Long-tail learning via logit adjustment"), which a model trained on all the data would have
+    learned. Classes absent from either get no offset.
+    """
+    data = torch.bincount(train_labels, minlength=num_classes).double()
+    epoch = torch.bincount(epoch_labels, minlength=num_classes).double()
+    ratio = (data / data.sum()) / (epoch / epoch.sum())
+    return torch.where((data > 0) & (epoch > 0), ratio.log(), torch.zeros_like(ratio)).float()
+
+
+@contextmanager
+def _bias_offset(model: nn.Module, offset: Tensor):
+    """`model` with `offset` added to its classifier's bias inside the block, the trained bias after."""
+    bias = classifier_layer(model).bias
+    if bias is None:
+        yield model
+        return
+    kept = bias.detach().clone()
+    with torch.no_grad():
+        bias.add_(offset.to(bias.device, bias.dtype))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            bias.copy_(kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget: measured throughput -> epochs
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_epochs(images_per_epoch: int, images_per_s: float, budget_s: float, epoch_overhead_s: float = 0.0,
+                max_epochs: int = 30) -> int:
+    """How many epochs fit `budget_s`: floor(budget / (epoch's training time + overhead)), in [1, max_epochs].
+
+    Args:
+        images_per_epoch: training images per epoch (new/changed classes + replay sample), >= 1.
+        images_per_s: measured training throughput, > 0.
+        budget_s: seconds available for the epochs (may be <= 0: then the floor of 1).
+        epoch_overhead_s: fixed cost per epoch (validation, checkpoint), >= 0.
+        max_epochs: the cap, >= 1.
+    """
+    if images_per_epoch < 1 or not images_per_s > 0 or epoch_overhead_s < 0 or max_epochs < 1:
+        raise SaofuError(f"bad plan inputs: {images_per_epoch} images/epoch at {images_per_s} images/s, "
+                         f"overhead {epoch_overhead_s} s, max {max_epochs} epochs")
+    per_epoch = images_per_epoch / images_per_s + epoch_overhead_s
+    fit = math.floor(budget_s / per_epoch) if math.isfinite(budget_s) else max_epochs
+    return max(1, min(max_epochs, fit))
+
+
+def _constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def measure_throughput(model: nn.Module, split: TensorSplit, cfg: TrainConfig, device: torch.device,
+                       batches: int = 3, warmup: int = 1, clock: Clock = time.perf_counter) -> float:
+    """Training images/s of `model` on real batches of `split`: augmentation, forward, backward, step.
+
+    A throwaway copy of the model trains (so `model`, its BN statistics included, is untouched);
+    the first `warmup` batches (allocation, kernel selection) are not timed.
+    """
+    probe = copy.deepcopy(model).to(device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _constant_schedule(optimizer)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(split), generator=generator)
+    bs = min(cfg.batch_size, len(split))
+    timed, seconds = 0, 0.0
+    for b in range(warmup + batches):
+        idx = order[(torch.arange(bs) + b * bs) % len(split)]
+        start = clock()
+        train_one_epoch(probe, _take(split, idx), optimizer, scheduler, cfg, device, generator, scaler)
+        if b >= warmup:
+            seconds += clock() - start
+            timed += bs
+    return timed / max(seconds, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tune
+# ---------------------------------------------------------------------------------------------
+
+
+def _val_metrics(probs: Tensor, labels: Tensor, classes: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """(loss, accuracy, balanced accuracy) and per-class recall of the classes that have val images."""
+    pred = probs.argmax(1)
+    recall = _recall_of(pred, labels, classes)
+    metrics = {
+        "val_loss": F.nll_loss(probs.clamp_min(1e-12).log(), labels).item(),
+        "val_accuracy": (pred == labels).float().mean().item(),
+        "val_balanced_accuracy": sum(recall.values()) / max(len(recall), 1),
+    }
+    return metrics, recall
+
+
+def _recall_of(pred: Tensor, labels: Tensor, classes: Sequence[str]) -> dict[str, float]:
+    return {c: (pred[labels == i] == i).float().mean().item() for i, c in enumerate(classes) if (labels == i).any()}
+
+
+def _base_config(state: dict) -> TrainConfig:
+    """The base run's TrainConfig, ignoring keys this version does not know (older/newer checkpoints)."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in state.get("config", {}).items() if k in known})
+
+
+def _check(cfg: FineTuneConfig, old: list[str], data: PreparedData, image_size: int) -> None:
+    if not cfg.new_classes and not cfg.changed_classes:
+        raise SaofuError("nothing to fine-tune: name new classes, changed classes, or both")
+    check_new_classes(old, cfg.new_classes, cfg.refines)
+    unknown = [c for c in cfg.changed_classes if c not in old]
+    if unknown:
+        raise SaofuError(f"changed classes {unknown} are not classes of the base model {old}; add them as new")
+    if not cfg.budget_s > 0:
+        raise SaofuError(f"budget_s must be > 0, got {cfg.budget_s!r}")
+    for name in ("max_epochs", "epochs", "batch_size"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SaofuError(f"{name} must be an int >= 1, got {value!r}")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise SaofuError(f"lr must be > 0, got {cfg.lr!r}")
+    if not (math.isfinite(cfg.head_lr_scale) and cfg.head_lr_scale > 0):
+        raise SaofuError(f"head_lr_scale must be > 0, got {cfg.head_lr_scale!r}")
+    replay_count(0, 0, cfg.replay_share)  # range check
+    expected = set(old) | set(cfg.new_classes)
+    if set(data.classes) != expected:
+        extra, missing = sorted(set(data.classes) - expected), sorted(expected - set(data.classes))
+        raise SaofuError(f"the data's classes {data.classes} do not match the base model's {old} plus the new "
+                         f"{cfg.new_classes}: " + "; ".join(
+                             ([f"not in the model and not named new: {extra}"] if extra else [])
+                             + ([f"no images for: {missing} (replay needs every old class)"] if missing else [])))
+    size = tuple(data.train.images.shape[-2:])
+    if size != (image_size, image_size):
+        raise SaofuError(f"the data is {size[0]}x{size[1]} but the base model was trained at "
+                         f"{image_size}x{image_size}: prepare the dataset with image_size={image_size}")
+    if distributed.launched():
+        raise SaofuError("fine_tune runs in one process; start it without torchrun")
+
+
+def fine_tune(
+    base_checkpoint: str | Path,
+    data: PreparedData,
+    cfg: FineTuneConfig,
+    checkpoint_path: str | Path,
+    on_epoch: EpochCallback | None = None,
+    clock: Clock = time.perf_counter,
+) -> FineTuneResult:
+    """Fine-tune a trained model on new or changed classes within `cfg.budget_s` seconds.
+
+    Args:
+        base_checkpoint: a checkpoint written by `loop.fit` (or by this function).
+        data: the dataset, prepared at the base model's image size, holding every class of the base
+            model (for replay) and every new class; its val split measures before and after.
+        cfg: new/changed classes, replay share, budget and training knobs.
+        checkpoint_path: where the best checkpoint is written (kept up to date during the run).
+        on_epoch: called with (epoch, metrics) after every evaluated epoch.
+        clock: seconds, monotonic; the budget is measured on it (tests pass a fake one).
+
+    Returns:
+        FineTuneResult: the best model and checkpoint, epochs planned and run, whether the
+        budget stopped the run, and per-class val recall before and after.
+
+    Raises:
+        SaofuError: class lists that do not fit the base model or the data, a data image size
+            other than the base run's, bad knobs, or a torchrun launch.
+    """
+    t0 = clock()
+    deadline = t0 + cfg.budget_s
+    base, state = load_checkpoint(base_checkpoint)
+    old, base_cfg = list(state["classes"]), _base_config(state)
+    _check(cfg, old, data, base_cfg.image_size)
+    classes = old + list(cfg.new_classes)
+    focus_classes = list(cfg.changed_classes) + list(cfg.new_classes)
+    seed = base_cfg.seed if cfg.seed is None else cfg.seed
+    lr = cfg.lr if cfg.lr is not None else LR_SCALE * base_cfg.lr
+    # The saved config is the base run's (model, image size, split seed: what export and release read)
+    # with this run's training settings; `epochs` is set to the plan below.
+    tcfg = replace(base_cfg, lr=lr, batch_size=cfg.batch_size or base_cfg.batch_size, device=cfg.device)
+    device = resolve_device(cfg.device)
+    train, val = align_split(data.train, classes), align_split(data.val, classes)
+    missing = [c for c in focus_classes if not (train.labels == classes.index(c)).any()]
+    if missing:
+        raise SaofuError(f"no training images for {missing}")
+
+    seed_everything(seed)
+    model = grow_classifier(base, old, cfg.new_classes, cfg.refines, cfg.refine_logit_offset,
+                            torch.Generator().manual_seed(seed)).to(device)
+    # Epoch 0: the grown model untrained. Its old-class logits are the base model's, so the base
+    # model's predictions (argmax over the old columns) come from the same pass.
+    start = clock()
+    probs = predict_proba(model, val, device)
+    eval_s = clock() - start
+    recall_before = {c: 0.0 for c in cfg.new_classes} | _recall_of(probs[:, :len(old)].argmax(1), val.labels, classes)
+    best_metrics, best_recall = _val_metrics(probs, val.labels, classes)
+    ckpt = Path(checkpoint_path)
+    start = clock()
+    save_checkpoint(ckpt, model, None, None, 0, replace(tcfg, epochs=0), classes, [], best_metrics["val_accuracy"])
+    # Budget reserved after the last batch: one validation and one checkpoint, so they end in time.
+    reserve = eval_s + (clock() - start)
+    best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
+
+    first_epoch = training_set(train, focus_classes, cfg.replay_share, seed)
+    epoch_images = len(first_epoch)
+    # Every epoch has the same class counts (all focus images, fixed replay quotas): one correction.
+    offset = prior_correction(train.labels, first_epoch.labels, len(classes))
+    n_focus = sum(int((train.labels == classes.index(c)).sum()) for c in focus_classes)
+    images_per_s = 0.0
+    epochs = cfg.epochs or 1
+    if clock() + reserve < deadline:
+        images_per_s = measure_throughput(model, train, tcfg, device, clock=clock)
+        left = (deadline - clock()) * PLAN_HEADROOM
+        epochs = cfg.epochs or plan_epochs(epoch_images, images_per_s, left, reserve, cfg.max_epochs)
+    tcfg = replace(tcfg, epochs=epochs)
+
+    head_params = {id(p) for p in classifier_layer(model).parameters()}
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if id(p) not in head_params], "lr": lr},
+         {"params": list(classifier_layer(model).parameters()), "lr": lr * cfg.head_lr_scale}],
+        weight_decay=tcfg.weight_decay)
+    steps = epochs * math.ceil(epoch_images / tcfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    generator = torch.Generator()
+    history: list[dict[str, float]] = []
+    stopped = False
+    for epoch in range(1, epochs + 1):
+        generator.manual_seed(seed + 1_000_003 * epoch)
+        torch.manual_seed(seed + 1_000_003 * epoch)
+        # A fresh replay sample every epoch: same size, more of the old data seen over the run.
+        split = training_set(train, focus_classes, cfg.replay_share, seed + epoch)
+        order = torch.randperm(len(split), generator=generator)
+        loss_sum, correct, seen = 0.0, 0.0, 0
+        for first in range(0, len(split), tcfg.batch_size):
+            if clock() + reserve >= deadline:
+                stopped = True
+                break
+            batch = _take(split, order[first:first + tcfg.batch_size])
+            # One batch per call: train_one_epoch's step (augmentation, AMP) with the clock checked between.
+            m = train_one_epoch(model, batch, optimizer, scheduler, tcfg, device, generator, scaler)
+            loss_sum += m["train_loss"] * len(batch)
+            correct += m["train_accuracy"] * len(batch)
+            seen += len(batch)
+        if not seen:
+            break
+        metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+        # Validated, kept and saved with the data's class prior put back; training goes on without it.
+        with _bias_offset(model, offset):
+            val_metrics, recall = _val_metrics(predict_proba(model, val, device), val.labels, classes)
+            metrics.update(val_metrics, lr=scheduler.get_last_lr()[0], epoch_fraction=seen / len(split),
+                           seconds=clock() - t0)
+            history.append({"epoch": epoch, **metrics})
+            # Strictly better only: on a tie the earlier (less moved) weights stay.
+            if metrics["val_balanced_accuracy"] > best_metrics["val_balanced_accuracy"]:
+                best_epoch, best_metrics, best_recall = epoch, val_metrics, recall
+                best_state = copy.deepcopy(model.state_dict())
+                save_checkpoint(ckpt, model, None, None, epoch, tcfg, classes, history, val_metrics["val_accuracy"])
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if stopped:
+            break
+
+    model.load_state_dict(best_state)
+    model.eval().cpu()
+    return FineTuneResult(
+        model=model, classes=classes, checkpoint_path=ckpt, new_classes=list(cfg.new_classes),
+        changed_classes=list(cfg.changed_classes), epochs_planned=epochs, epochs_run=len(history),
+        stopped_by_budget=stopped, seconds=clock() - t0, budget_s=cfg.budget_s, images_per_s=images_per_s,
+        train_images=epoch_images, replay_images=epoch_images - n_focus, best_epoch=best_epoch,
+        best_val_accuracy=best_metrics["val_accuracy"],
+        best_val_balanced_accuracy=best_metrics["val_balanced_accuracy"],
+        recall_before=recall_before, recall_after=best_recall, lr=lr, history=history,
+    )

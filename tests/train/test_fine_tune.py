@@ -1,0 +1,327 @@
+"""The fast retrain's fine-tune: head growth, replay, the epoch plan, the budget stop, new and changed classes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from models import build_from_checkpoint_meta, create_model, model_meta
+from models.head import classifier_layer, grow_classifier
+from saofu.errors import SaofuError
+from tasks.data.loading import PreparedData, TensorSplit, prepare_dataset
+from tasks.train.export import export_onnx, parity_max_abs_diff, read_metadata
+from tasks.train.fine_tune import (
+    FineTuneConfig,
+    FineTuneResult,
+    fine_tune,
+    plan_epochs,
+    prior_correction,
+    replay_count,
+    replay_sample,
+    training_set,
+)
+from tasks.train.loop import TrainConfig, fit, load_checkpoint, predict_proba, save_checkpoint
+
+OLD = ["circle", "square"]
+CPU = torch.device("cpu")
+
+
+def _only(split: TensorSplit, classes: list[str]) -> TensorSplit:
+    """The images of `classes`, relabelled onto that list: a dataset as it was before a class existed."""
+    keep = torch.tensor([split.classes.index(c) for c in classes])
+    idx = torch.nonzero(torch.isin(split.labels, keep)).flatten()
+    labels = torch.tensor([classes.index(split.classes[y]) for y in split.labels[idx].tolist()])
+    return TensorSplit(split.images[idx], labels, list(classes), [split.paths[i] for i in idx.tolist()])
+
+
+@pytest.fixture(scope="module")
+def shapes(shapes_dir) -> PreparedData:
+    return prepare_dataset(shapes_dir, image_size=32, val_share=0.2)
+
+
+@pytest.fixture(scope="module")
+def base(shapes, tmp_path_factory):
+    """A 2-class base (circle, square) trained with loop.fit, as the champion of a fast retrain would be."""
+    path = tmp_path_factory.mktemp("base") / "base.pt"
+    cfg = TrainConfig(model="saofu_fu_tiny", epochs=12, batch_size=16, lr=1e-2, image_size=32)
+    fit(cfg, _only(shapes.train, OLD), _only(shapes.val, OLD), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def added(shapes, base, tmp_path_factory) -> FineTuneResult:
+    """`triangle` added to the base: a fixed epoch count (so the test is seeded) under a loose budget."""
+    seen = []
+    cfg = FineTuneConfig(new_classes=["triangle"], epochs=12, batch_size=16, budget_s=300)
+    result = fine_tune(base, shapes, cfg, tmp_path_factory.mktemp("ft") / "best.pt",
+                       on_epoch=lambda e, m: seen.append(e))
+    result.seen_epochs = seen
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Head growth
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["saofu_fu_tiny", "mobilenet_v3_small_050"])
+def test_growing_the_head_appends_rows_and_keeps_every_old_weight(name):
+    torch.manual_seed(0)
+    model = create_model(name, 3).eval()
+    with torch.no_grad():  # a head that looks trained: logits far from zero
+        classifier_layer(model).weight.normal_(0, 1)
+        classifier_layer(model).bias.normal_(0, 1)
+    old = ["a", "b", "c"]
+    grown = grow_classifier(model, old, ["b_special", "d"], refines={"b_special": "b"},
+                            generator=torch.Generator().manual_seed(0)).eval()
+
+    assert model.num_classes == 3 and classifier_layer(model).out_features == 3  # the base is untouched
+    assert grown.num_classes == 5 and classifier_layer(grown).out_features == 5
+    before, after = model.state_dict(), grown.state_dict()
+    assert before.keys() == after.keys()
+    w, b = classifier_layer(model).weight, classifier_layer(model).bias
+    gw, gb = classifier_layer(grown).weight, classifier_layer(grown).bias
+    for key in before:
+        if before[key].shape == after[key].shape:
+            assert torch.equal(before[key], after[key]), key
+    assert torch.equal(gw[:3], w) and torch.equal(gb[:3], b)
+    # The refining class starts as its parent, a fixed margin below it; the other new class small and random.
+    assert torch.equal(gw[3], w[1]) and gb[3].item() == pytest.approx(b[1].item() - np.log(4), abs=1e-6)
+    assert gw[4].abs().max() < 0.1 and gb[4] == 0
+
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        feats_a = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats_b = grown.forward_head(grown.forward_features(x), pre_logits=True)
+        logits_a, logits_b = model(x), grown(x)
+    assert torch.equal(feats_a, feats_b)  # everything up to the classifier is bit-identical
+    # Old logits: the same rows on the same features. The BLAS may round a 5-row product in another
+    # order than a 3-row one (as it does for another batch size), so equal to float rounding, not bits.
+    assert torch.allclose(logits_b[:, :3], logits_a, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(logits_b[:, 3], logits_a[:, 1] - np.log(4), rtol=1e-5, atol=1e-5)
+
+
+def test_a_refining_class_never_wins_before_training():
+    torch.manual_seed(1)
+    model = create_model("saofu_fu_tiny", 2).eval()
+    with torch.no_grad():
+        classifier_layer(model).weight.normal_(0, 1)
+    grown = grow_classifier(model, ["fu", "not_fu"], ["fu_merchant"], refines={"fu_merchant": "fu"}).eval()
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(grown(x).argmax(1), model(x).argmax(1))
+
+
+def test_growing_the_head_rejects_class_lists_that_do_not_fit():
+    model = create_model("saofu_fu_tiny", 2)
+    with pytest.raises(SaofuError, match="already classes"):
+        grow_classifier(model, ["a", "b"], ["b"])
+    with pytest.raises(SaofuError, match="not one of the model's classes"):
+        grow_classifier(model, ["a", "b"], ["c"], refines={"c": "z"})
+    with pytest.raises(SaofuError, match="not one of the new classes"):
+        grow_classifier(model, ["a", "b"], ["c"], refines={"d": "a"})
+    with pytest.raises(SaofuError, match="2 outputs but 3 old classes"):
+        grow_classifier(model, ["a", "b", "x"], ["c"])
+
+
+@pytest.mark.parametrize("name", ["saofu_fu_tiny", "mobilenet_v3_small_050"])
+def test_a_grown_checkpoint_rebuilds_from_its_metadata_and_exports(tmp_path, name):
+    torch.manual_seed(0)
+    model = create_model(name, 2)
+    classes = ["circle", "square", "triangle"]
+    grown = grow_classifier(model, classes[:2], classes[2:]).eval()
+    assert model_meta(grown)["num_classes"] == 3
+    save_checkpoint(tmp_path / "g.pt", grown, None, None, 0, TrainConfig(model=name, image_size=32),
+                    classes, [], 0.0)
+    rebuilt, state = load_checkpoint(tmp_path / "g.pt")
+    assert state["classes"] == classes and rebuilt.num_classes == 3
+    assert type(build_from_checkpoint_meta(state["model_meta"])) is type(grown)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), grown(x))
+    path = export_onnx(rebuilt, classes, tmp_path / "g.onnx", image_size=32)
+    assert json.loads(read_metadata(path)["classes"]) == classes
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert parity_max_abs_diff(rebuilt, path, pixels) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay and the epoch plan
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_replay_sample_is_stratified_seeded_and_sized_by_its_share():
+    labels = torch.tensor([0] * 100 + [1] * 50 + [2] * 10 + [3] * 40)  # class 3 is the new one
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    idx = replay_sample(labels, [3], 0.5, gen(0))
+    assert len(idx) == 40 and len(set(idx.tolist())) == 40  # half of 40 new + 40 replayed
+    counts = torch.bincount(labels[idx], minlength=4).tolist()
+    assert counts[3] == 0
+    for c, n in enumerate([100, 50, 10]):  # in proportion to the old classes' sizes, to the image
+        assert abs(counts[c] - 40 * n / 160) <= 1
+    assert torch.equal(idx, replay_sample(labels, [3], 0.5, gen(0)))
+    assert not torch.equal(idx, replay_sample(labels, [3], 0.5, gen(1)))
+    assert len(replay_sample(labels, [3], 0.25, gen(0))) == 13
+    assert len(replay_sample(labels, [3], 0.0, gen(0))) == 0
+    assert len(replay_sample(labels, [3], 0.9, gen(0))) == 160  # wants 360: all there are
+    # Every old class keeps a place, however rare.
+    rare = torch.tensor([0] * 500 + [1] * 2 + [2] * 20)
+    assert torch.bincount(rare[replay_sample(rare, [2], 0.5, gen(0))], minlength=3).tolist() == [19, 1, 0]
+    with pytest.raises(SaofuError, match="replay_share"):
+        replay_count(10, 10, 1.0)
+
+
+def test_the_training_set_holds_every_new_image_and_the_replay_share(shapes):
+    split = training_set(shapes.train, ["triangle"], 0.5, seed=0)
+    n_new = int((shapes.train.labels == shapes.classes.index("triangle")).sum())
+    counts = torch.bincount(split.labels, minlength=3).tolist()
+    assert counts[shapes.classes.index("triangle")] == n_new
+    assert len(split) == 2 * n_new and abs(counts[0] - counts[1]) <= 1
+    assert split.classes == shapes.classes and len(split.paths) == len(split)
+
+
+def test_the_prior_correction_puts_back_the_data_class_mix():
+    data = torch.tensor([0] * 40 + [1] * 40 + [2] * 20 + [3] * 5)  # class 3 never trained: no offset
+    epoch = torch.tensor([0] * 10 + [1] * 10 + [2] * 20)
+    offset = prior_correction(data, epoch, 4)
+    p_data = torch.tensor([40, 40, 20]) / 105
+    p_epoch = torch.tensor([10, 10, 20]) / 40
+    assert torch.allclose(offset[:3], (p_data / p_epoch).log()) and offset[3] == 0
+    assert offset[2] < 0 < offset[0]  # the oversampled new class is pulled back
+    assert torch.allclose(prior_correction(data, data, 4), torch.zeros(4), atol=1e-6)  # same mix: nothing
+
+
+def test_plan_epochs_fills_the_budget_within_floor_and_cap():
+    assert plan_epochs(1000, 500.0, 20.0) == 10  # 2 s per epoch
+    assert plan_epochs(1000, 500.0, 20.0, epoch_overhead_s=0.5) == 8  # 2.5 s per epoch
+    assert plan_epochs(1000, 500.0, 19.99) == 9
+    assert plan_epochs(1000, 500.0, 0.5) == 1  # never below one epoch
+    assert plan_epochs(1000, 500.0, -3.0) == 1
+    assert plan_epochs(10, 1e6, 600.0, max_epochs=30) == 30  # capped
+    with pytest.raises(SaofuError):
+        plan_epochs(1000, 0.0, 20.0)
+    with pytest.raises(SaofuError):
+        plan_epochs(0, 10.0, 20.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tune
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_new_class_is_learned_and_old_classes_hold(added, shapes):
+    r = added
+    assert r.classes == ["circle", "square", "triangle"]  # old first, in the base's order
+    assert r.recall_before["triangle"] == 0.0
+    assert r.recall_after["triangle"] >= 0.6  # chance is 1/3
+    for c in OLD:
+        assert r.recall_after[c] >= min(r.recall_before[c] - 0.2, 0.75), (r.recall_before, r.recall_after)
+    assert r.epochs_planned == 12 and r.epochs_run == 12 and r.seen_epochs == list(range(1, 13))
+    assert not r.stopped_by_budget and r.best_epoch >= 1
+    assert r.best_val_balanced_accuracy == max(h["val_balanced_accuracy"] for h in r.history)
+    n_new = int((shapes.train.labels == 2).sum())
+    assert r.train_images == 2 * n_new and r.replay_images == n_new
+    assert r.images_per_s > 0 and r.lr == 5e-3
+    json.dumps(r.summary())  # loggable as it is
+
+
+def test_the_best_checkpoint_is_a_regular_one(added, shapes):
+    model, state = load_checkpoint(added.checkpoint_path)
+    assert state["classes"] == added.classes and state["epoch"] == added.best_epoch
+    assert state["model_meta"]["num_classes"] == 3
+    assert state["config"]["model"] == "saofu_fu_tiny" and state["config"]["image_size"] == 32
+    probs = predict_proba(model, shapes.val, CPU)
+    assert torch.allclose(probs, predict_proba(added.model, shapes.val, CPU))
+    accuracy = (probs.argmax(1) == shapes.val.labels).float().mean().item()  # shapes' order is the model's
+    assert accuracy == pytest.approx(added.best_val_accuracy)
+
+
+def test_a_tiny_budget_stops_at_once_and_still_leaves_a_usable_checkpoint(shapes, base, tmp_path):
+    cfg = FineTuneConfig(new_classes=["triangle"], budget_s=0.001)
+    r = fine_tune(base, shapes, cfg, tmp_path / "best.pt")
+    assert r.stopped_by_budget and r.epochs_run == 0 and r.best_epoch == 0
+    model, state = load_checkpoint(tmp_path / "best.pt")
+    assert state["classes"] == ["circle", "square", "triangle"]
+    base_model, _ = load_checkpoint(base)
+    # The untrained grown model predicts the old classes as the base did.
+    grown = predict_proba(model, shapes.val, CPU)[:, :2].argmax(1)
+    assert torch.equal(grown, predict_proba(base_model, shapes.val, CPU).argmax(1))
+
+
+class _TickClock:
+    """Virtual seconds: every reading is `tick` later than the one before, whatever the machine's load."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_the_budget_stops_a_long_run_mid_epoch_and_within_the_budget(shapes, base, tmp_path):
+    # The clock is read once per batch (and a few times per epoch and before training): 3 s at 0.1 s
+    # a reading is some 15 batches of 4, inside the first epoch of 24 batches.
+    cfg = FineTuneConfig(new_classes=["triangle"], epochs=1000, batch_size=4, budget_s=3.0)
+    r = fine_tune(base, shapes, cfg, tmp_path / "best.pt", clock=_TickClock(0.1))
+    assert r.stopped_by_budget and 1 <= r.epochs_run < 1000
+    assert r.history[-1]["epoch_fraction"] < 1.0  # cut inside an epoch, and that part still validated
+    assert r.seconds <= 3.0 + 0.3  # the reserve kept validation and checkpoint inside the budget
+    _, state = load_checkpoint(tmp_path / "best.pt")
+    assert state["epoch"] == r.best_epoch and state["classes"] == r.classes
+
+
+def test_the_budget_holds_on_the_real_clock(shapes, base, tmp_path):
+    cfg = FineTuneConfig(new_classes=["triangle"], epochs=1000, batch_size=16, budget_s=4.0)
+    start = time.perf_counter()
+    r = fine_tune(base, shapes, cfg, tmp_path / "best.pt")
+    wall = time.perf_counter() - start
+    assert r.stopped_by_budget and r.epochs_run < 1000
+    assert wall < 4.0 + 3.0  # at most a batch, a validation and a checkpoint past it, on a busy machine
+    assert load_checkpoint(tmp_path / "best.pt")[1]["epoch"] == r.best_epoch
+
+
+def test_the_budget_is_checked_between_epochs(shapes, base, tmp_path):
+    """The clock jumps past the budget after the first epoch: the run stops there, cleanly."""
+    jump = [0.0]
+    cfg = FineTuneConfig(new_classes=["triangle"], epochs=5, batch_size=16, budget_s=60)
+
+    def clock() -> float:
+        return time.perf_counter() + jump[0]
+
+    def on_epoch(epoch, metrics):
+        jump[0] = 3600.0
+
+    r = fine_tune(base, shapes, cfg, tmp_path / "best.pt", on_epoch=on_epoch, clock=clock)
+    assert r.stopped_by_budget and r.epochs_run == 1 and r.epochs_planned == 5
+    assert r.history[0]["epoch_fraction"] == 1.0
+
+
+def test_a_changed_class_keeps_the_class_list(shapes, base, tmp_path):
+    data = PreparedData(OLD, _only(shapes.train, OLD), _only(shapes.val, OLD), None, "x", "")
+    cfg = FineTuneConfig(changed_classes=["square"], epochs=2, batch_size=16, budget_s=120)
+    r = fine_tune(base, data, cfg, tmp_path / "best.pt")
+    assert r.classes == OLD and r.model.num_classes == 2 and r.epochs_run == 2
+    n_square = int((data.train.labels == 1).sum())
+    assert r.train_images == 2 * n_square and r.replay_images == n_square
+    assert set(r.recall_before) == set(OLD)
+    _, state = load_checkpoint(tmp_path / "best.pt")
+    assert state["classes"] == OLD and state["model_meta"]["num_classes"] == 2
+
+
+def test_class_lists_that_do_not_fit_the_data_are_clear_errors(shapes, base, tmp_path, shapes_dir):
+    out = tmp_path / "best.pt"
+    with pytest.raises(SaofuError, match="nothing to fine-tune"):
+        fine_tune(base, shapes, FineTuneConfig(), out)
+    with pytest.raises(SaofuError, match="not named new"):
+        fine_tune(base, shapes, FineTuneConfig(changed_classes=["square"]), out)
+    with pytest.raises(SaofuError, match="not classes of the base model"):
+        fine_tune(base, shapes, FineTuneConfig(new_classes=["triangle"], changed_classes=["hexagon"]), out)
+    with pytest.raises(SaofuError, match="image_size=32"):
+        fine_tune(base, prepare_dataset(shapes_dir, image_size=24, val_share=0.2),
+                  FineTuneConfig(new_classes=["triangle"]), out)
+    assert not out.exists()
