@@ -23,7 +23,8 @@ from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, 
 from models import create_model
 from tasks.release.evaluation import measure_latency
 from tasks.release.quantize import PixelCalibrationReader, calibration_pixels, prepare_for_quantization, quantize_int8
-from tasks.train.export import INPUT_NAME, export_onnx
+from tasks.train.export import export_onnx
+from tasks.train.onnx_interface import INPUT_NAME
 
 BENCH_MODELS = ("saofu_fu", "mobilenet_v3_small_050")
 IMAGE_SIZE = 64

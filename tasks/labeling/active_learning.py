@@ -59,7 +59,7 @@ from tasks.labeling.pool import PoolImage, load_state, pool_images, pool_lock, s
 from tasks.labeling.tta import tta_probabilities_nhwc
 from tasks.release.badcases import read_badcases
 from tasks.release.evaluation import align_probs, onnx_classes, session, softmax
-from tasks.train.export import INPUT_NAME, OUTPUT_NAME, read_metadata
+from tasks.train.onnx_interface import INPUT_NAME, OUTPUT_NAME, read_metadata
 
 POOL_SOURCE = "online_pool"
 BADCASE_SOURCE = "evaluation"

@@ -19,13 +19,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from saofu.errors import SaofuError
-from tasks.data.loading import TensorSplit
-from tasks.train.export import INPUT_NAME, OUTPUT_NAME
+from tasks.train.onnx_interface import INPUT_NAME, OUTPUT_NAME
+
+if TYPE_CHECKING:  # annotations only: evaluating a graph needs onnxruntime, not torch
+    from tasks.data.loading import TensorSplit
 
 ABSTAIN = -1
 

@@ -52,7 +52,7 @@ from tasks.release.evaluation import (
     threshold_report,
 )
 from tasks.release.gate import CandidateMetrics
-from tasks.train.export import read_metadata
+from tasks.train.onnx_interface import read_metadata
 
 ERROR_KINDS = ("false_positive", "false_negative", "confusion")  # gallery order; as tasks.release.badcases names them
 MAX_GALLERY = 100

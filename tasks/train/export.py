@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from tasks.data.preprocess import PixelInput
+from tasks.train.onnx_interface import INPUT_NAME, OUTPUT_NAME
 
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "logits"
 OPSET = 17
 
 
@@ -68,12 +67,6 @@ def export_onnx(model: nn.Module, classes: list[str], path: str | Path, image_si
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))
     return path
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata_props of an exported graph (classes is JSON)."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(sess.get_modelmeta().custom_metadata_map)
 
 
 def parity_max_abs_diff(model: nn.Module, onnx_path: str | Path, pixels: np.ndarray) -> float:

@@ -56,3 +56,49 @@ def test_probabilities_are_the_mean_over_the_views():
 def test_a_float_batch_is_refused_by_name():
     with pytest.raises(ValueError, match="uint8"):
         augmented_views(torch.zeros(1, 3, 8, 8))
+
+
+def _torch_reference_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The views as first written with torch ops (replicate padding, bilinear interpolate)."""
+    import torch.nn.functional as F
+
+    def shift(x, dx, dy):
+        p, (h, w) = max(abs(dx), abs(dy)), x.shape[-2:]
+        return F.pad(x, (p, p, p, p), mode="replicate")[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+    def zoom(x, factor):
+        h, w = x.shape[-2:]
+        if factor > 1:
+            ch, cw = round(h / factor), round(w / factor)
+            top, left = (h - ch) // 2, (w - cw) // 2
+            x = x[..., top : top + ch, left : left + cw]
+        else:
+            p = round(h * (1 / factor - 1) / 2)
+            x = F.pad(x, (p, p, p, p), mode="replicate")
+        return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+
+    x = images.float()
+    views = [x, shift(x, 1, 1), shift(x, -1, -1), zoom(x, 1.06), zoom(x, 0.94)]
+    return [v.round().clamp(0, 255).to(torch.uint8) for v in views]
+
+
+@pytest.mark.parametrize("size", [32, 48, 64])
+def test_the_numpy_views_are_the_torch_views(size):
+    """Active learning computes the views without torch; they must be the ones the bench measured."""
+    x = torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    for ours, reference in zip(augmented_views(x), _torch_reference_views(x)):
+        diff = (ours.int() - reference.int()).abs()
+        assert int(diff.max()) <= 1  # float rounding at .5 may differ by one grey level
+        assert float((diff > 0).float().mean()) < 1e-3
+
+
+def test_the_pool_path_of_tta_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from tasks.labeling.tta import tta_probabilities_nhwc; "
+            "p = tta_probabilities_nhwc(lambda a: a.mean((1, 2)), np.zeros((2, 8, 8, 3), np.uint8)); "
+            "print('torch' in sys.modules, p.shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "False"

@@ -18,8 +18,9 @@ from tasks.release.quantize import (
     prepare_for_quantization,
     quantize_int8,
 )
-from tasks.train.export import INPUT_NAME, OUTPUT_NAME, export_onnx, read_metadata
+from tasks.train.export import export_onnx
 from tasks.train.loop import TrainConfig, fit
+from tasks.train.onnx_interface import INPUT_NAME, OUTPUT_NAME, read_metadata
 
 IMAGE_SIZE = 32
 

@@ -9,8 +9,9 @@ import pytest
 from saofu.errors import SaofuError
 from tasks.data.loading import prepare_dataset
 from tasks.release.evaluation import evaluate_onnx, measure_latency, threshold_report
-from tasks.train.export import export_onnx, parity_max_abs_diff, read_metadata
+from tasks.train.export import export_onnx, parity_max_abs_diff
 from tasks.train.loop import TrainConfig, fit
+from tasks.train.onnx_interface import read_metadata
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from models import build_from_checkpoint_meta, create_model, model_meta
 from models.head import classifier_layer, grow_classifier
 from saofu.errors import SaofuError
 from tasks.data.loading import PreparedData, TensorSplit, prepare_dataset
-from tasks.train.export import export_onnx, parity_max_abs_diff, read_metadata
+from tasks.train.export import export_onnx, parity_max_abs_diff
 from tasks.train.fine_tune import (
     FineTuneConfig,
     FineTuneResult,
@@ -25,6 +25,7 @@ from tasks.train.fine_tune import (
     training_set,
 )
 from tasks.train.loop import TrainConfig, fit, load_checkpoint, predict_proba, save_checkpoint
+from tasks.train.onnx_interface import read_metadata
 
 OLD = ["circle", "square"]
 CPU = torch.device("cpu")
