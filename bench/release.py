@@ -26,7 +26,7 @@ from saofu.settings import get_settings
 from tasks.data.fu_world import WorldConfig
 from tasks.data.loading import prepare_dataset
 from tasks.release.sets import simulated_fresh_slice
-from tasks.release.steps import Candidate, Variant, build_variants, format_variants, measure_variants
+from tasks.release.steps import Candidate, Variant, build_variants, choose_artefact, format_variants, measure_variants
 from tasks.train.loop import TrainConfig, epoch_printer, fit
 
 PRUNE_AMOUNTS = (0.25, 0.5)
@@ -57,19 +57,24 @@ def compression_rows(n: int, epochs: int, fresh_n: int, seed: int, tmp: Path) ->
     return variants, {"fresh": info, "train_images": len(data.train), "epochs": epochs}
 
 
+ACCURACY_BAR = 0.01  # the release flow's default (ReleaseParams.accuracy_bar)
+
+
 def run_release_bench(n: int = WorldConfig.n, epochs: int = TrainConfig.epochs, fresh_n: int = 1000, seed: int = 0,
                       out: str | Path = "bench/results/release.json", serving: bool = True,
                       serving_seconds: float = 10.0) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="saofu-bench-release-") as tmp:
         variants, info = compression_rows(n, epochs, fresh_n, seed, Path(tmp))
-    table = format_variants(variants, None)
+    ships = choose_artefact(variants, ACCURACY_BAR)  # what the release flow would register
+    table = format_variants(variants, ships)
     print(table, flush=True)
     summary = {
         "benchmark": "release", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _device_name(),
         "settings": {"world_n": n, "seed": seed, "threshold": 0.9, **info,
                      "latency": "onnxruntime, batch 1, one thread, 5 interleaved rounds x 200 runs per variant"},
         "compression": [asdict(v) | {"path": Path(v.path).name} for v in variants],
+        "ships": ships.label if ships is not None else None, "accuracy_bar": ACCURACY_BAR,
     }
     tables = [table]
     if serving:
