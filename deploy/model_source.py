@@ -29,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from saofu.errors import SaofuError
+from saofu.model_location import version_location
 
 log = logging.getLogger("saofu.serve")
 
@@ -247,19 +248,8 @@ class ModelSource:
             raise
 
     def location(self, version: str) -> str:
-        """The concrete artefact URI of version `version` (file://, s3://, mlflow-artifacts:/...).
-
-        Resolved through this source's client: MLflow resolves a `models:/` URI through its
-        process-global registry (`./mlflow.db` in a process that never set one), whatever
-        `registry_uri` it is given.
-        """
-        uri = self._registry().get_model_version_download_uri(self.model_name, version)
-        if not uri.startswith("models:/"):
-            return uri
-        model_id = uri.removeprefix("models:/").strip("/")  # registered from `models:/<logged model id>`
-        if "/" in model_id or "@" in model_id:
-            raise SaofuError(f"{self.model_name} version {version}: cannot resolve its source {uri!r}")
-        return self._registry().get_logged_model(model_id).artifact_location
+        """The concrete artefact URI of version `version`, resolved through this source's client."""
+        return version_location(self._registry(), self.model_name, version)
 
     def download(self, version: str) -> Path:
         """The local path of version `version`'s model.onnx (downloaded if the store is remote)."""

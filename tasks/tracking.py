@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from saofu.errors import SaofuError
+from saofu.model_location import version_location
 from saofu.settings import get_settings
 
 DEFAULT_EXPERIMENT = "saofu"
@@ -173,23 +173,6 @@ def register_onnx(
     return version
 
 
-def model_version_location(mlflow_client: MlflowClient, name: str, version: str) -> str:
-    """The concrete artefact URI (file://, s3://, mlflow-artifacts:/...) of a registered version.
-
-    Raises:
-        SaofuError: the version's source is a `models:/` URI other than a logged model's.
-    """
-    uri = mlflow_client.get_model_version_download_uri(name, version)
-    if not uri.startswith("models:/"):
-        return uri
-    # Registered from `models:/<model_id>` with no storage location resolved: MLflow would look
-    # the logged model up in the global store, so look it up here, in this client's.
-    model_id = uri.removeprefix("models:/").strip("/")
-    if "/" in model_id or "@" in model_id:
-        raise SaofuError(f"{name} version {version}: cannot resolve its source {uri!r} to an artefact location")
-    return mlflow_client.get_logged_model(model_id).artifact_location
-
-
 def download_model_version(name: str, version: str, dst_dir: str | Path | None = None) -> Path:
     """Download registered version `version` of `name` (its MLflow model folder) from the project's store.
 
@@ -203,7 +186,7 @@ def download_model_version(name: str, version: str, dst_dir: str | Path | None =
         The local model folder (holding MLmodel, model.onnx, ...).
     """
     mlflow_client = client()
-    location = model_version_location(mlflow_client, name, version)
+    location = version_location(mlflow_client, name, version)
     if dst_dir is not None:
         Path(dst_dir).mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(
