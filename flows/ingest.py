@@ -8,6 +8,7 @@ cursor stays where it was so the same annotations are retried once fixed in Labe
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -50,6 +51,7 @@ class IngestResult(BaseModel):
     skipped: int
     data_version: str | None
     validation_docs: str | None
+    seconds: float = 0.0  # the flow body's wall time
 
 
 @task(name="find-project")
@@ -72,9 +74,36 @@ def version_dataset(dataset_dir: str, name: str, message: str) -> str:
     return version_of(dataset_dir) or create_version(dataset_dir, name, message).id
 
 
+def add_validated(dataset: Path, rows: list[dict], classes: list[str], run_id: str):
+    """Add labelled rows to a staged copy of `dataset`, run the validation suite, swap it in if it passes.
+
+    Returns:
+        (the rows added, the validation report).
+
+    Raises:
+        SaofuError: the suite failed (the dataset is left as it was; the report is logged to the run).
+    """
+    staging = staged_copy(dataset)
+    try:
+        added = add_images(staging, rows)
+        validation = validate(str(staging), classes, str(dataset.parent / f".{dataset.name}.gx-docs"))
+        tracking.log_dict(run_id, {"summary": validation.summary(), "success": validation.success},
+                          "validation/report.json")
+        if validation.docs_path:
+            tracking.log_file(run_id, validation.docs_path, "validation")
+        if not validation.success:
+            raise SaofuError(f"ingest rejected by the data validation suite:\n{validation.summary()}")
+        commit_staged(staging, dataset)
+    except BaseException:
+        discard_staged(staging)
+        raise
+    return added, validation
+
+
 @flow(name="ingest", log_prints=True)
 def ingest_flow(params: IngestParams) -> IngestResult:
     """Ingest the annotations completed since the last run; version the dataset if it changed."""
+    started = time.perf_counter()
     logger = get_run_logger()
     dataset = Path(params.dataset_dir)
     classes = params.classes or sorted({r["label"] for r in read_manifest(dataset)})
@@ -86,23 +115,13 @@ def ingest_flow(params: IngestParams) -> IngestResult:
     rows, report = to_manifest_rows(records)
     run_id = tracking.start_run(params.experiment, "ingest", params.model_dump(),
                                 {"prefect_flow_run_id": str(flow_run.get_id() or "")})
-    staging = staged_copy(dataset)
     try:
-        added = add_images(staging, rows)
-        report.added = added
-        report.already_present = len(rows) - len(added)
-        validation = validate(str(staging), classes, str(dataset.parent / f".{dataset.name}.gx-docs"))
-        tracking.log_dict(run_id, {"summary": validation.summary(), "success": validation.success},
-                          "validation/report.json")
-        if validation.docs_path:
-            tracking.log_file(run_id, validation.docs_path, "validation")
-        if not validation.success:
-            raise SaofuError(f"ingest rejected by the data validation suite:\n{validation.summary()}")
-        commit_staged(staging, dataset)
+        added, validation = add_validated(dataset, rows, classes, run_id)
     except BaseException:
-        discard_staged(staging)
         tracking.finish_run(run_id, "FAILED")
         raise
+    report.added = added
+    report.already_present = len(rows) - len(added)
     newest = latest_update(records)
     if newest is not None:
         state.cursor = newest.isoformat()
@@ -117,4 +136,5 @@ def ingest_flow(params: IngestParams) -> IngestResult:
         project_id=project_id, tasks_seen=report.tasks_seen, added=len(added),
         already_present=report.already_present, ties=report.ties, skipped=len(report.skipped),
         data_version=data_version, validation_docs=str(validation.docs_path or ""),
+        seconds=time.perf_counter() - started,
     )

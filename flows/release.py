@@ -9,6 +9,14 @@ the gate compares them on the fresh slice. A passing gate moves `champion` (reco
 rollback` undoes it): that is the deployment, since the serving app follows the alias and swaps
 models without failing a request; with `serve_url` the flow waits until the app answers with the
 new version. A failing gate is recorded on the version and changes nothing.
+
+With `canary_share` > 0 a passing challenger goes through the serving app's canary first: the
+app (started with the same `--canary-share`) sends that share of traffic to `@challenger` with the
+champion in shadow, and the flow promotes only once the canary has been judged on its minimum
+number of requests without being rolled back.
+
+The flow holds the registered model's concurrency slot (`flows/locks.py`) from start to end, so a
+release and a fast retrain of the same model never move its aliases at the same time.
 """
 
 from __future__ import annotations
@@ -21,12 +29,15 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows.locks import model_lock
+from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks import tracking
 from tasks.data.loading import TensorSplit, prepare_dataset
 from tasks.release import registry
 from tasks.release.gate import GateConfig, evaluate_gate
 from tasks.release.report import compare_plot, compare_table, flat_metrics, gate_metrics, release_report
+from tasks.release.serving_wait import CanaryVerdict, canary_share_of, wait_for_canary, wait_until_served
 from tasks.release.sets import FreshSlice, badcase_set, choose_fresh_slice, regression_set, training_split_config
 from tasks.release.steps import (
     ARTEFACT_TAG,
@@ -69,6 +80,11 @@ class ReleaseParams(BaseModel):
     reason: str = Field("release flow", min_length=1, description="recorded with the promotion")
     experiment: str = Field("saofu-release", min_length=1)
     serve_url: str | None = Field(None, description="serving app to check the new champion is live on")
+    canary_share: float = Field(0.0, ge=0, le=1, description="0: promote at once; else the share of traffic the "
+                                                             "serving app (at serve_url, started with this "
+                                                             "--canary-share) gives the challenger before promotion")
+    canary_timeout_min: float = Field(10.0, gt=0, description="how long to wait for the canary's verdict")
+    version_tags: dict[str, str] = Field(default_factory=dict, description="extra tags on the registered version")
     seed: int = 0
 
 
@@ -87,6 +103,9 @@ class ReleaseResult(BaseModel):
     fresh_source: str
     fresh_kind: str = ""
     served_version: str | None = None
+    canary: str = ""  # the canary's verdict and detail ("" without a canary)
+    steps: dict[str, float] = {}  # step -> seconds inside the flow's body
+    seconds: float = 0.0  # the flow body's wall time
 
 
 def _fresh_slice(params: ReleaseParams, candidate: Candidate) -> FreshSlice:
@@ -122,32 +141,28 @@ def evaluate_release(paths: dict[str, str], sets: dict[str, TensorSplit], params
             for label, path in paths.items()}
 
 
-def wait_until_served(url: str, version: str, timeout_s: float = 60.0) -> str | None:
-    """Poll the serving app's /healthz until its champion is `version`; the last version seen."""
-    import httpx
-
-    seen, deadline = None, time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            seen = httpx.get(url.rstrip("/") + "/healthz", timeout=2).json()["versions"]["champion"]
-            if seen == version:
-                return seen
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            pass  # not up yet, or not a saofu serving app: keep asking until the deadline
-        time.sleep(0.5)
-    return seen
-
-
 @flow(name="release", log_prints=True)
 def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
     """Compress a trained candidate, judge it against the champion, and promote it if it passes."""
+    if params.canary_share > 0 and not params.serve_url:
+        raise SaofuError("a canary needs the serving app: give serve_url with canary_share")
+    started = time.perf_counter()
+    with model_lock(params.registered_model):
+        result = _release(params)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _release(params: ReleaseParams) -> ReleaseResult:
     settings = get_settings()
+    clock = _StepClock()
     log = get_run_logger()
     tracking.configure_mlflow(params.experiment)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = settings.runs_dir / f"release-{stamp}"
     candidate = load_candidate(params.registered_model, params.candidate_version, run_dir / "candidate")
     chosen_slice = _fresh_slice(params, candidate)
+    clock.lap("load")
     fresh, fresh_source = chosen_slice.split, chosen_slice.source
     negative_class = _negative_class(params, candidate)
     log.info("candidate %s v%s (%s), classes %s", candidate.name, candidate.version, candidate.arch,
@@ -168,6 +183,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
     champion_before = registry.current_champion(candidate.name)
     try:
         variants, chosen = compress(candidate, params, fresh, str(run_dir / "artefacts"), negative_class)
+        clock.lap("compress")
         variants_table = format_variants(variants, chosen)
         print(variants_table, flush=True)
         tracking.log_dict(run_id, json.loads(variants_json(variants)), "compression/variants.json")
@@ -178,7 +194,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
                 run_id=run_id, candidate_version=candidate.version, shipped=None, challenger_version=None,
                 champion_before=champion_before, champion_after=champion_before, promoted=False, gate_passed=None,
                 gate_table="", variants_table=variants_table, compare_table="", fresh_source=fresh_source,
-                fresh_kind=chosen_slice.kind,
+                fresh_kind=chosen_slice.kind, steps=clock.steps,
             )
 
         reference = next(v for v in variants if v.label == "fp32")
@@ -188,8 +204,10 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
                                              "data_dir": candidate.data_dir, "run_id": run_id,
                                              "fresh_accuracy_at_threshold": f"{chosen.accuracy_at_threshold:.4f}",
                                              "float_accuracy_at_threshold": f"{reference.accuracy_at_threshold:.4f}",
+                                             **params.version_tags,
                                          })
         registry.set_challenger(candidate.name, version)
+        clock.lap("register")
         print(f"registered {candidate.name} version {version} ({chosen.label}) as challenger", flush=True)
 
         sets = {"fresh": fresh, "regression": regression_set(params.regression_dir or candidate.data_dir,
@@ -202,6 +220,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
         if champion_before:
             paths[f"champion v{champion_before}"] = _download_onnx(candidate.name, champion_before, run_dir)
         reports = evaluate_release(paths, sets, params, str(run_dir / "evaluation"), negative_class)
+        clock.lap("evaluate")
         table = compare_table(reports)
         print(table, flush=True)
         plot = compare_plot(reports, run_dir / "evaluation" / "compare.png")
@@ -220,13 +239,23 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
         print(report.table(), flush=True)
         tracking.log_dict(run_id, report.to_dict(), "gate_report.json")
         tracking.set_tags(run_id, {"gate": "passed" if report.passed else "failed", "challenger_version": version})
-        served = None
-        if report.passed:
+        clock.lap("gate")
+        served, verdict = None, None
+        if report.passed and params.canary_share > 0:
+            verdict = _canary(params, version)
+            clock.lap("canary")
+            tracking.set_tags(run_id, {"canary": verdict.status, "canary_detail": verdict.detail[:500]})
+        if report.passed and (verdict is None or verdict.passed):
             registry.promote(candidate.name, version, params.reason, report.to_dict())
             log.info("gate passed: %s version %s is the champion (was %s)", candidate.name, version, champion_before)
+            clock.lap("promote")
             if params.serve_url:
                 served = wait_until_served(params.serve_url, version)
                 print(f"serving app at {params.serve_url} answers with version {served}", flush=True)
+                clock.lap("wait-served")
+        elif report.passed:
+            registry.record_gate_decision(candidate.name, version, report.to_dict())
+            log.warning("gate passed but the canary did not (%s): champion stays %s", verdict.detail, champion_before)
         else:
             registry.record_gate_decision(candidate.name, version, report.to_dict())
             log.warning("gate failed: champion stays %s; failed checks: %s", champion_before,
@@ -240,7 +269,34 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
         champion_before=champion_before, champion_after=registry.current_champion(candidate.name),
         promoted=report.passed, gate_passed=report.passed, gate_table=report.table(), variants_table=variants_table,
         compare_table=table, fresh_source=fresh_source, fresh_kind=chosen_slice.kind, served_version=served,
+        canary=f"{verdict.status}: {verdict.detail}" if verdict else "", steps=clock.steps,
     )
+
+
+class _StepClock:
+    """Wall time of consecutive steps: `lap(name)` closes the step that ran since the last lap."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.steps[name] = self.steps.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def _canary(params: ReleaseParams, version: str) -> CanaryVerdict:
+    """Let the serving app's canary judge challenger `version` before it is promoted."""
+    share = canary_share_of(params.serve_url)
+    if abs(share - params.canary_share) > 1e-9:
+        raise SaofuError(f"the release asks for a canary share of {params.canary_share} but the serving app at "
+                         f"{params.serve_url} runs {share or 'no canary'}; start it with "
+                         f"`saofu serve --canary-share {params.canary_share}`")
+    print(f"canary: {share:.0%} of traffic to challenger v{version}; waiting for its verdict", flush=True)
+    verdict = wait_for_canary(params.serve_url, version, params.canary_timeout_min * 60)
+    print(f"canary {verdict.status}: {verdict.detail}", flush=True)
+    return verdict
 
 
 def _download_onnx(name: str, version: str, run_dir: Path) -> str:

@@ -125,32 +125,76 @@ def _find_project(client: LabelStudio, title: str) -> Any | None:
     return None
 
 
-def ensure_project(client: LabelStudio, title: str, classes: Sequence[str]) -> int:
+def grown_classes(
+    project: str, existing: Sequence[str], requested: Sequence[str], allow_growth: bool = True
+) -> list[str] | None:
+    """The class order a project must take to serve `requested`, or None when it already does.
+
+    A retrain may add a class (e.g. `fu_merchant`); the project grows to collect its labels, the
+    existing classes keeping their order so earlier annotations and exports read the same. Removing
+    a class is refused: annotations may name it, and Label Studio rejects such a config anyway.
+
+    Args:
+        project: how messages name the project, e.g. `Label Studio project 'fu' (id 3)`.
+        existing: the project's classes, in their config order.
+        requested: the classes the caller needs.
+        allow_growth: False refuses any difference, as before growth was allowed.
+
+    Returns:
+        None for the same set; else `existing` followed by the added classes in `requested` order.
+
+    Raises:
+        SaofuError: a class would be removed, or the sets differ and growth is not allowed.
+    """
+    have, want = set(existing), set(requested)
+    added = [c for c in dict.fromkeys(requested) if c not in have]
+    removed = [c for c in existing if c not in want]
+    if not added and not removed:
+        return None
+    if removed:
+        raise SaofuError(
+            f"{project} has classes {list(existing)}; the requested {list(requested)} "
+            f"would remove {removed}" + (f" (and add {added})" if added else "") + ". Removing a class from a "
+            "project with annotations is refused: keep the class in the list, or use another project title."
+        )
+    if not allow_growth:
+        raise SaofuError(
+            f"{project} has classes {list(existing)}, not {list(requested)}: "
+            f"missing {added}, and adding classes is off here (allow_growth=False). "
+            "Use another title or change the project's labeling config."
+        )
+    return [*existing, *added]
+
+
+def ensure_project(client: LabelStudio, title: str, classes: Sequence[str], *, allow_growth: bool = True) -> int:
     """Find the project called `title`, or create it with an interface for `classes`.
+
+    An existing project whose classes are a strict subset of `classes` gets the missing ones
+    appended to its labeling config; its tasks and annotations stay.
 
     Args:
         client: SDK client.
         title: project title (unique within saofu's use).
         classes: the class list the project must have.
+        allow_growth: add missing classes to an existing project; False refuses any difference.
 
     Returns:
         The project id.
 
     Raises:
-        SaofuError: an existing project with this title has other classes.
+        SaofuError: an existing project with this title has a class not in `classes` (or, with
+            `allow_growth=False`, any other class set).
     """
     found = _find_project(client, title)
     if found is None:
         created = client.projects.create(title=title, label_config=labeling_config(classes))
         return int(created.id)
     existing = project_classes(client.projects.get(id=found.id).label_config)
-    if set(existing) != set(classes):
-        missing = sorted(set(classes) - set(existing))
-        extra = sorted(set(existing) - set(classes))
-        raise SaofuError(
-            f"Label Studio project {title!r} (id {found.id}) has classes {existing}, not {list(classes)}: "
-            f"missing {missing}, unexpected {extra}. Use another title or change the project's labeling config."
-        )
+    name = f"Label Studio project {title!r} (id {found.id})"
+    order = grown_classes(name, existing, classes, allow_growth=allow_growth)
+    if order is not None:
+        client.projects.update(id=found.id, label_config=labeling_config(order))
+        print(f"labeling: added classes {order[len(existing) :]} to {name}, now {order}", flush=True)
     return int(found.id)
 
 

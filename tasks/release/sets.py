@@ -251,3 +251,43 @@ def badcase_set(badcases_path: str | Path, classes: list[str], image_size: int) 
     if not cases:
         return None
     return split_from_files([Path(c.path) for c in cases], [c.truth for c in cases], classes, image_size)
+
+
+def held_out_folder(data_dir: str | Path, image_size: int, out_dir: str | Path, val_share: float = 0.15,
+                    seed: int = 0, cache_dir: str | Path | None = None) -> tuple[Path, dict[str, int]]:
+    """An ImageFolder (hard links) of the dataset's images no training saw, every class included.
+
+    A class change adds labels to a dataset whose test split (held-out fonts, in the Fu world)
+    has none of the new class yet: those land in train and val by their content. So each class
+    is taken from the test split where the test split has it, else from the validation split
+    (the one the training run carved out with `val_share` and `seed` when the dataset has no
+    `val/` folder). This is what a fast retrain is judged on: its new class and, at the same
+    time, enough images of every old class to see a regression.
+
+    Returns:
+        (the folder, {class: images}).
+    """
+    import os
+    import shutil
+
+    data = prepare_dataset(data_dir, image_size, val_share, seed, cache_dir)
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    counts: dict[str, int] = {}
+    for i, cls in enumerate(data.classes):
+        split = data.test if data.test is not None and bool((data.test.labels == i).any()) else data.val
+        paths = [p for p, y in zip(split.paths, split.labels.tolist()) if y == i]
+        (out / cls).mkdir(parents=True, exist_ok=True)
+        for j, src in enumerate(paths):
+            dst = out / cls / f"{j:06d}{Path(src).suffix.lower()}"
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system: copy
+                shutil.copyfile(src, dst)
+        counts[cls] = len(paths)
+    empty = [c for c, n in counts.items() if not n]
+    if empty:
+        raise SaofuError(f"no held-out images of {empty} in {data_dir}: a class needs images outside the "
+                         "train split to be judged")
+    return out, counts

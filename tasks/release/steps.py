@@ -115,7 +115,8 @@ def build_variants(
     needs it once)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, _ = load_checkpoint(candidate.checkpoint)
+    model, state = load_checkpoint(candidate.checkpoint)
+    refines = state.get("refines") or {}  # a fast retrain's class refinements go into every graph
     size = candidate.image_size
     models = [("", model)] if include_unpruned else []
     if prune_amount > 0 and isinstance(model, Recognizer):
@@ -134,7 +135,7 @@ def build_variants(
     variants = []
     for prefix, m in models:
         stem = prefix.strip().replace(" ", "_") or "model"
-        fp32 = export_onnx(m, candidate.classes, out / f"{stem}.fp32.onnx", size)
+        fp32 = export_onnx(m, candidate.classes, out / f"{stem}.fp32.onnx", size, refines)
         int8 = quantize_int8(fp32, train, out / f"{stem}.int8.onnx")
         params, mflops = count_params(m), count_flops(m, size) / 1e6
         variants.append(Variant(f"{prefix}fp32", str(fp32), False, bool(prefix), params, mflops))

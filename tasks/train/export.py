@@ -23,7 +23,8 @@ from tasks.train.onnx_interface import INPUT_NAME, OUTPUT_NAME
 OPSET = 17
 
 
-def export_onnx(model: nn.Module, classes: list[str], path: str | Path, image_size: int = 64) -> Path:
+def export_onnx(model: nn.Module, classes: list[str], path: str | Path, image_size: int = 64,
+                refines: dict[str, str] | None = None) -> Path:
     """Export `model` (float NCHW input) as a uint8-NHWC-input ONNX graph with a dynamic batch.
 
     Args:
@@ -31,6 +32,8 @@ def export_onnx(model: nn.Module, classes: list[str], path: str | Path, image_si
         classes: class names in logit order, stored in the graph's metadata.
         path: output .onnx file.
         image_size: input side length.
+        refines: class -> the class it refines (`fu_merchant` -> `fu`), written as the `refines`
+            metadata entry (JSON) the gate, the release comparison and the canary read; none: no entry.
 
     Returns:
         The written path.
@@ -61,6 +64,11 @@ def export_onnx(model: nn.Module, classes: list[str], path: str | Path, image_si
         "model_name": getattr(model, "model_name", ""),
         "input_format": "uint8 NHWC RGB",
     }
+    if refines:
+        unknown = sorted(set(refines) - set(classes))
+        if unknown:
+            raise ValueError(f"refines names classes {unknown} that are not among the model's {classes}")
+        meta["refines"] = json.dumps(dict(sorted(refines.items())))
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value

@@ -399,6 +399,8 @@ def fine_tune(
     old, base_cfg = list(state["classes"]), _base_config(state)
     _check(cfg, old, data, base_cfg.image_size)
     classes = old + list(cfg.new_classes)
+    # The base's own refinements (an earlier fast retrain) stay; this run's are added.
+    refines = {**(state.get("refines") or {}), **{c: p for c, p in cfg.refines.items() if c in cfg.new_classes}}
     focus_classes = list(cfg.changed_classes) + list(cfg.new_classes)
     seed = base_cfg.seed if cfg.seed is None else cfg.seed
     lr = cfg.lr if cfg.lr is not None else LR_SCALE * base_cfg.lr
@@ -423,7 +425,8 @@ def fine_tune(
     best_metrics, best_recall = _val_metrics(probs, val.labels, classes)
     ckpt = Path(checkpoint_path)
     start = clock()
-    save_checkpoint(ckpt, model, None, None, 0, replace(tcfg, epochs=0), classes, [], best_metrics["val_accuracy"])
+    save_checkpoint(ckpt, model, None, None, 0, replace(tcfg, epochs=0), classes, [], best_metrics["val_accuracy"],
+                    refines)
     # Budget reserved after the last batch: one validation and one checkpoint, so they end in time.
     reserve = eval_s + (clock() - start)
     best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
@@ -482,7 +485,8 @@ def fine_tune(
             if metrics["val_balanced_accuracy"] > best_metrics["val_balanced_accuracy"]:
                 best_epoch, best_metrics, best_recall = epoch, val_metrics, recall
                 best_state = copy.deepcopy(model.state_dict())
-                save_checkpoint(ckpt, model, None, None, epoch, tcfg, classes, history, val_metrics["val_accuracy"])
+                save_checkpoint(ckpt, model, None, None, epoch, tcfg, classes, history, val_metrics["val_accuracy"],
+                                refines)
         if on_epoch:
             on_epoch(epoch, metrics)
         if stopped:

@@ -170,8 +170,12 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
-                    classes: list[str], history: list[dict], best_val_accuracy: float) -> None:
-    """Write atomically, so a run killed mid-save still has its previous checkpoint."""
+                    classes: list[str], history: list[dict], best_val_accuracy: float,
+                    refines: dict[str, str] | None = None) -> None:
+    """Write atomically, so a run killed mid-save still has its previous checkpoint.
+
+    `refines` (class -> the class it refines, from a fast retrain) travels with the model so every
+    graph exported from it carries it (`export_onnx`)."""
     state = {
         "model": model.state_dict(),
         "model_meta": model_meta(model),
@@ -182,6 +186,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: Tr
         "classes": classes,
         "history": history,
         "best_val_accuracy": best_val_accuracy,
+        "refines": dict(refines or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -150,7 +150,7 @@ def export_recognizer(
     """
     model, state = load_checkpoint(checkpoint)
     image_size = state["config"]["image_size"]
-    path = export_onnx(model, state["classes"], onnx_path, image_size)
+    path = export_onnx(model, state["classes"], onnx_path, image_size, state.get("refines"))
     if data_dir:
         cfg = state["config"]
         data = prepare_dataset(data_dir, image_size, cfg["val_share"], cfg["seed"], get_settings().cache_dir)

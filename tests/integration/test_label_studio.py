@@ -23,6 +23,7 @@ from tasks.labeling.client import (
     import_tasks,
     latest_update,
     list_tasks,
+    project_classes,
 )
 from tasks.labeling.simulated_labeler import simulate_labeling
 
@@ -79,7 +80,34 @@ def test_project_found_again_and_class_mismatch(client):
     pid = ensure_project(client, title, CLASSES)
     assert ensure_project(client, title, list(reversed(CLASSES))) == pid  # order does not matter
     with pytest.raises(SaofuError, match=r"missing \['fu_merchant'\]"):
-        ensure_project(client, title, [*CLASSES, "fu_merchant"])
+        ensure_project(client, title, [*CLASSES, "fu_merchant"], allow_growth=False)
+    assert project_classes(client.projects.get(id=pid).label_config) == CLASSES
+
+
+@pytest.mark.timeout(300)  # includes starting Label Studio when this test runs first
+def test_project_grows_a_class_and_keeps_its_annotations(client, label_studio, images):
+    title = _title("grow")
+    pid = ensure_project(client, title, CLASSES)
+    (task_id,) = import_tasks(client, pid, _items(images[:1]), files_root=label_studio.files_root)
+    simulate_labeling(client, pid, _truth, annotators=("sim-1",))
+    (before,) = completed_annotations(client, pid)
+    assert before["task_id"] == task_id and [a["label"] for a in before["annotations"]] == ["fu"]
+
+    # a retrain added `fu_merchant`: the project must collect labels for it too
+    assert ensure_project(client, title, [*CLASSES, "fu_merchant"]) == pid
+    assert project_classes(client.projects.get(id=pid).label_config) == ["fu", "not_fu", "fu_merchant"]
+    assert [t["id"] for t in list_tasks(client, pid)] == [task_id]
+    assert completed_annotations(client, pid) == [before]
+    assert ensure_project(client, title, ["fu_merchant", "not_fu", "fu"]) == pid  # grown once, now the same
+    # the new class is collectable: a second labeler picks it on the same task
+    assert simulate_labeling(client, pid, lambda task: "fu_merchant", annotators=("sim-2",))["correct"] == 1
+    (after,) = completed_annotations(client, pid)
+    assert [a["label"] for a in after["annotations"]] == ["fu", "fu_merchant"]
+
+    # dropping `not_fu` would orphan labels: refused, config untouched
+    with pytest.raises(SaofuError, match=r"would remove \['not_fu'\].*with annotations is refused"):
+        ensure_project(client, title, ["fu", "fu_merchant"])
+    assert project_classes(client.projects.get(id=pid).label_config) == ["fu", "not_fu", "fu_merchant"]
 
 
 def test_import_tasks_with_predictions(client, label_studio, images):

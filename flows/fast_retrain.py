@@ -1,0 +1,381 @@
+"""The fast-reaction retrain: one flow run from "labels for a new or changed class are in" to "the
+serving app answers with the new version".
+
+    resolve base (champion) → ingest the labels (Label Studio or a folder: GX suite, DVC version)
+    → fine-tune (head grown by the new classes, old data replayed, epochs planned to the budget)
+    → release (compress → evaluate on held-out images of every class → register with lineage
+      → gate → canary → promote → wait until served)
+
+One pydantic parameter model, every field defaulted (the Prefect UI renders it as the run form;
+the default is the campaign's change: add `fu_merchant`, refining `fu`). Bad parameters are
+refused by the model before the run starts; a change that does not fit the base model (a "new"
+class it already has, a parent it lacks) is refused before any data is touched.
+
+Resuming: the fine-tune is cached on its inputs (base version, data version, change, budget,
+replay, seed, and the tracking store) with its result persisted by Prefect, so re-running
+the same parameters after a failure later on (say, in compression) reuses the registered
+fine-tuned version instead of training again. The ingest is idempotent by itself (its cursor, and
+a data version per content), and the release starts over from the fine-tuned version.
+
+One change at a time per model: the run holds the registered model's Prefect concurrency slot
+(`flows/locks.py`) from start to end, shared with the release flow, so two fast retrains (or a
+fast retrain and a release) of the same model run one after the other.
+
+The summary names each step's wall time and the orchestration's own share: the run's wall time
+not spent inside a task's or subflow's body (Prefect's bookkeeping, result persistence).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import INPUTS
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field, model_validator
+
+from flows.ingest import IngestParams, add_validated, ingest_flow, version_dataset
+from flows.locks import model_lock
+from flows.release import ReleaseParams, release_flow
+from saofu.errors import SaofuError
+from saofu.settings import get_settings
+from tasks import tracking
+from tasks.data.manifest import read_manifest
+from tasks.labeling.folder_labels import folder_label_rows
+from tasks.release.gate import GateConfig
+from tasks.release.sets import held_out_folder
+from tasks.train.retrain_steps import (
+    CHANGE_TAG,
+    BaseModelInfo,
+    FineTuneOutcome,
+    check_change,
+    fine_tune_and_register,
+    labelled_dataset,
+    resolve_base,
+)
+
+
+class ClassChange(BaseModel):
+    """One class the retrain adds or corrects."""
+
+    name: str = Field("fu_merchant", min_length=1, max_length=100, pattern=r"^[^/\\]+$",
+                      description="the class (a folder name in the dataset)")
+    kind: Literal["new", "changed"] = Field(
+        "new", description="new: a class the base model lacks; changed: corrected labels of a class it has")
+    refines: str = Field("", description="new classes only: the class it refines (fu_merchant refines fu); "
+                                         "empty: none")
+
+    @model_validator(mode="after")
+    def _refines_only_new(self) -> ClassChange:
+        if self.refines and self.kind != "new":
+            raise ValueError(f"refines is only for new classes; {self.name!r} is {self.kind}")
+        if self.refines == self.name:
+            raise ValueError(f"{self.name!r} cannot refine itself")
+        return self
+
+
+def _campaign_change() -> list[ClassChange]:
+    return [ClassChange(name="fu_merchant", kind="new", refines="fu")]
+
+
+class FastRetrainParams(BaseModel):
+    """Parameters of one fast retrain (the Prefect UI's form: every field has a default)."""
+
+    registered_model: str = Field("fu-recognizer", min_length=1, description="the MLflow registered model")
+    changes: list[ClassChange] = Field(default_factory=_campaign_change, min_length=1,
+                                       description="the classes added or corrected")
+    labels: str = Field("fu-recognizer", min_length=1,
+                        description="where the labels are: a Label Studio project title, or an ImageFolder "
+                                    "folder (<class>/<image>)")
+    labels_kind: Literal["auto", "label-studio", "folder"] = Field(
+        "auto", description="auto: a folder when `labels` is an existing directory, else a Label Studio project")
+    dataset_dir: str = Field("", description="the labelled dataset the labels join; empty: the base model's "
+                                             "training data (a plain ImageFolder gets a labelled copy)")
+    dataset_name: str = Field("", description="name of its DVC data versions; empty: the dataset folder's name")
+    base_version: str = Field("", description="the version to start from; empty: the champion")
+    budget_min: float = Field(2.0, gt=0, le=240, description="wall-clock minutes for the fine-tune "
+                                                             "(epochs are planned from measured throughput)")
+    replay_share: float = Field(0.5, ge=0, lt=1, description="share of each epoch drawn from the other classes")
+    new_class_recall: float = Field(0.95, ge=0, le=1, description="gate: recall target of each new class at the "
+                                                                  "serving threshold")
+    max_old_class_drop_pts: float = Field(0.5, ge=0, le=100, description="gate: largest recall drop allowed on "
+                                                                         "any old class, in points")
+    max_latency_ms: float = Field(1.0, gt=0, description="gate: p95 latency budget (batch 1, 1 thread)")
+    threshold: float = Field(0.9, ge=0, le=1, description="the serving threshold")
+    prune_amount: float = Field(0.0, ge=0, lt=1, description="release: share of channels pruned (0: none; "
+                                                             "pruning adds a fine-tune of its own)")
+    fresh_n: int = Field(5000, ge=10, description="most held-out images the release judges on")
+    canary_share: float = Field(0.0, ge=0, le=1, description="0: promote at once; else the serving app's canary "
+                                                             "share (saofu serve --canary-share)")
+    canary_timeout_min: float = Field(10.0, gt=0)
+    serve_url: str = Field("", description="the serving app to wait for; empty: do not wait")
+    seed: int = 0
+    experiment: str = Field("saofu-fast-retrain", min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FastRetrainParams:
+        names = [c.name for c in self.changes]
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"changes name {doubled} more than once")
+        if self.canary_share > 0 and not self.serve_url:
+            raise ValueError("canary_share needs serve_url (the serving app that runs the canary)")
+        return self
+
+    @property
+    def new(self) -> list[str]:
+        return [c.name for c in self.changes if c.kind == "new"]
+
+    @property
+    def changed(self) -> list[str]:
+        return [c.name for c in self.changes if c.kind == "changed"]
+
+    @property
+    def refines(self) -> dict[str, str]:
+        return {c.name: c.refines for c in self.changes if c.refines}
+
+    def labels_folder(self) -> Path | None:
+        """The labels' folder, or None for a Label Studio project."""
+        path = Path(self.labels).expanduser()
+        if self.labels_kind == "label-studio":
+            return None
+        if self.labels_kind == "folder" or path.is_dir():
+            if not path.is_dir():
+                raise SaofuError(f"labels folder not found: {path}")
+            return path
+        return None
+
+
+class FastRetrainResult(BaseModel):
+    registered_model: str
+    base_version: str
+    fine_tuned_version: str
+    challenger_version: str | None
+    champion_before: str | None
+    champion_after: str | None
+    promoted: bool
+    gate_passed: bool | None
+    served_version: str | None
+    data_version: str
+    labels_added: int
+    fine_tune_reused: bool  # the fine-tune came from a finished earlier run (resume)
+    fine_tune: dict
+    gate_table: str
+    canary: str
+    steps: dict[str, float]  # step -> wall seconds, in order
+    wall_s: float
+    orchestration_s: float  # wall time outside every task's and subflow's body
+    orchestration_share: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps: each returns its body's own wall time, so the flow can tell work from orchestration
+# ---------------------------------------------------------------------------------------------
+
+
+@task(name="resolve-base", retries=2, retry_delay_seconds=2)
+def resolve_base_step(name: str, version: str, dst_dir: str) -> tuple[BaseModelInfo, float]:
+    started = time.perf_counter()
+    return resolve_base(name, version or None, dst_dir), time.perf_counter() - started
+
+
+@task(name="labelled-dataset", retries=1, retry_delay_seconds=2)
+def labelled_dataset_step(base: BaseModelInfo, dataset_dir: str) -> tuple[str, float]:
+    started = time.perf_counter()
+    src = dataset_dir or base.data_dir
+    out = get_settings().data_dir / f"{Path(src).name}-labelled"
+    return (labelled_dataset(src, out, base.image_size, base.val_share, base.split_seed),
+            time.perf_counter() - started)
+
+
+@task(name="ingest-folder", retries=1, retry_delay_seconds=2)
+def ingest_folder_step(folder: str, dataset_dir: str, dataset_name: str, classes: list[str],
+                       experiment: str) -> tuple[str, int, float]:
+    """Labels from an ImageFolder through the ingest's staged copy, validation suite and data version."""
+    started = time.perf_counter()
+    rows = folder_label_rows(folder, classes)
+    run_id = tracking.start_run(experiment, "ingest-folder", {"folder": folder, "dataset_dir": dataset_dir},
+                                {"prefect_flow_run_id": str(flow_run.get_id() or "")})
+    try:
+        added, _ = add_validated(Path(dataset_dir), rows, classes, run_id)
+    except BaseException:
+        tracking.finish_run(run_id, "FAILED")
+        raise
+    data_version = version_dataset.fn(dataset_dir, dataset_name, f"fast retrain: {len(added)} labels from {folder}")
+    tracking.set_tags(run_id, {"data_version": data_version})
+    tracking.log_metrics(run_id, {"added": len(added), "already_present": len(rows) - len(added)})
+    tracking.finish_run(run_id)
+    print(f"ingest: {len(added)} of {len(rows)} labelled images from {folder} added; data version {data_version}",
+          flush=True)
+    return data_version, len(added), time.perf_counter() - started
+
+
+# Cached on its inputs: a re-run of the same change on the same data after a later failure takes the
+# registered fine-tuned version from the persisted result instead of training again. `run_dir` and
+# `tags` (flow-run specific) are not part of the key; `store` (the tracking URI) is, so two projects
+# never share an entry.
+@task(name="fine-tune", retries=1, retry_delay_seconds=5, cache_policy=INPUTS - "run_dir" - "tags",
+      persist_result=True)
+def fine_tune_step(base: BaseModelInfo, data_dir: str, data_version: str, new: list[str], changed: list[str],
+                   refines: dict[str, str], budget_s: float, replay_share: float, seed: int, experiment: str,
+                   store: str, run_dir: str, tags: dict[str, str]) -> FineTuneOutcome:
+    return fine_tune_and_register(base, data_dir, data_version, new, changed, refines, budget_s, replay_share,
+                                  seed, experiment, run_dir, tags)
+
+
+@task(name="held-out-set", retries=1)
+def held_out_step(dataset_dir: str, base: BaseModelInfo, out_dir: str) -> tuple[str, dict[str, int], float]:
+    started = time.perf_counter()
+    folder, counts = held_out_folder(dataset_dir, base.image_size, out_dir, base.val_share, base.split_seed,
+                                     get_settings().cache_dir)
+    return str(folder), counts, time.perf_counter() - started
+
+
+def _check_labels(dataset_dir: str, focus: list[str], source: str) -> None:
+    """Every new or changed class has training labels in the dataset (named where it has none)."""
+    labels = {r["label"] for r in read_manifest(dataset_dir) if r.get("split") == "train"}
+    missing = [c for c in focus if c not in labels]
+    if missing:
+        raise SaofuError(f"no training labels for {missing} in {dataset_dir} after ingesting {source}: label "
+                         "some images of each first")
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow
+# ---------------------------------------------------------------------------------------------
+
+
+@flow(name="fast-retrain", log_prints=True)
+def fast_retrain_flow(params: FastRetrainParams = FastRetrainParams()) -> FastRetrainResult:
+    """Add or correct classes of the serving model and ship the result, in one run."""
+    started = time.perf_counter()
+    with model_lock(params.registered_model):
+        waited = time.perf_counter() - started
+        return _fast_retrain(params, started, waited)
+
+
+def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> FastRetrainResult:
+    log = get_run_logger()
+    settings = get_settings()
+    tracking.configure_mlflow(params.experiment)
+    steps: dict[str, float] = {"wait-for-model": waited}
+    bodies = 0.0
+    last = time.perf_counter()
+
+    def lap(name: str, body_s: float) -> None:
+        nonlocal last, bodies
+        now = time.perf_counter()
+        steps[name] = now - last
+        bodies += body_s
+        last = now
+
+    run_id = str(flow_run.get_id() or "local")
+    run_dir = settings.runs_dir / f"fast-retrain-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
+    base, body = resolve_base_step(params.registered_model, params.base_version, str(run_dir / "base"))
+    check_change(base.classes, params.new, params.changed, params.refines)
+    classes = base.classes + params.new
+    log.info("base: %s v%s (trained v%s), classes %s; change: new %s, changed %s, refines %s", base.name,
+             base.version, base.trained_version, base.classes, params.new, params.changed, params.refines)
+    lap("resolve-base", body)
+
+    dataset, body = labelled_dataset_step(base, params.dataset_dir)
+    dataset_name = params.dataset_name or Path(dataset).name
+    lap("labelled-dataset", body)
+
+    folder = params.labels_folder()
+    if folder is not None:
+        data_version, added, body = ingest_folder_step(str(folder), dataset, dataset_name, classes,
+                                                       params.experiment)
+        source = f"the folder {folder}"
+    else:
+        ingested = ingest_flow(IngestParams(project=params.labels, dataset_dir=dataset, dataset_name=dataset_name,
+                                            classes=classes, experiment=params.experiment))
+        data_version, added, body = ingested.data_version or "", ingested.added, ingested.seconds
+        source = f"Label Studio project {params.labels!r}"
+    _check_labels(dataset, params.changed + params.new, source)
+    lap("ingest", body)
+
+    tags = {"prefect_flow_run_id": run_id, "flow": "fast-retrain"}
+    fine_tune_args = (base, dataset, data_version, params.new, params.changed, params.refines,
+                      params.budget_min * 60, params.replay_share, params.seed, params.experiment,
+                      settings.tracking_uri, str(run_dir / "fine-tune"), tags)
+    fine_tune_state = fine_tune_step(*fine_tune_args, return_state=True)
+    tuned: FineTuneOutcome = fine_tune_state.result()
+    reused = fine_tune_state.name == "Cached"
+    if reused and not version_exists(params.registered_model, tuned.version):
+        # The store was reset since: the cached version is gone, so train after all.
+        tuned, reused = fine_tune_step.with_options(refresh_cache=True)(*fine_tune_args), False
+    if reused:
+        print(f"fine-tune: reusing version {tuned.version} from an earlier run of the same change and data "
+              "(resume)", flush=True)
+    lap("fine-tune", 0.0 if reused else tuned.seconds)
+
+    judge_dir, counts, body = held_out_step(dataset, base, str(run_dir / "held-out"))
+    print(f"judged on held-out images: {counts}", flush=True)
+    lap("held-out-set", body)
+
+    drop = params.max_old_class_drop_pts / 100
+    released = release_flow(ReleaseParams(
+        registered_model=params.registered_model, candidate_version=tuned.version, labelled_dir=judge_dir,
+        fresh_n=params.fresh_n, prune_amount=params.prune_amount, fine_tune_epochs=1 if params.prune_amount else 0,
+        threshold=params.threshold,
+        gate=GateConfig(overall_margin=drop, class_margin=drop, new_class_recall=params.new_class_recall,
+                        max_latency_ms=params.max_latency_ms, refines=params.refines),
+        reason=f"fast retrain: {', '.join(f'{c.kind} {c.name}' for c in params.changes)}",
+        experiment=params.experiment, serve_url=params.serve_url or None, canary_share=params.canary_share,
+        canary_timeout_min=params.canary_timeout_min, seed=params.seed,
+        version_tags={CHANGE_TAG: tracking_change(params), "fast_retrain_flow_run_id": run_id,
+                      "base_version": base.version},
+    ))
+    release_wall = time.perf_counter() - last
+    for name, seconds in released.steps.items():
+        steps[f"release/{name}"] = seconds
+    bodies += released.seconds
+    last = time.perf_counter()
+    steps["release/orchestration"] = max(release_wall - released.seconds, 0.0)
+
+    wall = time.perf_counter() - started
+    orchestration = max(wall - bodies - waited, 0.0)
+    result = FastRetrainResult(
+        registered_model=params.registered_model, base_version=base.version, fine_tuned_version=tuned.version,
+        challenger_version=released.challenger_version, champion_before=released.champion_before,
+        champion_after=released.champion_after, promoted=released.promoted, gate_passed=released.gate_passed,
+        served_version=released.served_version, data_version=data_version, labels_added=added,
+        fine_tune_reused=reused, fine_tune=tuned.summary, gate_table=released.gate_table, canary=released.canary,
+        steps=steps, wall_s=wall, orchestration_s=orchestration, orchestration_share=orchestration / wall,
+    )
+    print(step_table(result), flush=True)
+    return result
+
+
+def version_exists(name: str, version: str) -> bool:
+    try:
+        tracking.client().get_model_version(name, version)
+    except Exception:  # noqa: BLE001 - any failure to read it means it cannot be reused
+        return False
+    return True
+
+
+def tracking_change(params: FastRetrainParams) -> str:
+    import json
+
+    return json.dumps({"new": params.new, "changed": params.changed, "refines": params.refines})
+
+
+def step_table(result: FastRetrainResult) -> str:
+    """The run's steps with their wall times, and the orchestration's share, as a text table."""
+    width = max(len(name) for name in result.steps)
+    lines = [f"{'step'.ljust(width)}  seconds"]
+    lines += [f"{name.ljust(width)}  {seconds:7.2f}" for name, seconds in result.steps.items()]
+    lines.append(f"{'total'.ljust(width)}  {result.wall_s:7.2f}   orchestration {result.orchestration_s:.2f} s "
+                 f"({result.orchestration_share:.1%})")
+    verdict = (f"promoted: version {result.challenger_version} is the champion"
+               + (f", served ({result.served_version})" if result.served_version else "")
+               if result.promoted else f"not promoted: the champion stays {result.champion_after}")
+    return "\n".join(lines) + "\n" + verdict
+
+
+if __name__ == "__main__":
+    fast_retrain_flow()

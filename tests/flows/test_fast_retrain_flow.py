@@ -1,0 +1,157 @@
+"""The fast retrain end to end on a dataset outside the Fu world: a class added from a folder of labels,
+resumed after a failure without training twice, and two runs of one model kept one after the other."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+import flows.fast_retrain as fast_retrain
+from flows.fast_retrain import ClassChange, FastRetrainParams, fast_retrain_flow
+from flows.release import ReleaseParams, release_flow
+from flows.train import TrainFlowParams, train_flow
+from saofu.errors import SaofuError
+from tasks import tracking
+from tasks.data.manifest import read_manifest
+from tasks.release import registry
+from tasks.train.onnx_interface import read_metadata
+from tests.conftest import make_shapes_dataset
+
+MODEL = "shapes-fast"
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def champion_of_two_shapes(prefect_api, saofu_home, tmp_path):
+    """A champion trained on circle and square only; triangle labels waiting in a folder."""
+    shapes = make_shapes_dataset(tmp_path / "shapes", n_per_class=60)
+    labels = tmp_path / "labels" / "triangle"
+    labels.parent.mkdir()
+    (shapes / "triangle").rename(labels)
+    train_flow(TrainFlowParams(data_dir=str(shapes), image_size=32, model="saofu_fu_tiny", epochs=10,
+                               registered_model=MODEL, experiment="t", negative_class=None))
+    first = release_flow(ReleaseParams(registered_model=MODEL, fresh_n=200, prune_amount=0.0, fine_tune_epochs=0,
+                                       gate={"max_latency_ms": 50.0}, negative_class=None, threshold=0.5))
+    assert first.promoted
+    return shapes, labels.parent, first.challenger_version
+
+
+def _params(labels, **over) -> FastRetrainParams:
+    base = dict(registered_model=MODEL, changes=[ClassChange(name="triangle", kind="new")], labels=str(labels),
+                budget_min=0.25, new_class_recall=0.5, max_old_class_drop_pts=100.0, max_latency_ms=50.0, threshold=0.5,
+                experiment="t-fast")
+    return FastRetrainParams(**{**base, **over})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_training_twice(
+        champion_of_two_shapes, saofu_home, monkeypatch):
+    shapes, labels, champion = champion_of_two_shapes
+    calls = []
+    real = fast_retrain.fine_tune_and_register
+
+    def counting(*args, **kwargs):
+        calls.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast_retrain, "fine_tune_and_register", counting)
+
+    # A failure in compression, after the fine-tune finished: the run fails, nothing is promoted.
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: compression failed")
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="injected"):
+        patch.setattr("flows.release.build_variants", broken)
+        fast_retrain_flow(_params(labels))
+    assert len(calls) == 1 and registry.current_champion(MODEL) == champion
+
+    # The same parameters again: the fine-tune's persisted result is reused, the release finishes.
+    result = fast_retrain_flow(_params(labels))
+    assert len(calls) == 1, "the fine-tune ran again on resume"
+    assert result.fine_tune_reused and result.steps["fine-tune"] < 5
+    assert result.promoted and result.champion_before == champion
+    assert registry.current_champion(MODEL) == result.challenger_version
+    # The labels went in with the failed run (once: the ingest is idempotent), as a data version.
+    assert result.labels_added == 0 and result.data_version
+    dataset = saofu_home / "data" / "shapes-labelled"
+    assert sum(r["label"] == "triangle" for r in read_manifest(dataset)) == 60
+
+    client = MlflowClient(tracking.tracking_uri(), tracking.tracking_uri())
+    tuned = client.get_model_version(MODEL, result.fine_tuned_version).tags
+    assert tuned["parent_version"] == champion and tuned["data_version"] == result.data_version
+    assert json.loads(tuned["saofu.change"]) == {"new": ["triangle"], "changed": [], "refines": {}}
+    shipped = client.get_model_version(MODEL, result.challenger_version).tags
+    assert shipped["parent_version"] == result.fine_tuned_version and shipped["base_version"] == champion
+    assert shipped["prefect_flow_run_id"]
+
+    # The grown model: the base's classes in their order, then the new one; old ones not regressed much.
+    onnx_dir = tracking.download_model_version(MODEL, result.challenger_version)
+    meta = read_metadata(next(onnx_dir.rglob("*.onnx")))
+    assert json.loads(meta["classes"]) == ["circle", "square", "triangle"]
+    assert result.fine_tune["recall_after"]["triangle"] >= 0.5
+    assert set(result.steps) >= {"resolve-base", "ingest", "fine-tune", "held-out-set", "release/compress",
+                                 "release/gate", "release/promote"}
+    assert 0 <= result.orchestration_share < 1
+    # A plain ImageFolder gets a labelled copy; the user's folder is untouched.
+    assert not (shapes / "manifest.csv").exists() and not (shapes / "triangle").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_fast_retrains_of_one_model_run_one_after_the_other(champion_of_two_shapes):
+    _, labels, champion = champion_of_two_shapes
+    results, errors = {}, []
+
+    def run(seed: int) -> None:
+        try:
+            results[seed] = fast_retrain_flow(_params(labels, seed=seed, base_version=champion))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    waits = sorted(r.steps["wait-for-model"] for r in results.values())
+    # The second waited for (nearly) all of the first: its wait is most of the first's run.
+    first = min(results.values(), key=lambda r: r.steps["wait-for-model"])
+    assert waits[1] >= 0.8 * (first.wall_s - waits[0])
+    versions = registry.promotion_history(MODEL)
+    assert [r.version for r in versions][-2:] == sorted(r.challenger_version for r in results.values())
+
+
+def test_bad_parameters_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="budget_min"):
+        FastRetrainParams(budget_min=0)
+    with pytest.raises(ValueError, match="refines is only for new classes"):
+        FastRetrainParams(changes=[ClassChange(name="fu", kind="changed", refines="not_fu")])
+    with pytest.raises(ValueError, match="more than once"):
+        FastRetrainParams(changes=[ClassChange(name="a"), ClassChange(name="a")])
+    with pytest.raises(ValueError, match="serve_url"):
+        FastRetrainParams(canary_share=0.1)
+    assert all(f.default is not None or f.default_factory for f in FastRetrainParams.model_fields.values())
+
+
+def test_a_change_that_does_not_fit_the_base_is_refused_before_any_data_is_touched():
+    from tasks.train.retrain_steps import check_change
+
+    with pytest.raises(SaofuError, match="already classes"):
+        check_change(["fu", "not_fu"], ["fu"], [], {})
+    with pytest.raises(SaofuError, match="not classes of the base"):
+        check_change(["fu", "not_fu"], [], ["fu_merchant"], {})
+    with pytest.raises(SaofuError):
+        check_change(["fu", "not_fu"], ["fu_merchant"], [], {"fu_merchant": "lucky"})
