@@ -39,6 +39,7 @@ from deploy.canary import RUNNING, Canary, CanaryPolicy, CanaryRun, compare_answ
 from deploy.model_source import CHALLENGER, CHAMPION, LoadedModel, ModelSet, ModelSource
 from deploy.pool_log import PoolEntry, PoolLogger, PoolStore
 from saofu.errors import SaofuError
+from saofu.refines import refined_decision, refinement_roots
 
 log = logging.getLogger("saofu.serve")
 
@@ -297,6 +298,11 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
         confident = score >= threshold
         label = model.classes[top]
         decided = label if confident else (negative if negative in model.classes else None)
+        if not confident and model.refines:
+            # Sure it is a `fu` (fu + fu_merchant together), not sure which: answer the general class.
+            sure = refined_decision(probs.tolist(), threshold, refinement_roots(model.classes, model.refines))
+            if sure is not None:
+                decided, score, confident = model.classes[sure[0]], sure[1], True
         return {"class": decided, "top_class": label, "score": score, "confident": confident,
                 "model": model.name, "version": model.version, "model_version": model.model_version, "arm": arm}
 

@@ -54,12 +54,12 @@ class IngestResult(BaseModel):
     seconds: float = 0.0  # the flow body's wall time
 
 
-@task(name="find-project")
+@task(name="find-project", retries=2, retry_delay_seconds=3)
 def find_project(project: str, classes: list[str]) -> int:
     return ensure_project(connect(), project, classes)
 
 
-@task(name="fetch-annotations")
+@task(name="fetch-annotations", retries=2, retry_delay_seconds=3)
 def fetch_annotations(project_id: int, cursor: str | None) -> list[dict]:
     return completed_annotations(connect(), project_id, since=cursor)
 
@@ -69,7 +69,7 @@ def validate(dataset_dir: str, classes: list[str], docs_dir: str):
     return validate_dataset(dataset_dir, classes=classes, docs_dir=Path(docs_dir))
 
 
-@task(name="create-data-version")
+@task(name="create-data-version", retries=1, retry_delay_seconds=3)
 def version_dataset(dataset_dir: str, name: str, message: str) -> str:
     return version_of(dataset_dir) or create_version(dataset_dir, name, message).id
 

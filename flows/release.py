@@ -123,7 +123,7 @@ def _negative_class(params: ReleaseParams, candidate: Candidate) -> str | None:
     return params.negative_class if params.negative_class in candidate.classes else None
 
 
-@task(name="compress")
+@task(name="compress", retries=1, retry_delay_seconds=2)
 def compress(candidate: Candidate, params: ReleaseParams, fresh: TensorSplit,
              out_dir: str, negative_class: str | None) -> tuple[list[Variant], Variant | None]:
     data = prepare_dataset(candidate.data_dir, candidate.image_size, 0.15, params.seed, get_settings().cache_dir)
@@ -133,7 +133,7 @@ def compress(candidate: Candidate, params: ReleaseParams, fresh: TensorSplit,
     return variants, choose_artefact(variants, params.accuracy_bar)
 
 
-@task(name="evaluate-release")
+@task(name="evaluate-release", retries=1, retry_delay_seconds=2)
 def evaluate_release(paths: dict[str, str], sets: dict[str, TensorSplit], params: ReleaseParams,
                      out_dir: str, negative_class: str | None) -> dict[str, dict]:
     """`release_report` of each model (label -> ONNX path) on the same sets."""

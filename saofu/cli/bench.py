@@ -113,3 +113,23 @@ def bench_release(
         result = run_release_bench(n=n, epochs=epochs, fresh_n=fresh_n, out=out, serving=serving,
                                    serving_seconds=seconds)
     emit(result["summary"], as_json, result["table"])
+
+
+@app.command("fast-retrain")
+def bench_fast_retrain(
+    n: int = typer.Option(16000, "--n", help="Images in the generated Fu world with merchants (its held-out-font "
+                                             "test split is the regression set: 16000 gives ~2000 old-class images)."),
+    budget_min: float = typer.Option(2.0, "--budget-min", help="The fine-tune budget (the flow's default)."),
+    seeds: list[int] = typer.Option([0, 1, 2], "--seed", help="One fast-retrain draw per seed (repeat)."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Epochs of the champion and of the full retrain."),
+    full_retrain: bool = typer.Option(True, "--full-retrain/--no-full-retrain", help="Also the naive peer."),
+    out: Path = typer.Option(Path("bench/results/fast_retrain.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """Fast retrain (one flow run, labels in Label Studio -> served) vs full retrain vs no replay."""
+    from bench.fast_retrain import run_fast_retrain_bench
+
+    with progress_to_stderr(as_json):
+        result = run_fast_retrain_bench(world_n=n, budget_min=budget_min, seeds=tuple(seeds), epochs=epochs,
+                                        full_retrain=full_retrain, out=out)
+    emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])

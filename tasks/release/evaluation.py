@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from saofu.errors import SaofuError
+from saofu.refines import refinement_roots
 from tasks.train.onnx_interface import INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:  # annotations only: evaluating a graph needs onnxruntime, not torch
@@ -113,16 +114,28 @@ def onnx_predict_proba(sess: ort.InferenceSession, split: TensorSplit, batch_siz
     return softmax(np.concatenate(out).astype(np.float64))
 
 
-def decide(probs: np.ndarray, threshold: float, negative_index: int | None) -> np.ndarray:
-    """Top class where its probability reaches `threshold`, else the negative class or ABSTAIN."""
+def decide(probs: np.ndarray, threshold: float, negative_index: int | None,
+           roots: Sequence[int] | None = None) -> np.ndarray:
+    """Top class where its probability reaches `threshold`, else the negative class or ABSTAIN.
+
+    With `roots` (`saofu.refines.refinement_roots`: a model whose classes refine others), a top
+    class under the threshold whose refinement group reaches it together decides the group's root
+    (`saofu.refines.refined_decision`, what the serving app answers).
+    """
     top = probs.argmax(1)
     fallback = ABSTAIN if negative_index is None else negative_index
-    return np.where(probs.max(1) >= threshold, top, fallback)
+    decided = np.where(probs.max(1) >= threshold, top, fallback)
+    if roots is not None and len(set(roots)) < len(roots):
+        roots_arr = np.asarray(roots)
+        group = (probs * (roots_arr[None, :] == roots_arr[top][:, None])).sum(1)
+        unsure = probs.max(1) < threshold
+        decided = np.where(unsure & (group >= threshold), roots_arr[top], decided)
+    return decided
 
 
 def threshold_report(
     probs: np.ndarray, labels: np.ndarray, classes: list[str], threshold: float = 0.9,
-    negative_class: str | None = None,
+    negative_class: str | None = None, refines: Mapping[str, str] | None = None,
 ) -> EvalReport:
     """Accuracy, per-class precision/recall and confusion at a confidence threshold.
 
@@ -132,13 +145,14 @@ def threshold_report(
         classes: class names in column order.
         threshold: minimum top probability for a prediction to count.
         negative_class: class that low-confidence predictions fall back to (None: abstain).
+        refines: the model's refinements (`decide`'s groups); None: none.
     """
     if not 0.0 <= threshold <= 1.0:
         raise SaofuError(f"threshold must be in [0, 1], got {threshold}")
     if negative_class is not None and negative_class not in classes:
         raise SaofuError(f"negative class {negative_class!r} is not one of the classes {classes}")
     neg = classes.index(negative_class) if negative_class is not None else None
-    decisions = decide(probs, threshold, neg)
+    decisions = decide(probs, threshold, neg, refinement_roots(classes, refines) if refines else None)
     k = len(classes)
     confusion = np.zeros((k, k + 1), dtype=np.int64)
     for truth, d in zip(labels, decisions):

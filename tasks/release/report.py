@@ -41,6 +41,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from saofu.errors import SaofuError
+from saofu.refines import refinement_roots
 from tasks.data.loading import TensorSplit
 from tasks.release.evaluation import (
     ABSTAIN,
@@ -197,9 +198,11 @@ def evaluate_set(onnx_path: str | Path, name: str, split: TensorSplit, out_dir: 
     # As the serving app: under the threshold, the negative class only where the model has it.
     negative_class = negative_class if negative_class in model_classes else None
     labels = split.labels.numpy()
-    report = threshold_report(probs, labels, classes, threshold, negative_class)
+    # The graph's refinements decide as the serving app does (a sure group, an unsure member: its root).
+    refines = refines_from_metadata(read_metadata(onnx_path))
+    report = threshold_report(probs, labels, classes, threshold, negative_class, refines)
     negative = classes.index(negative_class) if negative_class is not None else None
-    decisions = decide(probs, threshold, negative)
+    decisions = decide(probs, threshold, negative, refinement_roots(classes, refines) if refines else None)
     lacks = [c for c in split.classes if c not in model_classes]
     known_rows = np.isin(labels, [classes.index(c) for c in model_classes])
     # Images of a lacked class are wrong by construction: counted in `lacked_images`, not errors.

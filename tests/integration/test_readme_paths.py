@@ -13,6 +13,7 @@ kept) beside a link to the checkout's `.venv`, so `make demo` finds its set-up d
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -133,8 +134,12 @@ def test_demo_release_serve_as_the_readme_says(project):
 
 @pytest.mark.timeout(1500)
 def test_own_imagefolder_dataset_trains_releases_and_serves(project, tmp_path):
-    """Train → release → serve on a small non-Fu ImageFolder dataset, then train it again after a move."""
+    """Train → release → serve on a small non-Fu ImageFolder dataset, a class added by `saofu fast-retrain`
+    while it serves, then training again after a move."""
     data = make_shapes_dataset(tmp_path / "shapes", n_per_class=50, size=32)
+    triangles = tmp_path / "campaign" / "triangle"
+    triangles.parent.mkdir()
+    (data / "triangle").rename(triangles)  # the class that arrives later
     _run(["saofu", "train", "--data", str(data), "--registered-model", "shapes", "--epochs", "3",
           "--image-size", "32"], project, timeout=600)
     release = _run(["saofu", "release", "--model", "shapes"], project, timeout=600)
@@ -145,6 +150,18 @@ def test_own_imagefolder_dataset_trains_releases_and_serves(project, tmp_path):
                             headers={"content-type": "image/png"}, timeout=10)
         assert answer.status_code == 200, answer.text
         assert answer.json()["top_class"] in SHAPES, answer.json()
+
+        # The README's fast retrain from a folder of labels; the gate's targets opened wide (3 epochs
+        # of training make no 95 % model), so what is checked is the path: one run, shipped, served.
+        fast = _run(["saofu", "fast-retrain", "--add", "triangle", "--labels", str(triangles.parent),
+                     "--model", "shapes", "--budget-min", "0.2", "--new-class-recall", "0",
+                     "--max-old-drop-pts", "100", "--serve-url", url, "--json"], project, timeout=900)
+        summary = json.loads(fast.stdout)
+        assert summary["promoted"] and summary["served_version"] == summary["challenger_version"], summary
+        assert summary["labels_added"] == 50 and "fine-tune" in summary["steps"]
+        answer = httpx.post(f"{url}/predict", content=_png(next(triangles.glob("*.png"))),
+                            headers={"content-type": "image/png"}, timeout=10).json()
+        assert answer["version"] == summary["challenger_version"] and answer["top_class"] in SHAPES, answer
 
     # A user re-extracts the dataset elsewhere and trains again in the same project home.
     moved = shutil.copytree(data, tmp_path / "shapes-moved")

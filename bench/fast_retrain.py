@@ -1,0 +1,355 @@
+"""`saofu bench fast-retrain`: the campaign's scenario, fast retrain vs full retrain vs no replay.
+
+A champion trained on `fu`/`not_fu` of the Fu world is serving (`saofu serve`, following the
+`champion` alias). The merchant campaign starts: images of `fu_merchant` (the world's merchant
+frames, train fonts) are imported into a real Label Studio and answered by the simulated labeler.
+From that moment the clock runs, until the serving app answers with the new version:
+
+* fast retrain: `flows/fast_retrain.py`, one flow run (one draw per seed, each on its own copy of
+  the dataset and its own Label Studio project, so every draw ingests, versions and ships);
+* naive peer: a full retrain from scratch on all the data (the base data plus the same merchant
+  labels) through the training and release flows, waited on the serving app too (one draw: it is
+  the slow one);
+* ablation: the same fine-tune without replay of old data (one per seed; measured, not shipped).
+
+Measured on images none of them trained on: new-class recall at the serving threshold on the
+merchant images of held-out fonts (the world's test split), and each old class's recall before
+(the champion) and after on the regression set: the world's held-out-font test images of `fu`
+and `not_fu` (at least 2,000 by default), with a 95 % interval of the paired difference.
+
+Run it: `saofu bench fast-retrain` (it starts Label Studio and the serving app itself, in a
+folder of its own under `bench/work/`, and stops them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGETS = {"wall_s": 300.0, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.5,
+           "speedup_vs_full_retrain": 5.0, "orchestration_share": 0.03}
+MODEL = "fu-recognizer"
+THRESHOLD = 0.9
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def split_world(world: Path, base: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """The base dataset (the world without `fu_merchant`), the merchant labels to come, the held-out sets.
+
+    Returns:
+        (merchant images of the train/val splits: the campaign's labels; merchant test images
+        (held-out fonts); old-class test images with their class: the regression set).
+    """
+    from tasks.data.manifest import read_manifest, write_manifest
+
+    rows = read_manifest(world)
+    keep = [r for r in rows if r["label"] != "fu_merchant"]
+    for r in keep:
+        dst = base / r["path"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(world / r["path"], dst)
+    write_manifest(base, keep)
+    labels = [world / r["path"] for r in rows if r["label"] == "fu_merchant" and r["split"] != "test"]
+    held_out = [world / r["path"] for r in rows if r["label"] == "fu_merchant" and r["split"] == "test"]
+    regression = [(world / r["path"], r["label"]) for r in keep if r["split"] == "test"]
+    return labels, held_out, regression
+
+
+def _recalls(onnx_path: str | Path, paths: list[Path], labels: list[str], image_size: int) -> dict[str, np.ndarray]:
+    """Per class: 1/0 per image, right or not at the serving threshold (not_fu the fallback)."""
+    from saofu.refines import refinement_roots
+    from tasks.release.evaluation import decide, onnx_classes, onnx_predict_proba, onnx_refines, session
+    from tasks.release.sets import split_from_files
+
+    sess = session(onnx_path, threads=2)
+    classes = onnx_classes(sess)
+    split = split_from_files(paths, labels, classes, image_size)
+    probs = onnx_predict_proba(sess, split)
+    # As the serving app decides (a sure `fu` group with an unsure member answers `fu`).
+    decisions = decide(probs, THRESHOLD, classes.index("not_fu") if "not_fu" in classes else None,
+                       refinement_roots(classes, onnx_refines(sess)))
+    right = decisions == split.labels.numpy()
+    return {c: right[np.asarray(labels) == c].astype(np.float64) for c in sorted(set(labels))}
+
+
+def measure(onnx_path: str | Path, champion_right: dict[str, np.ndarray], held_out: list[Path],
+            regression: list[tuple[Path, str]], image_size: int) -> dict:
+    """New-class recall on held-out fonts; old-class recall drop vs the champion with a 95 % interval."""
+    new = _recalls(onnx_path, held_out, ["fu_merchant"] * len(held_out), image_size)["fu_merchant"]
+    after = _recalls(onnx_path, [p for p, _ in regression], [c for _, c in regression], image_size)
+    old = {}
+    for cls, before in champion_right.items():
+        d = before - after[cls]  # paired: the same images
+        half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        old[cls] = {"before": float(before.mean()), "after": float(after[cls].mean()),
+                    "drop_pts": float(100 * d.mean()), "ci95_pts": [float(100 * (d.mean() - half)),
+                                                                    float(100 * (d.mean() + half))],
+                    "n": int(len(d))}
+    return {"new_class_recall": float(new.mean()), "new_class_n": int(len(new)), "old_classes": old,
+            "max_old_class_drop_pts": max(v["drop_pts"] for v in old.values())}
+
+
+def _version_onnx(version: str) -> Path:
+    from tasks import tracking
+
+    return next(tracking.download_model_version(MODEL, version).rglob("*.onnx"))
+
+
+def _label_in_label_studio(project: str, images: list[Path], files_root: Path, seed: int) -> None:
+    from tasks.labeling.client import LabelingItem, connect, ensure_project, import_tasks
+    from tasks.labeling.simulated_labeler import simulate_labeling
+
+    client = connect()
+    folder = files_root / "campaign" / project
+    folder.mkdir(parents=True, exist_ok=True)
+    local = []
+    for p in images:
+        dst = folder / p.name
+        shutil.copyfile(p, dst)
+        local.append(dst)
+    pid = ensure_project(client, project, ["fu", "not_fu", "fu_merchant"])
+    import_tasks(client, pid, [LabelingItem(image=p, source="campaign") for p in local])
+    done = simulate_labeling(client, pid, truth=lambda t: "fu_merchant", seed=seed)
+    print(f"Label Studio project {project!r}: {len(local)} merchant images labelled ({done})", flush=True)
+
+
+def _serve(home: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "SAOFU_HOME": str(home)}
+    exe = Path(sys.executable).with_name("saofu")
+    proc = subprocess.Popen([str(exe), "serve", "--model", MODEL, "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=(home / "serve.log").open("w"),
+                            start_new_session=True)
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"saofu serve exited: {(home / 'serve.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    raise RuntimeError("saofu serve did not come up in 120 s")
+
+
+def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, out: Path) -> tuple[Path, float, dict]:
+    """The ablation: the same fine-tune without replay; exported, not registered."""
+    from saofu.settings import get_settings
+    from tasks.data.loading import prepare_dataset
+    from tasks.train.export import export_onnx
+    from tasks.train.fine_tune import FineTuneConfig, fine_tune
+    from tasks.train.retrain_steps import resolve_base
+
+    started = time.perf_counter()
+    base = resolve_base(MODEL, base_version, out / "base")
+    from tasks.release.steps import load_candidate
+
+    ckpt = load_candidate(MODEL, base.trained_version, out / "base").checkpoint
+    data = prepare_dataset(dataset, base.image_size, base.val_share, base.split_seed, get_settings().cache_dir)
+    result = fine_tune(ckpt, data, FineTuneConfig(new_classes=["fu_merchant"], refines={"fu_merchant": "fu"},
+                                                  replay_share=0.0, budget_s=budget_min * 60, seed=seed),
+                       out / "no_replay.pt")
+    path = export_onnx(result.model, result.classes, out / "no_replay.onnx", base.image_size, {"fu_merchant": "fu"})
+    # best_epoch 0: no trained epoch beat the grown, untrained model on balanced validation accuracy
+    # (forgetting the old classes cost more than the new class gained), so that is what it keeps.
+    info = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "val_balanced_accuracy_by_epoch": [round(h["val_balanced_accuracy"], 4) for h in result.history]}
+    return path, time.perf_counter() - started, info
+
+
+def run_fast_retrain_bench(world_n: int = 16000, budget_min: float = 2.0, seeds: tuple[int, ...] = (0, 1, 2),
+                           epochs: int = 20, full_retrain: bool = True, home: Path | None = None,
+                           out: Path = Path("bench/results/fast_retrain.json")) -> dict:
+    from services import labeling as labeling_service
+
+    # Label Studio's venv of the project folder (minutes to create): shared, not made again in the bench's folder.
+    os.environ.setdefault("SAOFU_LABELSTUDIO_VENV", str(labeling_service.default_venv_dir()))
+    home = (home or Path("bench/work/fast_retrain")).resolve()
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    os.environ["SAOFU_HOME"] = str(home)
+    for name in ("MLFLOW_TRACKING_URI", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY",
+                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
+        os.environ.pop(name, None)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    from bench.models import _device_name
+    from flows.fast_retrain import ClassChange, FastRetrainParams, fast_retrain_flow, step_table
+    from flows.release import ReleaseParams, release_flow
+    from flows.train import TrainFlowParams, train_flow
+    from tasks.data.fu_world import WorldConfig, generate_world
+
+    t_bench = time.perf_counter()
+    world = home / "world"
+    print(f"generating the Fu world with merchants: {world_n} images", flush=True)
+    generate_world(world, WorldConfig(n=world_n, seed=0, image_size=64, merchant=True))
+    base = home / "data" / "fu_base"
+    labels, held_out, regression = split_world(world, base)
+    print(f"base dataset {base}; {len(labels)} merchant labels to come; held out: {len(held_out)} merchant, "
+          f"{len(regression)} old-class regression images", flush=True)
+
+    print(f"training the champion: saofu_fu, {epochs} epochs on fu/not_fu", flush=True)
+    trained = train_flow(TrainFlowParams(data_dir=str(base), epochs=epochs, registered_model=MODEL,
+                                         experiment="bench-base"))
+    first = release_flow(ReleaseParams(registered_model=MODEL, candidate_version=trained.version,
+                                       experiment="bench-base"))
+    if not first.promoted:
+        raise RuntimeError(f"the champion's release did not pass its gate:\n{first.gate_table}")
+    champion = first.challenger_version
+    champion_right = _recalls(_version_onnx(champion), [p for p, _ in regression], [c for _, c in regression], 64)
+
+    ls = labeling_service.start(port=_free_port(), files_root=home)
+    port = _free_port()
+    serve = _serve(home, port)
+    url = f"http://127.0.0.1:{port}"
+    draws, ablations, full = [], [], None
+    try:
+        for seed in seeds:
+            dataset = home / "data" / f"fu_draw{seed}"
+            shutil.copytree(base, dataset)
+            project = f"fu-merchant-draw{seed}"
+            _label_in_label_studio(project, labels, ls.files_root, seed)
+            started = time.perf_counter()  # labels are in Label Studio
+            result = fast_retrain_flow(FastRetrainParams(
+                registered_model=MODEL, changes=[ClassChange(name="fu_merchant", kind="new", refines="fu")],
+                labels=project, labels_kind="label-studio", dataset_dir=str(dataset), base_version=champion,
+                budget_min=budget_min, serve_url=url, seed=seed, experiment="bench-fast-retrain"))
+            wall = time.perf_counter() - started
+            # The flow's own figure counts from its body's first line; Prefect's start of the run (and
+            # the return) lies outside it, so the share here is of the wall time measured around the call.
+            bodies = result.wall_s - result.orchestration_s - result.steps["wait-for-model"]
+            orchestration = max(wall - bodies, 0.0)
+            print(step_table(result), flush=True)
+            shipped = result.challenger_version
+            metrics = measure(_version_onnx(shipped), champion_right, held_out, regression, 64) if shipped else {}
+            draws.append({"seed": seed, "wall_s": wall, "steps": result.steps, "promoted": result.promoted,
+                          "served_version": result.served_version, "orchestration_s": orchestration,
+                          "orchestration_share": orchestration / wall, "flow_wall_s": result.wall_s,
+                          "gate": result.gate_table,
+                          "fine_tune": {k: result.fine_tune[k] for k in ("epochs_planned", "epochs_run",
+                                                                          "stopped_by_budget", "images_per_s",
+                                                                          "train_images", "best_epoch")},
+                          **metrics})
+            print(f"draw {seed}: {wall:.1f} s, new-class recall {metrics.get('new_class_recall')}, "
+                  f"largest old-class drop {metrics.get('max_old_class_drop_pts')} pts", flush=True)
+            onnx, seconds, info = _no_replay(champion, str(dataset), budget_min, seed,
+                                             home / "runs" / f"ablation{seed}")
+            ablations.append({"seed": seed, "seconds": seconds, **info,
+                              **measure(onnx, champion_right, held_out, regression, 64)})
+        if full_retrain:
+            from tasks.release.sets import held_out_folder
+
+            started = time.perf_counter()
+            dataset = home / "data" / f"fu_draw{seeds[0]}"
+            peer = train_flow(TrainFlowParams(data_dir=str(dataset), epochs=epochs,
+                                              registered_model=MODEL, experiment="bench-full-retrain"))
+            # Judged like the fast retrain: held-out images of every class (its release's fresh slice).
+            judge, _ = held_out_folder(dataset, 64, home / "runs" / "full-retrain-held-out")
+            released = release_flow(ReleaseParams(registered_model=MODEL, candidate_version=peer.version,
+                                                  labelled_dir=str(judge), fresh_n=5000,
+                                                  serve_url=url, experiment="bench-full-retrain",
+                                                  gate={"new_class": "fu_merchant", "new_class_recall": 0.95}))
+            wall = time.perf_counter() - started
+            full = {"wall_s": wall, "promoted": released.promoted, "release_steps": released.steps,
+                    **(measure(_version_onnx(released.challenger_version), champion_right, held_out, regression, 64)
+                       if released.challenger_version else {})}
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        labeling_service.stop()
+
+    def median(key: str, rows: list[dict]) -> float:
+        return float(statistics.median(r[key] for r in rows))
+
+    step_names = list(draws[0]["steps"])
+    summary = {
+        "wall_s": median("wall_s", draws),
+        "new_class_recall": median("new_class_recall", draws),
+        "max_old_class_drop_pts": median("max_old_class_drop_pts", draws),
+        "speedup_vs_full_retrain": (full["wall_s"] / median("wall_s", draws)) if full else None,
+        "orchestration_share": median("orchestration_share", draws),
+        "steps": {name: float(statistics.median(d["steps"].get(name, 0.0) for d in draws)) for name in step_names},
+        "device": _device_name(),
+        "draws": draws,
+        "worst_draw": {"wall_s": max(d["wall_s"] for d in draws),
+                       "new_class_recall": min(d["new_class_recall"] for d in draws),
+                       "max_old_class_drop_pts": max(d["max_old_class_drop_pts"] for d in draws)},
+        "full_retrain": full,
+        "no_replay": ablations,
+        "no_replay_median": {"new_class_recall": median("new_class_recall", ablations),
+                             "max_old_class_drop_pts": median("max_old_class_drop_pts", ablations)},
+        "targets": TARGETS,
+        "setup": {"world_n": world_n, "budget_min": budget_min, "seeds": list(seeds), "epochs": epochs,
+                  "merchant_labels": len(labels), "held_out_merchant": len(held_out),
+                  "regression_images": len(regression), "threshold": THRESHOLD, "champion_version": champion,
+                  "bench_seconds": time.perf_counter() - t_bench, "date": time.strftime("%Y-%m-%d")},
+    }
+    summary["met"] = {
+        "wall_s": summary["wall_s"] <= TARGETS["wall_s"],
+        "new_class_recall": summary["new_class_recall"] >= TARGETS["new_class_recall"],
+        "max_old_class_drop_pts": summary["max_old_class_drop_pts"] <= TARGETS["max_old_class_drop_pts"],
+        "speedup_vs_full_retrain": bool(full)
+        and summary["speedup_vs_full_retrain"] >= TARGETS["speedup_vs_full_retrain"],
+        "orchestration_share": summary["orchestration_share"] < TARGETS["orchestration_share"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    summary["table"] = format_table(summary)
+    print(summary["table"], flush=True)
+    return summary
+
+
+def format_table(s: dict) -> str:
+    """The three ways side by side (medians over the draws; the full retrain is one draw)."""
+    full, abl = s["full_retrain"] or {}, s["no_replay_median"]
+    rows = [("", "fast retrain", "full retrain (peer)", "no replay (ablation)", "target"),
+            ("labels in LS -> served, s", f"{s['wall_s']:.0f}", f"{full.get('wall_s', float('nan')):.0f}", "-",
+             "<= 300"),
+            ("new-class recall @0.9, held-out fonts", f"{s['new_class_recall']:.3f}",
+             f"{full.get('new_class_recall', float('nan')):.3f}", f"{abl['new_class_recall']:.3f}", ">= 0.95"),
+            ("largest old-class drop, pts", f"{s['max_old_class_drop_pts']:+.2f}",
+             f"{full.get('max_old_class_drop_pts', float('nan')):+.2f}", f"{abl['max_old_class_drop_pts']:+.2f}",
+             "<= 0.5"),
+            ("speed-up vs full retrain", f"{s['speedup_vs_full_retrain'] or float('nan'):.1f}x", "1x", "-", ">= 5x"),
+            ("orchestration share", f"{s['orchestration_share']:.1%}", "-", "-", "< 3 %")]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())
+    return "\n".join(lines) + f"\nsteps (median s): {steps}\ndevice: {s['device']}"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-n", type=int, default=16000)
+    parser.add_argument("--budget-min", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, action="append")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--no-full-retrain", action="store_true")
+    args = parser.parse_args()
+    run_fast_retrain_bench(args.world_n, args.budget_min, tuple(args.seed or (0, 1, 2)), args.epochs,
+                           not args.no_full_retrain)
