@@ -175,7 +175,7 @@ def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, ou
     return path, time.perf_counter() - started, info
 
 
-def run_fast_retrain_bench(world_n: int = 16000, budget_min: float = 2.0, seeds: tuple[int, ...] = (0, 1, 2),
+def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 2.0, seeds: tuple[int, ...] = (0, 1, 2),
                            epochs: int = 20, full_retrain: bool = True, home: Path | None = None,
                            out: Path = Path("bench/results/fast_retrain.json")) -> dict:
     from services import labeling as labeling_service
@@ -345,7 +345,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world-n", type=int, default=16000)
+    parser.add_argument("--world-n", type=int, default=17000)
     parser.add_argument("--budget-min", type=float, default=2.0)
     parser.add_argument("--seed", type=int, action="append")
     parser.add_argument("--epochs", type=int, default=20)
