@@ -141,9 +141,11 @@ class FastRetrainParams(BaseModel):
         path = Path(self.labels).expanduser()
         if self.labels_kind == "label-studio":
             return None
-        if self.labels_kind == "folder" or path.is_dir():
+        looks_like_path = "/" in self.labels or self.labels.startswith((".", "~"))
+        if self.labels_kind == "folder" or path.is_dir() or looks_like_path:
             if not path.is_dir():
-                raise SaofuError(f"labels folder not found: {path}")
+                raise SaofuError(f"labels folder not found: {path} (a Label Studio project title has no '/'; "
+                                 "use labels_kind 'label-studio' for one that does)")
             return path
         return None
 

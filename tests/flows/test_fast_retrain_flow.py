@@ -146,6 +146,14 @@ def test_bad_parameters_are_refused_naming_the_field():
     assert all(f.default is not None or f.default_factory for f in FastRetrainParams.model_fields.values())
 
 
+def test_labels_name_a_folder_or_a_project(tmp_path):
+    assert FastRetrainParams(labels=str(tmp_path)).labels_folder() == tmp_path
+    assert FastRetrainParams(labels="fu-campaign").labels_folder() is None
+    with pytest.raises(SaofuError, match="labels folder not found"):
+        FastRetrainParams(labels=str(tmp_path / "typo")).labels_folder()
+    assert FastRetrainParams(labels="team/fu", labels_kind="label-studio").labels_folder() is None
+
+
 def test_a_change_that_does_not_fit_the_base_is_refused_before_any_data_is_touched():
     from tasks.train.retrain_steps import check_change
 
