@@ -91,3 +91,56 @@ def _pixels(path):
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB").resize((32, 32)), dtype=np.uint8)[None]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_release_with_a_canary_promotes_only_after_the_serving_apps_verdict(prefect_api, saofu_home, shapes_dir):
+    """`canary_share`: the challenger answers live traffic in the app's canary before it becomes champion."""
+    import os
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from tests.serving_process import free_port, serving
+
+    train_flow(TrainFlowParams(data_dir=str(shapes_dir), image_size=32, model="saofu_fu_tiny", epochs=4,
+                               registered_model="shapes-canary", experiment="t", negative_class=None))
+    common = dict(registered_model="shapes-canary", fresh_n=200, prune_amount=0.0, fine_tune_epochs=0,
+                  negative_class=None, gate={"max_latency_ms": 50.0, "class_margin": 1.0, "overall_margin": 1.0})
+    first = release_flow(ReleaseParams(**common))
+    assert first.promoted
+
+    port = free_port()
+    saofu = os.path.join(os.path.dirname(sys.executable), "saofu")
+    cmd = [saofu, "serve", "--model", "shapes-canary", "--port", str(port), "--canary-share", "0.5",
+           "--canary-min-requests", "20", "--poll-seconds", "0.5"]
+    images = [p.read_bytes() for p in sorted((shapes_dir / "circle").glob("*.png"))[:20]]
+    with serving(cmd, cwd=saofu_home, env={**os.environ}, port=port) as (_, url):
+        stop = threading.Event()
+
+        def traffic() -> None:  # users scanning while the release runs
+            with httpx.Client(timeout=5) as client:
+                i = 0
+                while not stop.is_set():
+                    client.post(f"{url}/predict", content=images[i % len(images)],
+                                headers={"content-type": "image/png"})
+                    i += 1
+                    time.sleep(0.01)
+
+        sender = threading.Thread(target=traffic, daemon=True)
+        sender.start()
+        try:
+            with pytest.raises(Exception, match="canary share of 0.2"):  # not what the app runs: refused
+                release_flow(ReleaseParams(**common, serve_url=url, canary_share=0.2))
+            second = release_flow(ReleaseParams(**common, serve_url=url, canary_share=0.5, canary_timeout_min=3))
+        finally:
+            stop.set()
+            sender.join(timeout=10)
+    import re
+
+    assert second.canary.startswith("passed"), second.canary
+    assert int(re.search(r"(\d+) canary requests", second.canary).group(1)) >= 20  # the app's minimum
+    assert second.promoted and second.served_version == second.challenger_version and "canary" in second.steps
