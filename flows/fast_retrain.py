@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field, model_validator
 from flows.ingest import IngestParams, add_validated, ingest_flow, version_dataset
 from flows.locks import model_lock
 from flows.release import ReleaseParams, release_flow
+from flows.step_clock import StepClock
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks import tracking
@@ -50,6 +51,7 @@ from tasks.train.retrain_steps import (
     CHANGE_TAG,
     BaseModelInfo,
     FineTuneOutcome,
+    change_record,
     check_change,
     fine_tune_and_register,
     labelled_dataset,
@@ -135,6 +137,10 @@ class FastRetrainParams(BaseModel):
     @property
     def refines(self) -> dict[str, str]:
         return {c.name: c.refines for c in self.changes if c.refines}
+
+    def change_record(self) -> str:
+        """The change as recorded on versions (`saofu.change`): JSON of new, changed and refines."""
+        return change_record(self.new, self.changed, self.refines)
 
     def labels_folder(self) -> Path | None:
         """The labels' folder, or None for a Label Studio project."""
@@ -262,16 +268,9 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
     log = get_run_logger()
     settings = get_settings()
     tracking.configure_mlflow(params.experiment)
-    steps: dict[str, float] = {"wait-for-model": waited}
-    bodies = 0.0
-    last = time.perf_counter()
-
-    def lap(name: str, body_s: float) -> None:
-        nonlocal last, bodies
-        now = time.perf_counter()
-        steps[name] = now - last
-        bodies += body_s
-        last = now
+    clock = StepClock()
+    clock.steps["wait-for-model"] = waited
+    lap = clock.lap
 
     run_id = str(flow_run.get_id() or "local")
     run_dir = settings.runs_dir / f"fast-retrain-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
@@ -328,18 +327,17 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
         reason=f"fast retrain: {', '.join(f'{c.kind} {c.name}' for c in params.changes)}",
         experiment=params.experiment, serve_url=params.serve_url or None, canary_share=params.canary_share,
         canary_timeout_min=params.canary_timeout_min, seed=params.seed,
-        version_tags={CHANGE_TAG: tracking_change(params), "fast_retrain_flow_run_id": run_id,
+        version_tags={CHANGE_TAG: params.change_record(), "fast_retrain_flow_run_id": run_id,
                       "base_version": base.version},
     ))
-    release_wall = time.perf_counter() - last
-    for name, seconds in released.steps.items():
-        steps[f"release/{name}"] = seconds
-    bodies += released.seconds
-    last = time.perf_counter()
-    steps["release/orchestration"] = max(release_wall - released.seconds, 0.0)
+    clock.lap("release", released.seconds)
+    release_wall = clock.steps.pop("release")
+    clock.steps.update({f"release/{name}": seconds for name, seconds in released.steps.items()})
+    clock.steps["release/orchestration"] = max(release_wall - released.seconds, 0.0)
+    steps = clock.steps
 
     wall = time.perf_counter() - started
-    orchestration = max(wall - bodies - waited, 0.0)
+    orchestration = max(wall - clock.bodies - waited, 0.0)
     result = FastRetrainResult(
         registered_model=params.registered_model, base_version=base.version, fine_tuned_version=tuned.version,
         challenger_version=released.challenger_version, champion_before=released.champion_before,
@@ -358,12 +356,6 @@ def version_exists(name: str, version: str) -> bool:
     except Exception:  # noqa: BLE001 - any failure to read it means it cannot be reused
         return False
     return True
-
-
-def tracking_change(params: FastRetrainParams) -> str:
-    import json
-
-    return json.dumps({"new": params.new, "changed": params.changed, "refines": params.refines})
 
 
 def step_table(result: FastRetrainResult) -> str:

@@ -30,6 +30,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.locks import model_lock
+from flows.step_clock import StepClock
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks import tracking
@@ -38,7 +39,7 @@ from tasks.release import registry
 from tasks.release.gate import GateConfig, evaluate_gate
 from tasks.release.report import compare_plot, compare_table, flat_metrics, gate_metrics, release_report
 from tasks.release.serving_wait import CanaryVerdict, canary_share_of, wait_for_canary, wait_until_served
-from tasks.release.sets import FreshSlice, badcase_set, choose_fresh_slice, regression_set, training_split_config
+from tasks.release.sets import FreshSlice, badcase_set, choose_fresh_slice, regression_set
 from tasks.release.steps import (
     ARTEFACT_TAG,
     Candidate,
@@ -110,11 +111,10 @@ class ReleaseResult(BaseModel):
 
 def _fresh_slice(params: ReleaseParams, candidate: Candidate) -> FreshSlice:
     settings = get_settings()
-    val_share, split_seed = training_split_config(candidate.checkpoint)
     return choose_fresh_slice(
         candidate.classes, candidate.image_size, params.fresh_n, labelled_dir=params.labelled_dir,
         data_dir=candidate.data_dir or None, pool_dir=params.pool_dir or str(settings.data_dir / "online_pool"),
-        seed=params.seed, val_share=val_share, split_seed=split_seed, cache_dir=settings.cache_dir,
+        seed=params.seed, val_share=candidate.val_share, split_seed=candidate.split_seed, cache_dir=settings.cache_dir,
     )
 
 
@@ -155,7 +155,7 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
 
 def _release(params: ReleaseParams) -> ReleaseResult:
     settings = get_settings()
-    clock = _StepClock()
+    clock = StepClock()
     log = get_run_logger()
     tracking.configure_mlflow(params.experiment)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -271,19 +271,6 @@ def _release(params: ReleaseParams) -> ReleaseResult:
         compare_table=table, fresh_source=fresh_source, fresh_kind=chosen_slice.kind, served_version=served,
         canary=f"{verdict.status}: {verdict.detail}" if verdict else "", steps=clock.steps,
     )
-
-
-class _StepClock:
-    """Wall time of consecutive steps: `lap(name)` closes the step that ran since the last lap."""
-
-    def __init__(self) -> None:
-        self.steps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.steps[name] = self.steps.get(name, 0.0) + now - self._last
-        self._last = now
 
 
 def _canary(params: ReleaseParams, version: str) -> CanaryVerdict:

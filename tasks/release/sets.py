@@ -22,6 +22,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -128,13 +130,6 @@ def _at_most(split: TensorSplit, n: int, seed: int) -> TensorSplit:
         return split
     rows = sorted(np.random.default_rng(seed).choice(len(split), n, replace=False).tolist())
     return TensorSplit(split.images[rows], split.labels[rows], split.classes, [split.paths[i] for i in rows])
-
-
-def training_split_config(checkpoint: str | Path) -> tuple[float, int]:
-    """(val_share, seed) the checkpoint's training run split its data with."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = state.get("config") or {}
-    return float(cfg.get("val_share", 0.15)), int(cfg.get("seed", 0))
 
 
 @dataclass
@@ -267,9 +262,6 @@ def held_out_folder(data_dir: str | Path, image_size: int, out_dir: str | Path, 
     Returns:
         (the folder, {class: images}).
     """
-    import os
-    import shutil
-
     data = prepare_dataset(data_dir, image_size, val_share, seed, cache_dir)
     out = Path(out_dir)
     if out.exists():

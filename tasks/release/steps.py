@@ -40,6 +40,9 @@ class Candidate:
     arch: str
     data_dir: str
     data_version: str
+    refines: dict[str, str] = field(default_factory=dict)  # a fast retrain's class refinements
+    val_share: float = 0.15  # how its training run split off validation: the same split is held out later
+    split_seed: int = 0
 
 
 def latest_float_version(name: str) -> str:
@@ -80,6 +83,8 @@ def load_candidate(name: str, version: str | None, dst_dir: str | Path) -> Candi
         name=name, version=str(version), run_id=mv.run_id, checkpoint=ckpt, classes=list(state["classes"]),
         image_size=int(state["config"]["image_size"]), arch=tags.get("arch", ""),
         data_dir=tags.get("data_dir") or run.data.params.get("data_dir", ""), data_version=tags.get("data_version", ""),
+        refines=dict(state.get("refines") or {}), val_share=float(state["config"].get("val_share", 0.15)),
+        split_seed=int(state["config"].get("seed", 0)),
     )
 
 

@@ -8,6 +8,7 @@ pass paths, versions and small results, never tensors.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,10 +19,14 @@ from tasks import tracking
 from tasks.data.loading import prepare_dataset
 from tasks.data.manifest import MANIFEST_NAME, add_images
 from tasks.release import registry
-from tasks.release.sets import training_split_config
 from tasks.release.steps import ARTEFACT_TAG, load_candidate
 
 CHANGE_TAG = "saofu.change"  # JSON of the class change a fast retrain made, on its versions
+
+
+def change_record(new: list[str], changed: list[str], refines: dict[str, str]) -> str:
+    """A class change as recorded on runs and versions (tag `saofu.change`)."""
+    return json.dumps({"new": new, "changed": changed, "refines": refines})
 
 
 @dataclass
@@ -60,14 +65,10 @@ def resolve_base(name: str, version: str | None, dst_dir: str | Path) -> BaseMod
         raise SaofuError(f"{name} version {version} is a release artefact without a parent_version tag: "
                          "its trained model cannot be found")
     candidate = load_candidate(name, trained, dst_dir)
-    import torch
-
-    state = torch.load(candidate.checkpoint, map_location="cpu", weights_only=False)
-    val_share, split_seed = training_split_config(candidate.checkpoint)
     return BaseModelInfo(name=name, version=str(version), trained_version=candidate.version,
                          classes=candidate.classes, image_size=candidate.image_size, arch=candidate.arch,
-                         data_dir=candidate.data_dir, val_share=val_share, split_seed=split_seed,
-                         refines=dict(state.get("refines") or {}))
+                         data_dir=candidate.data_dir, val_share=candidate.val_share, split_seed=candidate.split_seed,
+                         refines=candidate.refines)
 
 
 def check_change(base_classes: list[str], new: list[str], changed: list[str], refines: dict[str, str]) -> None:
@@ -111,6 +112,8 @@ def labelled_dataset(data_dir: str | Path, out_dir: str | Path, image_size: int,
         rows += [{"image": p, "label": split.classes[y], "source": "human", "split": split_name,
                   "annotator": f"imported:{src.resolve()}"} for p, y in zip(split.paths, split.labels.tolist())]
     staging = out.with_name(f".{out.name}.importing")
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a crashed import; the source is untouched
     add_images(staging, rows)
     staging.rename(out)
     print(f"made a labelled copy of {src} in {out} ({len(rows)} images)", flush=True)
@@ -148,13 +151,13 @@ def fine_tune_and_register(base: BaseModelInfo, data_dir: str, data_version: str
     data = prepare_dataset(data_dir, base.image_size, base.val_share, base.split_seed, get_settings().cache_dir)
     cfg = FineTuneConfig(new_classes=new, changed_classes=changed, refines=refines, replay_share=replay_share,
                          budget_s=budget_s, seed=seed)
-    change = {"new": new, "changed": changed, "refines": refines}
+    change = change_record(new, changed, refines)
     run_id = tracking.start_run(experiment, f"fast-retrain-{base.name}", {
         **{k: v for k, v in asdict(cfg).items() if k not in ("new_classes", "changed_classes", "refines")},
         "base_version": base.version, "trained_base_version": base.trained_version,
-        "data_dir": str(Path(data_dir).resolve()), "change": json.dumps(change),
+        "data_dir": str(Path(data_dir).resolve()), "change": change,
     }, {**tags, "data_version": data_version, "classes": json.dumps(base.classes + new),
-        CHANGE_TAG: json.dumps(change)})
+        CHANGE_TAG: change})
     try:
         show = epoch_printer(cfg.max_epochs, prefix="  fine-tune ")
 
@@ -183,7 +186,7 @@ def fine_tune_and_register(base: BaseModelInfo, data_dir: str, data_version: str
             raise SaofuError(f"ONNX export of the fine-tuned model disagrees with PyTorch: max |diff| {diff:.2e}")
         version = tracking.register_onnx(run_id, onnx_path, base.name, base.image_size, result.classes, {
             **tags, **registry.lineage_tags(data_version, tags.get("prefect_flow_run_id"), base.version, base.arch),
-            "data_dir": str(Path(data_dir).resolve()), "run_id": run_id, CHANGE_TAG: json.dumps(change),
+            "data_dir": str(Path(data_dir).resolve()), "run_id": run_id, CHANGE_TAG: change,
             "model": "fast-retrain", "val_accuracy": f"{result.best_val_accuracy:.4f}",
         })
     except BaseException:

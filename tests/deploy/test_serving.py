@@ -294,7 +294,7 @@ def test_a_missing_alias_is_a_readable_error(store):
 @pytest.mark.slow
 def test_release_flow_waits_until_the_app_serves_the_promoted_version(store):
     """flows/release.py's deploy step reads the app's /healthz; it must see the alias move."""
-    from flows.release import wait_until_served
+    from tasks.release.serving_wait import wait_until_served
 
     set_aliases(store, champion=GOOD)
     with running(config(store)) as url:
