@@ -156,13 +156,11 @@ def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, ou
     from tasks.data.loading import prepare_dataset
     from tasks.train.export import export_onnx
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
-    from tasks.train.retrain_steps import resolve_base
+    from tasks.train.retrain_steps import base_checkpoint, resolve_base
 
     started = time.perf_counter()
     base = resolve_base(MODEL, base_version, out / "base")
-    from tasks.release.steps import load_candidate
-
-    ckpt = load_candidate(MODEL, base.trained_version, out / "base").checkpoint
+    ckpt = base_checkpoint(base, out / "base")  # the fast retrain's own start (the shipped weights)
     data = prepare_dataset(dataset, base.image_size, base.val_share, base.split_seed, get_settings().cache_dir)
     result = fine_tune(ckpt, data, FineTuneConfig(new_classes=["fu_merchant"], refines={"fu_merchant": "fu"},
                                                   replay_share=0.0, budget_s=budget_min * 60, seed=seed),
@@ -175,7 +173,7 @@ def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, ou
     return path, time.perf_counter() - started, info
 
 
-def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 2.0, seeds: tuple[int, ...] = (0, 1, 2),
+def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds: tuple[int, ...] = (0, 1, 2),
                            epochs: int = 20, full_retrain: bool = True, home: Path | None = None,
                            out: Path = Path("bench/results/fast_retrain.json")) -> dict:
     from services import labeling as labeling_service

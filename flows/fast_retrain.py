@@ -97,7 +97,7 @@ class FastRetrainParams(BaseModel):
                                              "training data (a plain ImageFolder gets a labelled copy)")
     dataset_name: str = Field("", description="name of its DVC data versions; empty: the dataset folder's name")
     base_version: str = Field("", description="the version to start from; empty: the champion")
-    budget_min: float = Field(2.0, gt=0, le=240, description="wall-clock minutes for the fine-tune "
+    budget_min: float = Field(1.0, gt=0, le=240, description="wall-clock minutes for the fine-tune "
                                                              "(epochs are planned from measured throughput)")
     replay_share: float = Field(0.5, ge=0, lt=1, description="share of each epoch drawn from the other classes")
     new_class_recall: float = Field(0.95, ge=0, le=1, description="gate: recall target of each new class at the "

@@ -51,6 +51,7 @@ from tasks.release.steps import (
     measure_variants,
     variants_json,
 )
+from tasks.train.loop import checkpoint_arch
 
 
 class ReleaseParams(BaseModel):
@@ -200,12 +201,15 @@ def _release(params: ReleaseParams) -> ReleaseResult:
         reference = next(v for v in variants if v.label == "fp32")
         version = tracking.register_onnx(run_id, chosen.path, candidate.name, candidate.image_size,
                                          candidate.classes, {
-                                             **lineage, ARTEFACT_TAG: chosen.label, "parent_run_id": candidate.run_id,
+                                             **lineage, "arch": checkpoint_arch(chosen.checkpoint),
+                                             ARTEFACT_TAG: chosen.label, "parent_run_id": candidate.run_id,
                                              "data_dir": candidate.data_dir, "run_id": run_id,
                                              "fresh_accuracy_at_threshold": f"{chosen.accuracy_at_threshold:.4f}",
                                              "float_accuracy_at_threshold": f"{reference.accuracy_at_threshold:.4f}",
                                              **params.version_tags,
                                          })
+        # The float weights behind the shipped graph stay with it: a fast retrain starts from them.
+        tracking.log_file(run_id, chosen.checkpoint, "checkpoint")
         registry.set_challenger(candidate.name, version)
         clock.lap("register")
         print(f"registered {candidate.name} version {version} ({chosen.label}) as challenger", flush=True)

@@ -119,7 +119,7 @@ def bench_release(
 def bench_fast_retrain(
     n: int = typer.Option(17000, "--n", help="Images in the generated Fu world with merchants (its held-out-font "
                                              "test split is the regression set: 17000 gives ~2040 old-class images)."),
-    budget_min: float = typer.Option(2.0, "--budget-min", help="The fine-tune budget (the flow's default)."),
+    budget_min: float = typer.Option(1.0, "--budget-min", help="The fine-tune budget (the flow's default)."),
     seeds: list[int] = typer.Option([0, 1, 2], "--seed", help="One fast-retrain draw per seed (repeat)."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Epochs of the champion and of the full retrain."),
     full_retrain: bool = typer.Option(True, "--full-retrain/--no-full-retrain", help="Also the naive peer."),

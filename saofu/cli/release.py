@@ -72,3 +72,20 @@ def rollback(
     record = registry.rollback(model, reason)
     emit(record.model_dump(mode="json"), as_json,
          f"{model}: rolled back to version {record.version} (was {record.previous})")
+
+
+@app.command()
+def history(
+    model: str = typer.Argument(..., help="Registered model."),
+    as_json: bool = JsonOpt,
+):
+    """Every change of champion, oldest first: promotions, rollbacks, and moves made by hand in the MLflow UI."""
+    from tasks.release import registry
+
+    records = registry.promotion_history(model)
+    lines = [f"{'#':>3}  {'when (UTC)':<19}  {'action':<8}  {'champion':>8}  {'was':>5}  reason"]
+    for r in records:
+        lines.append(f"{r.seq:>3}  {r.time.strftime('%Y-%m-%d %H:%M:%S'):<19}  {r.action:<8}  {'v' + r.version:>8}  "
+                     f"{'v' + r.previous if r.previous else '-':>5}  {r.reason}")
+    emit({"model": model, "history": [r.model_dump(mode="json", exclude={"gate_report"}) for r in records]}, as_json,
+         "\n".join(lines) if records else f"{model}: no champion has been promoted yet")

@@ -20,7 +20,7 @@ def fast_retrain(
     base_version: str = typer.Option("", "--base-version", help="Version to start from (default: the champion)."),
     dataset: str = typer.Option("", "--dataset", help="Labelled dataset the labels join "
                                                       "(default: the base model's training data)."),
-    budget_min: float = typer.Option(2.0, "--budget-min", help="Minutes for the fine-tune."),
+    budget_min: float = typer.Option(1.0, "--budget-min", help="Minutes for the fine-tune."),
     replay_share: float = typer.Option(0.5, "--replay-share", help="Share of each epoch from the other classes."),
     new_class_recall: float = typer.Option(0.95, "--new-class-recall", help="Gate: each new class's recall target."),
     max_old_drop: float = typer.Option(0.5, "--max-old-drop-pts", help="Gate: largest old-class recall drop, points."),

@@ -13,8 +13,11 @@ The versions live in a data registry, a git + DVC repository created on first us
 remote, commits the `.dvc` file and tags the commit. The order matters: the tag comes last, so a
 version exists only once its data is on the remote, and a failure mid-way leaves an untagged
 commit at most; earlier versions are never touched (DVC's storage is content-addressed and
-append-only, git history and tags are only added to). The workspace copy is removed afterwards:
-the registry's DVC cache and the remote hold the data.
+append-only, git history and tags are only added to). The registry's workspace copy of a
+dataset stays between versions, its files hard links into the DVC cache (`cache.type hardlink`:
+no third copy of the data), and is brought up to date file by file (`_sync_tree`): the next
+version copies and hashes only the files that changed, which keeps a version of a big dataset
+with a few new labels at a few seconds.
 
 `checkout_version` runs `dvc get <registry> datasets/<name> --rev <name>@v<N>`, which clones the
 registry at that tag and fetches from the remote, so it works with no workspace copy and no cache,
@@ -310,37 +313,76 @@ def _store(repo: Path, src: Path, name: str, number: int, message: str, fingerpr
     rel = _dataset_path(name)
     workspace = repo / rel
     version_id = f"{name}@v{number}"
-    try:
+    _use_linked_cache(repo)
+    _sync_tree(src, workspace)
+    copied, _ = content_fingerprint(workspace)
+    if copied != fingerprint:
+        # A file changed without its size or time changing, or the source changed under us: copy afresh.
         _remove(workspace)
         shutil.copytree(src, workspace)
         copied, _ = content_fingerprint(workspace)
         if copied != fingerprint:
             raise SaofuError(f"{src} changed while it was being versioned; try again when it is complete")
-        _dvc(repo, "add", rel)
-        md5, n_files = _read_dvc_file(repo / f"{rel}.dvc")
-        _dvc(repo, "push", "-r", REMOTE_NAME, f"{rel}.dvc")
-        _git(repo, "add", f"{rel}.dvc", f"{DATASETS_DIR}/.gitignore", ".dvc/config")
-        # --allow-empty: a run that died after its commit but before its tag left this very tree
-        # committed already; the version still gets a commit of its own to carry the tag.
-        subject = f"{version_id}: {message}" if message else version_id
-        _git(repo, "commit", "-q", "--no-verify", "--allow-empty", "-m", subject)
-        commit = _git(repo, "rev-parse", "HEAD").strip()
-        version = DataVersion(
-            id=version_id,
-            name=name,
-            number=number,
-            md5=md5,
-            commit=commit,
-            n_files=n_files,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            message=message,
-            fingerprint=fingerprint,
-        )
-        metadata = {"schema": METADATA_SCHEMA, **{k: v for k, v in version.to_dict().items() if k != "commit"}}
-        _git(repo, "tag", "-a", version_id, "-m", json.dumps(metadata, sort_keys=True), commit)
-    finally:
-        _remove(workspace)  # the cache and the remote hold the data; a third copy helps nobody
+    _dvc(repo, "add", rel)
+    md5, n_files = _read_dvc_file(repo / f"{rel}.dvc")
+    _dvc(repo, "push", "-r", REMOTE_NAME, f"{rel}.dvc")
+    _git(repo, "add", f"{rel}.dvc", f"{DATASETS_DIR}/.gitignore", ".dvc/config")
+    # --allow-empty: a run that died after its commit but before its tag left this very tree
+    # committed already; the version still gets a commit of its own to carry the tag.
+    subject = f"{version_id}: {message}" if message else version_id
+    _git(repo, "commit", "-q", "--no-verify", "--allow-empty", "-m", subject)
+    commit = _git(repo, "rev-parse", "HEAD").strip()
+    version = DataVersion(
+        id=version_id,
+        name=name,
+        number=number,
+        md5=md5,
+        commit=commit,
+        n_files=n_files,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        message=message,
+        fingerprint=fingerprint,
+    )
+    metadata = {"schema": METADATA_SCHEMA, **{k: v for k, v in version.to_dict().items() if k != "commit"}}
+    _git(repo, "tag", "-a", version_id, "-m", json.dumps(metadata, sort_keys=True), commit)
     return version
+
+
+def _sync_tree(src: Path, dst: Path) -> None:
+    """Make `dst` hold exactly `src`'s files, copying only those that are new or differ in size or
+    modification time (copies keep the source's time) and deleting those `src` lacks.
+
+    A differing file is replaced through a new file and a rename, never written in place: the one
+    in `dst` may be a hard link into the DVC cache.
+    """
+    def files(root: Path) -> dict[str, os.stat_result]:
+        return {p.relative_to(root).as_posix(): p.stat() for p in root.rglob("*") if p.is_file()} \
+            if root.is_dir() else {}
+
+    if dst.exists() and not dst.is_dir():
+        _remove(dst)
+    have, want = files(dst), files(src)
+    for rel in have.keys() - want.keys():
+        (dst / rel).unlink()
+    for rel, st in want.items():
+        old = have.get(rel)
+        if old is not None and old.st_size == st.st_size and old.st_mtime_ns == st.st_mtime_ns:
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.saofu-new")
+        shutil.copy2(src / rel, tmp)
+        os.replace(tmp, target)
+    for folder in sorted((p for p in dst.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _use_linked_cache(repo: Path) -> None:
+    """Workspace files as hard links into the DVC cache (set once per registry, machine-local)."""
+    local = repo / ".dvc" / "config.local"
+    if not (local.is_file() and "hardlink" in local.read_text()):
+        _dvc(repo, "config", "--local", "cache.type", "hardlink,copy")
 
 
 def _read_dvc_file(path: Path) -> tuple[str, int]:

@@ -57,7 +57,9 @@ class PromotionRecord(BaseModel):
     """One change of champion: a promotion, or a rollback to the champion before."""
 
     seq: int = Field(ge=1, description="position in this model's history, from 1")
-    action: Literal["promote", "rollback"]
+    # manual: the champion alias was moved outside saofu (the MLflow UI, another client); recorded
+    # when saofu next reads or changes the history (`reconcile`)
+    action: Literal["promote", "rollback", "manual"]
     version: str = Field(description="the champion from this change on")
     previous: str | None = Field(description="the champion before it (None: there was none)")
     champions: list[str] = Field(description="the champion line after the change, oldest first, `version` last")
@@ -149,11 +151,38 @@ def _write_history(client: MlflowClient, name: str, history: list[PromotionRecor
 
 
 def _champion_line(history: list[PromotionRecord], champion: str | None) -> list[str]:
-    """The line as recorded, with the live champion on top if it was moved outside saofu (e.g. in the UI)."""
+    """The line after a move to `champion`: a version already on the line is a step back to it (the
+    line ends there, as after rollbacks); any other version goes on top."""
     line = list(history[-1].champions) if history else []
-    if champion is not None and (not line or line[-1] != champion):
-        line.append(champion)
-    return line
+    if champion is None or (line and line[-1] == champion):
+        return line
+    if champion in line:
+        return line[:line.index(champion) + 1]
+    return [*line, champion][-MAX_CHAMPION_LINE:]
+
+
+def reconcile(name: str) -> PromotionRecord | None:
+    """Record a move of `champion` made outside saofu as a manual promotion; None when there was none.
+
+    A person moving the alias in the MLflow UI is a real change of what serves; unrecorded, a
+    later `rollback` would walk the line as it was before the move (back to the version the
+    person just took out of service). MLflow keeps no time of an alias move, so the record's time
+    is when saofu noticed it; `promote`, `rollback` and `promotion_history` all reconcile first.
+    """
+    client = _client()
+    history = _read_history(client, name)
+    live = _alias(client, name, CHAMPION)
+    recorded = history[-1].version if history else None
+    if live is None or live == recorded:
+        return None
+    record = PromotionRecord(
+        seq=history[-1].seq + 1 if history else 1, action="manual", version=live, previous=recorded,
+        champions=_champion_line(history, live), time=datetime.now(UTC),
+        reason=f"champion moved outside saofu (e.g. in the MLflow UI): version {recorded or 'none'} -> {live}",
+    )
+    client.set_model_version_tag(name, live, f"{PROMOTION_TAG_PREFIX}{record.seq}", record.model_dump_json())
+    _write_history(client, name, [*history, record])
+    return record
 
 
 def _check_reason(reason: str) -> str:
@@ -208,6 +237,7 @@ def promote(name: str, version: str | int, reason: str, gate_report: Mapping[str
     reason = _check_reason(reason)
     client = _client()
     version = _require_version(client, name, version)
+    reconcile(name)
     if gate_report is not None and not gate_report.get("passed", False):
         raise SaofuError(f"{name!r} version {version} failed its gate; record it with record_gate_decision, "
                          "the champion stays")
@@ -244,6 +274,7 @@ def rollback(name: str, reason: str = "rollback") -> PromotionRecord:
     current = _alias(client, name, CHAMPION)
     if current is None:
         raise SaofuError(f"{name!r} has no champion to roll back from; promote a version instead")
+    reconcile(name)
     history = _read_history(client, name)
     line = _champion_line(history, current)
     if len(line) < 2:
@@ -267,6 +298,7 @@ def rollback(name: str, reason: str = "rollback") -> PromotionRecord:
 def promotion_history(name: str) -> list[PromotionRecord]:
     """The recorded changes of champion, oldest first (the most recent ones: see the module docstring)."""
     client = _client()
+    reconcile(name)
     history = _read_history(client, name)
     for record in history:
         if record.gate_passed is None:

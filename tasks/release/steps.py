@@ -22,7 +22,7 @@ from tasks.data.loading import TensorSplit
 from tasks.release.evaluation import evaluate_onnx, measure_latency_interleaved
 from tasks.release.quantize import quantize_int8
 from tasks.train.export import export_onnx
-from tasks.train.loop import TrainConfig, epoch_printer, load_checkpoint
+from tasks.train.loop import TrainConfig, checkpoint_config, epoch_printer, load_checkpoint, save_checkpoint
 
 ARTEFACT_TAG = "saofu.artefact"  # set on versions the release registers: the Variant label ("int8", ...)
 
@@ -88,6 +88,19 @@ def load_candidate(name: str, version: str | None, dst_dir: str | Path) -> Candi
     )
 
 
+def shipped_checkpoint(name: str, version: str, dst_dir: str | Path) -> str | None:
+    """The float weights release artefact `version` of `name` was exported from (pruned or not), or
+    None for a version whose release run kept none (released before the weights were kept)."""
+    client = tracking.client()
+    mv = client.get_model_version(name, version)
+    if ARTEFACT_TAG not in (mv.tags or {}):
+        return None
+    if not any(a.path == "checkpoint/checkpoint.pt" for a in client.list_artifacts(mv.run_id, "checkpoint")):
+        return None
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    return client.download_artifacts(mv.run_id, "checkpoint/checkpoint.pt", str(dst_dir))
+
+
 @dataclass
 class Variant:
     """One artefact a candidate could ship as, measured on the fresh slice."""
@@ -107,6 +120,10 @@ class Variant:
     latency_p75_ms: float = 0.0
     latency_round_p50_ms: list[float] = field(default_factory=list)  # median of each interleaved round
     latency_runs: int = 0
+    # The float weights the graph was exported from (loop.save_checkpoint's format): the candidate's
+    # own checkpoint, or the pruned model's. The release keeps them with the shipped version, so a
+    # fast retrain fine-tunes the model that serves, not the unpruned one it was cut from.
+    checkpoint: str = ""
 
 
 def build_variants(
@@ -123,7 +140,7 @@ def build_variants(
     model, state = load_checkpoint(candidate.checkpoint)
     refines = state.get("refines") or {}  # a fast retrain's class refinements go into every graph
     size = candidate.image_size
-    models = [("", model)] if include_unpruned else []
+    models = [("", model, candidate.checkpoint)] if include_unpruned else []
     if prune_amount > 0 and isinstance(model, Recognizer):
         from tasks.release.pruning import fine_tune, prune_recognizer
 
@@ -134,18 +151,23 @@ def build_variants(
         if fine_tune_epochs:
             pruned = fine_tune(pruned, train, val, epochs=fine_tune_epochs, cfg=TrainConfig(seed=seed),
                                on_epoch=epoch_printer(fine_tune_epochs, prefix="  fine-tune ")).model
-        models.append(("pruned ", pruned))
+        # Saved like a training checkpoint (the base run's config, classes and refinements, the
+        # pruned architecture in its model_meta), so it rebuilds and fine-tunes like any other.
+        pruned_ckpt = out / "pruned" / "checkpoint.pt"
+        save_checkpoint(pruned_ckpt, pruned, None, None, int(state.get("epoch", 0)), checkpoint_config(state),
+                        candidate.classes, [], float(state.get("best_val_accuracy", 0.0)), refines)
+        models.append(("pruned ", pruned, str(pruned_ckpt)))
     elif prune_amount > 0:
         print(f"not pruning: {type(model).__name__} is not a saofu recogniser", flush=True)
     variants = []
-    for prefix, m in models:
+    for prefix, m, ckpt in models:
         stem = prefix.strip().replace(" ", "_") or "model"
         fp32 = export_onnx(m, candidate.classes, out / f"{stem}.fp32.onnx", size, refines)
         int8 = quantize_int8(fp32, train, out / f"{stem}.int8.onnx")
         params, mflops = count_params(m), count_flops(m, size) / 1e6
-        variants.append(Variant(f"{prefix}fp32", str(fp32), False, bool(prefix), params, mflops))
+        variants.append(Variant(f"{prefix}fp32", str(fp32), False, bool(prefix), params, mflops, checkpoint=ckpt))
         variants.append(Variant(f"{prefix.strip()}+int8" if prefix else "int8", str(int8), True, bool(prefix),
-                                params, mflops))
+                                params, mflops, checkpoint=ckpt))
     return variants
 
 

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +192,17 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: Tr
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def checkpoint_config(state: dict) -> TrainConfig:
+    """The TrainConfig a checkpoint was saved with; keys this version does not know are ignored."""
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in state.get("config", {}).items() if k in known})
+
+
+def checkpoint_arch(path: str | Path) -> str:
+    """The architecture string of the model a checkpoint holds (a pruned model's is its own)."""
+    return str(torch.load(path, map_location="cpu", weights_only=False)["model_meta"].get("arch", ""))
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:

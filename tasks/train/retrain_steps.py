@@ -19,7 +19,8 @@ from tasks import tracking
 from tasks.data.loading import prepare_dataset
 from tasks.data.manifest import MANIFEST_NAME, add_images
 from tasks.release import registry
-from tasks.release.steps import ARTEFACT_TAG, load_candidate
+from tasks.release.steps import ARTEFACT_TAG, load_candidate, shipped_checkpoint
+from tasks.train.loop import load_checkpoint
 
 CHANGE_TAG = "saofu.change"  # JSON of the class change a fast retrain made, on its versions
 
@@ -35,7 +36,7 @@ class BaseModelInfo:
 
     name: str
     version: str  # the version named as base (the champion by default): what the change replaces
-    trained_version: str  # the trained (float) version it was released from: its checkpoint is the start
+    trained_version: str  # the trained (float) version it was released from: its data, split and lineage
     classes: list[str]
     image_size: int
     arch: str
@@ -43,11 +44,19 @@ class BaseModelInfo:
     val_share: float
     split_seed: int
     refines: dict[str, str] = field(default_factory=dict)
+    # True: the fine-tune starts from the weights the release shipped (`version`'s own, pruned when
+    # the pruned graph won); False: from the trained version's checkpoint (a version released before
+    # the release kept its weights, or a trained version named as base).
+    shipped_weights: bool = False
 
 
 def resolve_base(name: str, version: str | None, dst_dir: str | Path) -> BaseModelInfo:
-    """The base of a fast retrain: `version` of `name`, or its champion; a release artefact is
-    followed to the trained version it came from (tag `parent_version`), whose run has the checkpoint.
+    """The base of a fast retrain: `version` of `name`, or its champion.
+
+    A release artefact is followed to the trained version it came from (tag `parent_version`) for
+    the data and split it was trained on; its weights are the ones the release shipped when the
+    release kept them (a pruned champion is fine-tuned pruned: the classes it must keep are judged
+    against what it answers, not against the unpruned model it was cut from).
 
     Raises:
         SaofuError: no champion and no version named, or a version without a trained origin.
@@ -65,10 +74,25 @@ def resolve_base(name: str, version: str | None, dst_dir: str | Path) -> BaseMod
         raise SaofuError(f"{name} version {version} is a release artefact without a parent_version tag: "
                          "its trained model cannot be found")
     candidate = load_candidate(name, trained, dst_dir)
+    shipped = shipped_checkpoint(name, str(version), Path(dst_dir) / "shipped")
+    arch = candidate.arch
+    if shipped:
+        _, state = load_checkpoint(shipped)
+        arch = state["model_meta"].get("arch") or arch
     return BaseModelInfo(name=name, version=str(version), trained_version=candidate.version,
-                         classes=candidate.classes, image_size=candidate.image_size, arch=candidate.arch,
+                         classes=candidate.classes, image_size=candidate.image_size, arch=arch,
                          data_dir=candidate.data_dir, val_share=candidate.val_share, split_seed=candidate.split_seed,
-                         refines=candidate.refines)
+                         refines=candidate.refines, shipped_weights=shipped is not None)
+
+
+def base_checkpoint(base: BaseModelInfo, dst_dir: str | Path) -> str:
+    """The checkpoint the fine-tune starts from (see `BaseModelInfo.shipped_weights`), downloaded into `dst_dir`."""
+    if base.shipped_weights:
+        shipped = shipped_checkpoint(base.name, base.version, dst_dir)
+        if shipped is None:
+            raise SaofuError(f"{base.name} version {base.version}: its shipped weights are gone from its release run")
+        return shipped
+    return load_candidate(base.name, base.trained_version, dst_dir).checkpoint
 
 
 def check_change(base_classes: list[str], new: list[str], changed: list[str], refines: dict[str, str]) -> None:
@@ -147,7 +171,7 @@ def fine_tune_and_register(base: BaseModelInfo, data_dir: str, data_version: str
     started = time.perf_counter()
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base_ckpt = load_candidate(base.name, base.trained_version, out / "base").checkpoint
+    base_ckpt = base_checkpoint(base, out / "base")
     data = prepare_dataset(data_dir, base.image_size, base.val_share, base.split_seed, get_settings().cache_dir)
     cfg = FineTuneConfig(new_classes=new, changed_classes=changed, refines=refines, replay_share=replay_share,
                          budget_s=budget_s, seed=seed)
@@ -155,6 +179,7 @@ def fine_tune_and_register(base: BaseModelInfo, data_dir: str, data_version: str
     run_id = tracking.start_run(experiment, f"fast-retrain-{base.name}", {
         **{k: v for k, v in asdict(cfg).items() if k not in ("new_classes", "changed_classes", "refines")},
         "base_version": base.version, "trained_base_version": base.trained_version,
+        "base_weights": "shipped" if base.shipped_weights else "trained",
         "data_dir": str(Path(data_dir).resolve()), "change": change,
     }, {**tags, "data_version": data_version, "classes": json.dumps(base.classes + new),
         CHANGE_TAG: change})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import shutil
 from pathlib import Path
@@ -117,6 +118,41 @@ def test_changed_image_makes_v2_and_v1_keeps_its_bytes(home: Path, world: Path, 
     assert hashes(checkout_version("fu_world@v1", tmp_path / "v1")) == old
     restored_v2 = hashes(checkout_version("fu_world@v2", tmp_path / "v2"))
     assert restored_v2 == new and restored_v2[rel] != old[rel]
+
+
+def test_a_new_version_copies_only_what_changed_and_keeps_no_third_copy(home: Path, world: Path,
+                                                                        tmp_path: Path) -> None:
+    create_version(world, "fu_world", "v1")
+    workspace = registry_dir() / "datasets" / "fu_world"
+    kept = "train/not_fu/" + sorted(p.name for p in (world / "train" / "not_fu").iterdir())[0]
+    inode = (workspace / kept).stat().st_ino
+    # The workspace's files are the DVC cache's (hard links), not a third copy of the data.
+    assert (workspace / kept).stat().st_nlink >= 2
+    change_one_image(world)
+    gone = "train/not_fu/" + sorted(p.name for p in (world / "train" / "not_fu").iterdir())[-1]
+    (world / gone).unlink()
+
+    v2 = create_version(world, "fu_world", "one redrawn, one removed")
+
+    assert (workspace / kept).stat().st_ino == inode, "an unchanged file was copied again"
+    assert not (workspace / gone).exists()
+    restored = hashes(checkout_version(v2.id, tmp_path / "v2"))
+    assert restored == hashes(world) and gone not in restored
+
+
+def test_a_file_changed_behind_an_unchanged_size_and_time_is_still_versioned(home: Path, world: Path,
+                                                                             tmp_path: Path) -> None:
+    create_version(world, "fu_world", "v1")
+    rel = "manifest.csv"
+    st = (world / rel).stat()
+    text = (world / rel).read_bytes()
+    (world / rel).write_bytes(text.replace(b"train", b"TRAIN", 1))
+    os.utime(world / rel, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same time, other bytes
+
+    v2 = create_version(world, "fu_world", "v2")
+
+    assert v2.number == 2
+    assert hashes(checkout_version(v2.id, tmp_path / "v2")) == hashes(world)
 
 
 def test_unknown_version_names_it_and_lists_known(home: Path, world: Path, tmp_path: Path) -> None:

@@ -33,16 +33,20 @@ def prefect_api():
 
 @pytest.fixture
 def champion_of_two_shapes(prefect_api, saofu_home, tmp_path):
-    """A champion trained on circle and square only; triangle labels waiting in a folder."""
+    """A champion trained on circle and square only, shipped pruned; triangle labels waiting in a folder."""
     shapes = make_shapes_dataset(tmp_path / "shapes", n_per_class=60)
     labels = tmp_path / "labels" / "triangle"
     labels.parent.mkdir()
     (shapes / "triangle").rename(labels)
     train_flow(TrainFlowParams(data_dir=str(shapes), image_size=32, model="saofu_fu_tiny", epochs=10,
                                registered_model=MODEL, experiment="t", negative_class=None))
-    first = release_flow(ReleaseParams(registered_model=MODEL, fresh_n=200, prune_amount=0.0, fine_tune_epochs=0,
-                                       gate={"max_latency_ms": 50.0}, negative_class=None, threshold=0.5))
-    assert first.promoted
+    with pytest.MonkeyPatch.context() as patch:
+        # The pruned graph ships whatever the timing says: the fast retrain must start from it.
+        patch.setattr("flows.release.choose_artefact",
+                      lambda variants, bar: next(v for v in variants if v.label == "pruned fp32"))
+        first = release_flow(ReleaseParams(registered_model=MODEL, fresh_n=200, prune_amount=0.5, fine_tune_epochs=1,
+                                           gate={"max_latency_ms": 50.0}, negative_class=None, threshold=0.5))
+    assert first.promoted and first.shipped == "pruned fp32"
     return shapes, labels.parent, first.challenger_version
 
 
@@ -90,6 +94,11 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     client = MlflowClient(tracking.tracking_uri(), tracking.tracking_uri())
     tuned = client.get_model_version(MODEL, result.fine_tuned_version).tags
     assert tuned["parent_version"] == champion and tuned["data_version"] == result.data_version
+    # Fine-tuned from the weights that served (the pruned champion), not the unpruned model behind it.
+    trained_arch = client.get_model_version(MODEL, "1").tags["arch"]
+    champion_arch = client.get_model_version(MODEL, champion).tags["arch"]
+    assert client.get_run(tuned["run_id"]).data.params["base_weights"] == "shipped"
+    assert champion_arch != trained_arch and tuned["arch"] == champion_arch
     assert json.loads(tuned["saofu.change"]) == {"new": ["triangle"], "changed": [], "refines": {}}
     shipped = client.get_model_version(MODEL, result.challenger_version).tags
     assert shipped["parent_version"] == result.fine_tuned_version and shipped["base_version"] == champion

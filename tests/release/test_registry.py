@@ -10,7 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
+from saofu.cli import app as cli
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks.release import registry
@@ -141,6 +143,33 @@ def test_a_failed_gate_leaves_the_champion_untouched(saofu_home):
     with pytest.raises(SaofuError, match="no champion to roll back from"):
         registry.rollback(MODEL)
     assert registry.current_champion(MODEL) is None
+
+
+@pytest.mark.timeout(120)
+def test_a_champion_moved_back_by_hand_is_recorded_and_rollback_does_not_undo_it(saofu_home):
+    v1, v2, v3 = register_versions(3)
+    registry.promote(MODEL, v1, "first", gate_report(v1))
+    registry.promote(MODEL, v2, "second", gate_report(v2))
+    # A person moves `champion` back to v1 in the MLflow UI (an alias change, nothing else).
+    store().set_registered_model_alias(MODEL, registry.CHAMPION, v1)
+
+    history = registry.promotion_history(MODEL)
+    manual = history[-1]
+    assert (manual.seq, manual.action, manual.version, manual.previous) == (3, "manual", v1, v2)
+    assert manual.champions == [v1] and "outside saofu" in manual.reason
+    assert len(registry.promotion_history(MODEL)) == 3, "the same move was recorded twice"
+    # Rolling back from v1 must not walk "back" to v2, the version the person took out of service.
+    with pytest.raises(SaofuError, match="no earlier champion"):
+        registry.rollback(MODEL)
+    assert registry.current_champion(MODEL) == v1
+
+    # A move by hand to a version never served goes on top of the line; rollback returns from it.
+    store().set_registered_model_alias(MODEL, registry.CHAMPION, v3)
+    assert registry.rollback(MODEL, reason="v3 by hand was wrong").version == v1
+    assert [r.action for r in registry.promotion_history(MODEL)] == ["promote", "promote", "manual", "manual",
+                                                                     "rollback"]
+    shown = CliRunner().invoke(cli, ["history", MODEL])
+    assert shown.exit_code == 0 and shown.output.count("manual") == 2 and "outside saofu" in shown.output
 
 
 def test_the_history_tag_keeps_the_newest_records_that_fit():

@@ -18,10 +18,15 @@ from tasks.train.fine_tune import (
     FineTuneConfig,
     FineTuneResult,
     fine_tune,
+    fine_tune_step,
+    fold_matrix,
+    freeze_leading_stages,
     plan_epochs,
+    plan_steps,
     prior_correction,
     replay_count,
     replay_sample,
+    train_mode,
     training_set,
 )
 from tasks.train.loop import TrainConfig, fit, load_checkpoint, predict_proba, save_checkpoint
@@ -207,6 +212,49 @@ def test_plan_epochs_fills_the_budget_within_floor_and_cap():
         plan_epochs(1000, 0.0, 20.0)
     with pytest.raises(SaofuError):
         plan_epochs(0, 10.0, 20.0)
+
+
+def test_plan_steps_ends_the_schedule_with_the_budget_not_an_epoch_before():
+    # 1000 images in 10 batches of 100 at 500 images/s: 2 s per epoch; 7 s hold 3 epochs and a part.
+    assert plan_steps(1000, 100, 500.0, 7.0) == 3 * 10 + 5
+    # The part pays its own overhead: with 0.5 s per epoch, 7 s hold 2 epochs (5 s) and 1.5 s of a third.
+    assert plan_steps(1000, 100, 500.0, 7.0, epoch_overhead_s=0.5) == 2 * 10 + 7
+    assert plan_steps(1000, 100, 500.0, 0.1) == 10  # never below one epoch
+    assert plan_steps(1000, 100, 1e6, 600.0, max_epochs=4) == 40  # capped: no part beyond the cap
+    assert plan_steps(1000, 100, 500.0, 7.999) < 4 * 10  # a part, never a whole extra epoch
+    with pytest.raises(SaofuError):
+        plan_steps(1000, 0, 500.0, 7.0)
+
+
+def test_fold_matrix_adds_a_refining_class_to_its_parent_and_drops_an_unrelated_one():
+    fold = fold_matrix(["fu", "not_fu", "fu_merchant", "fu_shop", "cat"], ["fu", "not_fu"],
+                       {"fu_merchant": "fu", "fu_shop": "fu_merchant"})
+    assert fold.tolist() == [[1, 0], [0, 1], [1, 0], [1, 0], [0, 0]]
+
+
+def test_frozen_stages_keep_weights_and_statistics_while_the_rest_trains(shapes):
+    torch.manual_seed(0)
+    model = create_model("saofu_fu_tiny", num_classes=3)
+    frozen = freeze_leading_stages(model, 1)
+    assert frozen == 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher = create_model("saofu_fu_tiny", num_classes=2).eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    batch = TensorSplit(shapes.train.images[:16], shapes.train.labels[:16], shapes.train.classes,
+                        shapes.train.paths[:16])
+    fold = fold_matrix(shapes.train.classes, shapes.train.classes[:2], {})
+    for _ in range(3):
+        out = fine_tune_step(model, teacher, batch, optimizer, scheduler, TrainConfig(image_size=32), CPU,
+                             torch.Generator().manual_seed(0), fold, 1.0, 2.0)
+        assert np.isfinite(out["train_loss"])
+    after = model.state_dict()
+    still = [k for k in before if k.startswith(("stem.", "stages.0.")) and "num_batches" not in k]
+    moved = [k for k in before if k.startswith("classifier.")]
+    assert still and all(torch.equal(before[k], after[k]) for k in still), "a frozen weight or statistic moved"
+    assert all(not torch.equal(before[k], after[k]) for k in moved), "the head did not train"
+    assert not model.stem.training and model.stages[1].training  # train_mode left the frozen part in eval
+    assert train_mode(model) is model and not model.stages[0].training
 
 
 # ---------------------------------------------------------------------------------------------
