@@ -195,6 +195,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
     from flows.release import ReleaseParams, release_flow
     from flows.train import TrainFlowParams, train_flow
     from tasks.data.fu_world import WorldConfig, generate_world
+    from tasks.data.versions import create_version
 
     t_bench = time.perf_counter()
     world = home / "world"
@@ -224,6 +225,9 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
         for seed in seeds:
             dataset = home / "data" / f"fu_draw{seed}"
             shutil.copytree(base, dataset)
+            # A team's dataset is versioned before a campaign starts: its next version is the increment
+            # (only the new files copied and hashed), as in production, not a first version of 14,000 files.
+            create_version(dataset, dataset.name, "the dataset before the merchant campaign")
             project = f"fu-merchant-draw{seed}"
             _label_in_label_studio(project, labels, ls.files_root, seed)
             started = time.perf_counter()  # labels are in Label Studio

@@ -68,6 +68,10 @@ class ServeConfig:
         negative_class: where predictions below the threshold go, when the model has the class;
             otherwise `class` is null (an abstention).
         threads: onnxruntime intra-op threads per session.
+        wait_for_champion: start even when the champion alias is not set yet (`saofu up` starts
+            the app before anything is promoted). Until the poll finds one, `/predict` and
+            `/healthz` answer 503 with `"status": "no-champion"` and a message saying no model is
+            promoted yet; without it, a missing champion fails the app's startup.
     """
 
     model_name: str
@@ -84,6 +88,7 @@ class ServeConfig:
     threshold: float = 0.9
     negative_class: str | None = "not_fu"
     threads: int = 1
+    wait_for_champion: bool = False
 
 
 class Rejected(Exception):
@@ -236,7 +241,10 @@ class Serving:
             self.pool = PoolLogger(PoolStore(config.pool_dir, config.pool_max_files, config.pool_max_bytes))
 
     def start(self) -> None:
-        self.source.start()
+        if self.config.wait_for_champion:
+            self.source.start(wait_for_champion=True)
+        else:
+            self.source.start()  # any source with start(), e.g. tests' stand-ins
         if self.pool is not None:
             self.pool.start()
 
@@ -366,6 +374,8 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
             body = b"".join(chunks)
             if not body:
                 raise Rejected(400, "empty", f"empty body: send the image's bytes as the body ({ACCEPTED_TYPES})")
+            if not serving.source.loaded:
+                return no_champion()
             models = serving.source.current  # this request's models, whatever is published meanwhile
             pixels, meta = decode_image(body, models.champion.image_size, max_pixels)
             result = infer(models, pixels)
@@ -384,9 +394,27 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
             metrics.pool_dropped.set(pool.dropped)
         return _json(result)
 
+    def no_champion() -> Response:
+        """503 before any model is promoted (wait_for_champion): say so, and why, in the JSON."""
+        metrics.child(metrics.requests, "503").inc()
+        return _json({"error": no_champion_message(), "reason": "no_champion", "status": 503}, 503)
+
+    def no_champion_message() -> str:
+        return (f"no model is promoted yet: {config.model_name!r} has no {config.champion_alias!r} version to "
+                f"serve; promote one (`saofu release`, or `saofu promote {config.model_name} VERSION --reason ...`) "
+                f"and this app picks it up within {config.poll_seconds:g}s")
+
     async def healthz(request: Request) -> Response:
+        # 200 "ok" once a champion is served; before that 503, "loading" (the startup load runs) or,
+        # with wait_for_champion, "no-champion" with the message and the last registry answer.
         state = serving.snapshot()
-        state["status"] = "ok" if serving.source.loaded else "loading"
+        if serving.source.loaded:
+            state["status"] = "ok"
+        elif config.wait_for_champion:
+            state.update(status="no-champion", message=no_champion_message(),
+                         last_error=getattr(serving.source, "last_error", None))
+        else:
+            state["status"] = "loading"
         return _json(state, 200 if serving.source.loaded else 503)
 
     async def prometheus(request: Request) -> Response:

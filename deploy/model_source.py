@@ -201,6 +201,7 @@ class ModelSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = None
+        self.last_error: str | None = None  # why the champion could not be loaded yet (wait mode)
 
     # ------------------------------------------------------------------------------ reading
 
@@ -350,10 +351,22 @@ class ModelSource:
 
     # ------------------------------------------------------------------------------ polling
 
-    def start(self) -> None:
-        """Load (if not loaded yet) and start the polling thread."""
+    def start(self, wait_for_champion: bool = False) -> None:
+        """Load (if not loaded yet) and start the polling thread.
+
+        Args:
+            wait_for_champion: when the champion cannot be loaded yet (no alias, no store yet),
+                start polling anyway instead of raising: the first poll that finds the alias
+                publishes it (`saofu up` starts the app before any model is promoted).
+        """
         if not self.loaded:
-            self.load()
+            try:
+                self.load()
+            except Exception as exc:
+                if not wait_for_champion:
+                    raise
+                self.last_error = str(exc)
+                log.warning("no champion to serve yet (%s); checking every %ss", exc, self.poll_seconds)
         if self._thread is not None:
             return
         self._stop.clear()
@@ -370,7 +383,11 @@ class ModelSource:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.refresh()
+                if not self.loaded and self.champion_alias:
+                    self.last_error = f"registered model {self.model_name!r} has no alias {self.champion_alias!r} yet"
             except _FailedRecently:
                 pass
             except Exception as exc:  # noqa: BLE001 - the poller must outlive any registry hiccup
+                if not self.loaded:
+                    self.last_error = str(exc)
                 self._report("checking the aliases", exc)

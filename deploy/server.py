@@ -57,6 +57,7 @@ def serve(
     poll_seconds: float = 5.0,
     threshold: float = 0.9,
     log_level: str = "info",
+    wait_for_champion: bool = False,
 ) -> None:
     """Serve `models:/<model_name>@<champion_alias>` on http://host:port until interrupted.
 
@@ -76,6 +77,8 @@ def serve(
         poll_seconds: how often the aliases are checked.
         threshold: confidence a prediction needs; below it the answer is the negative class.
         log_level: uvicorn's and the app's log level.
+        wait_for_champion: start even when no version has the champion alias yet: the app answers
+            503 "no model is promoted yet" until its poll finds one (what `saofu up` runs).
 
     Raises:
         SaofuError: no such model or alias, or a version without a usable graph (before the port
@@ -89,12 +92,14 @@ def serve(
         challenger_alias=challenger_alias, canary=policy, poll_seconds=poll_seconds,
         pool_dir=default_pool_dir() if pool_dir == DEFAULT_POOL else pool_dir,
         pool_max_files=pool_max_files, pool_max_bytes=pool_max_bytes, threshold=threshold,
+        wait_for_champion=wait_for_champion,
     )
     source = ModelSource(
         model_name, tracking_uri=tracking_uri, champion_alias=champion_alias,
         challenger_alias=challenger_alias if policy else None, poll_seconds=poll_seconds,
     )
-    source.load()  # a missing alias is reported here, as one line, not as a failed startup
+    if not wait_for_champion:
+        source.load()  # a missing alias is reported here, as one line, not as a failed startup
     server = uvicorn.Server(uvicorn_config(create_app(config, source), port, host, log_level))
     _exit_quietly_after_shutdown()
     server.run()
@@ -134,10 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", default=DEFAULT_POOL, help='online pool folder; "none" logs nothing')
     parser.add_argument("--poll-seconds", type=float, default=5.0)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--wait-for-champion", action="store_true")
     args = parser.parse_args(argv)
     serve(args.port, args.model, host=args.host, canary_share=args.canary_share,
           pool_dir=None if args.pool == "none" else args.pool, poll_seconds=args.poll_seconds,
-          log_level=args.log_level)
+          log_level=args.log_level, wait_for_champion=args.wait_for_champion)
 
 
 if __name__ == "__main__":

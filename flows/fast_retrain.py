@@ -86,7 +86,7 @@ class FastRetrainParams(BaseModel):
     """Parameters of one fast retrain (the Prefect UI's form: every field has a default)."""
 
     registered_model: str = Field("fu-recognizer", min_length=1, description="the MLflow registered model")
-    changes: list[ClassChange] = Field(default_factory=_campaign_change, min_length=1,
+    changes: list[ClassChange] = Field(_campaign_change(), min_length=1,
                                        description="the classes added or corrected")
     labels: str = Field("fu-recognizer", min_length=1,
                         description="where the labels are: a Label Studio project title, or an ImageFolder "
@@ -228,9 +228,9 @@ def ingest_folder_step(folder: str, dataset_dir: str, dataset_name: str, classes
       persist_result=True)
 def fine_tune_step(base: BaseModelInfo, data_dir: str, data_version: str, new: list[str], changed: list[str],
                    refines: dict[str, str], budget_s: float, replay_share: float, seed: int, experiment: str,
-                   store: str, run_dir: str, tags: dict[str, str]) -> FineTuneOutcome:
+                   store: str, run_dir: str, tags: dict[str, str], threshold: float = 0.9) -> FineTuneOutcome:
     return fine_tune_and_register(base, data_dir, data_version, new, changed, refines, budget_s, replay_share,
-                                  seed, experiment, run_dir, tags)
+                                  seed, experiment, run_dir, tags, threshold=threshold)
 
 
 @task(name="held-out-set", retries=1)
@@ -302,12 +302,13 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
     fine_tune_args = (base, dataset, data_version, params.new, params.changed, params.refines,
                       params.budget_min * 60, params.replay_share, params.seed, params.experiment,
                       settings.tracking_uri, str(run_dir / "fine-tune"), tags)
-    fine_tune_state = fine_tune_step(*fine_tune_args, return_state=True)
+    fine_tune_state = fine_tune_step(*fine_tune_args, threshold=params.threshold, return_state=True)
     tuned: FineTuneOutcome = fine_tune_state.result()
     reused = fine_tune_state.name == "Cached"
     if reused and not version_exists(params.registered_model, tuned.version):
         # The store was reset since: the cached version is gone, so train after all.
-        tuned, reused = fine_tune_step.with_options(refresh_cache=True)(*fine_tune_args), False
+        tuned = fine_tune_step.with_options(refresh_cache=True)(*fine_tune_args, threshold=params.threshold)
+        reused = False
     if reused:
         print(f"fine-tune: reusing version {tuned.version} from an earlier run of the same change and data "
               "(resume)", flush=True)

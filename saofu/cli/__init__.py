@@ -34,8 +34,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(train.models_app, name="models")
 app.add_typer(bench.app, name="bench")
 app.add_typer(train.step_app, name="step")
-app.add_typer(services.up_app, name="up")
-app.add_typer(services.down_app, name="down")
+app.add_typer(services.app)  # up, down, status
 
 _CTRL_C = 130  # typer turns a KeyboardInterrupt inside a command into Exit(130)
 

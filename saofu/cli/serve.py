@@ -21,10 +21,15 @@ def serve(
     poll_seconds: float = typer.Option(5.0, "--poll-seconds", help="How often the registry aliases are checked."),
     threshold: float = typer.Option(0.9, "--threshold", help="Confidence a prediction needs to count."),
     log_level: str = typer.Option("info", "--log-level"),
+    wait_for_champion: bool = typer.Option(
+        False, "--wait-for-champion",
+        help="Start even before any version is the champion: answer 503 'no model is promoted yet' until one is.",
+    ),
 ):
     """Serve models:/<model>@champion over HTTP (POST /predict, /healthz, /metrics), following the alias."""
     from deploy.server import serve as run_server
 
     run_server(port, model, host=host, canary_share=canary_share, canary_min_requests=canary_min_requests,
                pool_dir=None if pool == "none" else pool, pool_max_files=pool_max_files, poll_seconds=poll_seconds,
-               threshold=threshold, log_level=log_level)
+               threshold=threshold, log_level=log_level,
+               wait_for_champion=wait_for_champion)

@@ -1,4 +1,11 @@
-"""`saofu up ...` / `saofu down ...`: real local services on loopback (Label Studio, PostgreSQL)."""
+"""`saofu up` / `saofu down` / `saofu status`: the local services on loopback.
+
+`saofu up` starts, in order, the Prefect server, the executor of the deployments, the MLflow
+server, Label Studio and the serving app (services.stack), waits until each is healthy and prints
+every URL and login; `saofu up NAME...` starts only those. `saofu up postgres` (only when named)
+starts the PostgreSQL for multi-worker search. `saofu down [NAME...]` stops them, `saofu status`
+shows what runs.
+"""
 
 from __future__ import annotations
 
@@ -8,61 +15,93 @@ import typer
 
 from saofu.cli.common import JsonOpt, emit, progress_to_stderr
 
-up_app = typer.Typer(no_args_is_help=True, help="Start a real local service (loopback only).")
-down_app = typer.Typer(no_args_is_help=True, help="Stop a service started by `saofu up`.")
+app = typer.Typer()
+
+NamesArg = typer.Argument(None, help="prefect, executor, mlflow, labeling, serving (default: all five), postgres.")
 
 
-@up_app.command("labeling")
-def up_labeling(
-    port: int = typer.Option(8080, "--port"),
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _login(info: dict) -> str:
+    login = info.get("login")
+    return f"{login['username']} / {login['password']}" if login else ""
+
+
+@app.command("up")
+def up(
+    names: list[str] | None = NamesArg,
+    prefect_port: int | None = typer.Option(None, "--prefect-port", help="Prefect server port (default 4200)."),
+    mlflow_port: int | None = typer.Option(None, "--mlflow-port", help="MLflow server port (default 5000)."),
+    labeling_port: int | None = typer.Option(None, "--labeling-port", help="Label Studio port (default 8080)."),
+    serving_port: int | None = typer.Option(None, "--serving-port", help="Serving app port (default 8000)."),
+    port: int | None = typer.Option(None, "--port", help="The port of the one service named."),
     files_root: Path | None = typer.Option(
         None, "--files-root", help="Images under this folder can be shown to labelers (default: SAOFU_HOME)."
     ),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds each service gets to become healthy."),
     as_json: bool = JsonOpt,
 ):
-    """Install Label Studio in its own venv if missing, start it on loopback, print URL and login."""
-    from services import labeling as service
+    """Start the local services on loopback (all five, or those named), wait until healthy, print URLs."""
+    from saofu.errors import SaofuError
+    from services import stack
 
+    chosen = stack.check_names(names)
+    ports = {"prefect": prefect_port, "mlflow": mlflow_port, "labeling": labeling_port, "serving": serving_port,
+             "postgres": None}
+    if port is not None:
+        if len(chosen) != 1 or chosen[0] == "executor":
+            raise SaofuError("--port needs exactly one service named (one with a port); use --NAME-port otherwise")
+        ports[chosen[0]] = port
     with progress_to_stderr(as_json):
-        service.ensure_installed()
-        handle = service.start(port=port, files_root=files_root)
-    info = {"url": handle.url, "username": handle.username, "password": handle.password,
-            "token": handle.token, "pid": handle.pid, "log": str(handle.log_path)}
-    emit(info, as_json, (
-        f"Label Studio is up: {handle.url}\n  login: {handle.username} / {handle.password}\n"
-        f"  API token: {handle.token}\n  log: {handle.log_path}\nstop it with: saofu down labeling"
-    ))
+        services = stack.up(chosen, ports, files_root=files_root, timeout=timeout)
+    if chosen == ["postgres"]:  # `saofu up postgres`: its own output, as before
+        info = services["postgres"]
+        emit({**info, "services": services}, as_json, (
+            f"PostgreSQL is up: {info['url']}\n  log: {info['log']}\n"
+            f"search with it: saofu search --workers 2 --storage {info['url']}\nstop it with: saofu down postgres"
+        ))
+        return
+    summary: dict = {"services": services}
+    if chosen == ["labeling"]:  # `saofu up labeling --json`: the keys it always printed, at the top too
+        info = services["labeling"]
+        summary.update({k: info[k] for k in ("url", "username", "password", "token", "pid", "log")})
+    rows = [["service", "url", "pid", "login", "state"]]
+    for name, info in services.items():
+        rows.append([name, str(info.get("url") or ""), str(info.get("pid") or ""), _login(info),
+                     "already up" if info.get("already_up") else "started"])
+    extra = ""
+    if "labeling" in services:
+        extra += f"\nLabel Studio API token: {services['labeling']['token']}"
+    stop_hint = "saofu down" if len(chosen) > 1 else f"saofu down {chosen[0]}"
+    emit(summary, as_json, f"{_table(rows)}{extra}\nstop with: {stop_hint}")
 
 
-@down_app.command("labeling")
-def down_labeling(as_json: bool = JsonOpt):
-    """Stop the Label Studio server started by `saofu up labeling`."""
-    from services import labeling as service
+@app.command("down")
+def down(names: list[str] | None = NamesArg, as_json: bool = JsonOpt):
+    """Stop the services started by `saofu up` (all five, or those named)."""
+    from services import stack
 
-    stopped = service.stop()
-    emit({"stopped": stopped}, as_json, "Label Studio stopped" if stopped else "Label Studio was not running")
-
-
-@up_app.command("postgres")
-def up_postgres(
-    port: int = typer.Option(5433, "--port"),
-    as_json: bool = JsonOpt,
-):
-    """Start a local PostgreSQL on loopback for multi-worker search (`saofu search --storage URL`)."""
-    from services import postgres as postgres_service
-
-    with progress_to_stderr(as_json):
-        handle = postgres_service.start_postgres(port=port)
-    emit({"url": handle.url, "port": handle.port, "pid": handle.pid, "log": str(handle.log_path)}, as_json, (
-        f"PostgreSQL is up: {handle.url}\n  log: {handle.log_path}\n"
-        f"search with it: saofu search --workers 2 --storage {handle.url}\nstop it with: saofu down postgres"
-    ))
+    stopped = stack.down(names)
+    if names and len(stopped) == 1:  # `saofu down labeling --json`: {"stopped": bool}, as before
+        name, was = next(iter(stopped.items()))
+        emit({"stopped": was, "services": stopped}, as_json, f"{name} stopped" if was else f"{name} was not running")
+        return
+    lines = [f"{name}: {'stopped' if was else 'was not running'}" for name, was in stopped.items()]
+    emit({"services": stopped}, as_json, "\n".join(lines))
 
 
-@down_app.command("postgres")
-def down_postgres(as_json: bool = JsonOpt):
-    """Stop the PostgreSQL server started by `saofu up postgres`."""
-    from services import postgres as postgres_service
+@app.command("status")
+def status(names: list[str] | None = NamesArg, as_json: bool = JsonOpt):
+    """What runs: each service's URL, process, health and since when."""
+    from services import stack
 
-    stopped = postgres_service.stop_postgres()
-    emit({"stopped": stopped}, as_json, "PostgreSQL stopped" if stopped else "PostgreSQL was not running")
+    services = stack.status(names)
+    rows = [["service", "url", "pid", "health", "since"]]
+    for name, info in services.items():
+        health = "healthy" if info["healthy"] else ("NOT healthy" if info["running"] else "not running")
+        rows.append([name, str(info.get("url") or ""), str(info.get("pid") or ""), health,
+                     str(info.get("since") or "")])
+    emit({"services": services}, as_json, _table(rows))

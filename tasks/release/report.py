@@ -28,7 +28,6 @@ global backend or keeps figures alive in a pyplot registry.
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import sys
@@ -52,13 +51,13 @@ from tasks.release.evaluation import (
     refines_from_metadata,
     threshold_report,
 )
+from tasks.release.gallery import plot_gallery
 from tasks.release.gate import CandidateMetrics
 from tasks.train.onnx_interface import read_metadata
 
 ERROR_KINDS = ("false_positive", "false_negative", "confusion")  # gallery order; as tasks.release.badcases names them
 MAX_GALLERY = 100
 _SET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_GALLERY_COLUMNS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,47 +157,6 @@ def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title
     fig.savefig(path, dpi=110)
 
 
-def _plot_gallery(split: TensorSplit, classes: list[str], probs: np.ndarray, decisions: np.ndarray,
-                  shown: list[tuple[int, str]], n_errors: int, path: Path, title: str) -> None:
-    """The shown errors as one montage: each image with its caption (kind, truth, top class, decision) under it.
-
-    One axes holding a montage, not an axes per image: matplotlib lays out every axes it draws, and
-    a hundred of them made each gallery cost seconds of a release.
-    """
-    columns = max(1, min(_GALLERY_COLUMNS, len(shown)))
-    rows = max(1, math.ceil(len(shown) / columns))
-    if len(shown) < n_errors:
-        title += f" (the {len(shown)} most confident of {n_errors} errors)"
-    cell_in, image_share, title_in = 1.7, 0.62, 0.5  # a cell's width (inches), the image's share of its height
-    cell_h_in = cell_in / image_share * 0.8  # the image is 0.8 of the cell wide; the rest of the height: caption
-    fig = Figure(figsize=(cell_in * columns, cell_h_in * rows + title_in))
-    fig.suptitle(title, fontsize=9)
-    if not shown:
-        fig.text(0.5, 0.5, "no false positives or negatives", ha="center", va="center")
-        fig.savefig(path, dpi=100)
-        return
-    size = int(split.images.shape[-1])
-    cell_w, cell_h = round(size / 0.8), round(size / 0.8 * cell_h_in / cell_in)  # in image pixels
-    canvas = np.full((rows * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
-    height_share = cell_h_in * rows / (cell_h_in * rows + title_in)
-    ax = fig.add_axes((0.0, 0.0, 1.0, height_share))
-    ax.set_axis_off()
-    pad = (cell_w - size) // 2
-    for k, (i, kind) in enumerate(shown):
-        row, col = divmod(k, columns)
-        x, y = col * cell_w + pad, row * cell_h + pad // 2
-        canvas[y:y + size, x:x + size] = split.images[i].permute(1, 2, 0).numpy()[..., :3]
-        top = int(probs[i].argmax())
-        decision = "abstain" if decisions[i] == ABSTAIN else classes[decisions[i]]
-        truth = split.classes[int(split.labels[i])]
-        caption = f"{kind.replace('_', ' ')}\ntrue {truth}\npred {classes[top]} {probs[i, top]:.2f}"
-        if decision != classes[top]:
-            caption += f"\n-> {decision}"
-        ax.text(col * cell_w + cell_w / 2, y + size + 1, caption, ha="center", va="top", fontsize=7)
-    ax.imshow(canvas, interpolation="nearest", aspect="auto", extent=(0, canvas.shape[1], canvas.shape[0], 0))
-    fig.savefig(path, dpi=100)
-
-
 def evaluate_set(onnx_path: str | Path, name: str, split: TensorSplit, out_dir: str | Path, threshold: float = 0.9,
                  negative_class: str | None = None, max_gallery: int = MAX_GALLERY) -> dict[str, Any]:
     """Metrics and PNGs of one labelled set (see `evaluate_sets`)."""
@@ -232,7 +190,7 @@ def evaluate_set(onnx_path: str | Path, name: str, split: TensorSplit, out_dir: 
     if negative is not None:
         confusion = confusion[:, :-1]  # nothing abstains when under-threshold falls back to a class
     _plot_confusion(confusion, classes, files["confusion"], f"{name}: decisions at threshold {threshold:g}", lacks)
-    _plot_gallery(split, classes, probs, decisions, shown, len(errors), files["gallery"],
+    plot_gallery(split, classes, probs, decisions, shown, len(errors), files["gallery"],
                   f"{name}: wrong at threshold {threshold:g}")
     known_n = int(known_rows.sum())
     return {

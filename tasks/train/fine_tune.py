@@ -12,9 +12,11 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
 * plans its epochs from the training throughput measured on a few real batches of this data and
   model (`measure_throughput`, `plan_epochs`), so the learning-rate schedule ends with the budget;
 * validates after every epoch and keeps the best checkpoint, in `loop.save_checkpoint`'s format
-  (export, evaluation and release take it like any other), chosen on balanced accuracy (mean
-  per-class recall): the validation split is mostly old classes, and plain accuracy would
-  prefer an epoch that has not learned the new class yet;
+  (export, evaluation and release take it like any other), chosen on balanced recall deciding
+  as the gate and serving do (threshold, refinement groups, negative class): the validation split
+  is mostly old classes, so plain accuracy would prefer an epoch that has not learned the new
+  class yet, and argmax would prefer an early epoch whose new class is not yet sure enough to
+  clear the threshold (measured: best-by-argmax kept epoch 2 of 6, new-class recall 0.92);
 * stops at the budget: the clock is checked before every batch, and training ends early enough
   that the last (possibly partial) epoch is still evaluated and saved within the budget; the
   plan counts steps (`plan_steps`), so the schedule ends with the budget, not up to an epoch before;
@@ -70,15 +72,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.head import DEFAULT_REFINE_LOGIT_OFFSET, check_new_classes, classifier_layer, grow_classifier
-from models.recognizer import Recognizer
 from saofu.errors import SaofuError
 from tasks.data.loading import PreparedData, TensorSplit
-from tasks.data.preprocess import normalize, to_float
 from tasks.train import distributed
 from tasks.train.config import TrainConfig
+from tasks.train.forgetting import fine_tune_step, fold_matrix, freeze_leading_stages
 from tasks.train.loop import (
     EpochCallback,
-    augment,
     checkpoint_config,
     load_checkpoint,
     predict_proba,
@@ -122,6 +122,9 @@ class FineTuneConfig:
     batch_size: int | None = None  # None: the base run's
     seed: int | None = None  # None: the base run's
     device: str = "auto"
+    # The epoch kept is the one with the best balanced recall deciding as serving does (`_val_metrics`).
+    threshold: float = 0.9
+    negative_class: str = "not_fu"  # where unsure answers go, when the model has it
 
 
 @dataclass
@@ -304,84 +307,6 @@ def plan_epochs(images_per_epoch: int, images_per_s: float, budget_s: float, epo
     return max(1, min(max_epochs, fit))
 
 
-def fold_matrix(classes: Sequence[str], old: Sequence[str], refines: dict[str, str]) -> Tensor:
-    """[len(classes), len(old)] 0/1 matrix adding each class's probability to the old class it stands for.
-
-    An old class stands for itself; a new class that refines an old one (``fu_merchant`` -> ``fu``)
-    for its parent (followed down a chain); a new class refining nothing for none (a zero row), so
-    what the model gives it leaves the folded distribution, renormalised by `distill_step`.
-    """
-    fold = torch.zeros(len(classes), len(old))
-    for i, c in enumerate(classes):
-        seen = set()
-        while c not in old and c in refines and c not in seen:
-            seen.add(c)
-            c = refines[c]
-        if c in old:
-            fold[i, list(old).index(c)] = 1.0
-    return fold
-
-
-def fine_tune_step(model: nn.Module, teacher: nn.Module, batch: TensorSplit, optimizer: torch.optim.Optimizer,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, device: torch.device,
-                   generator: torch.Generator, fold: Tensor, weight: float, temperature: float) -> dict[str, float]:
-    """One optimiser step on `batch` (augmented as `loop.train_one_epoch` does): cross-entropy on its
-    labels, plus, with `weight` > 0, on its old-class images the KL divergence from the base model's
-    answer to the model's answer folded onto the old classes (`fold_matrix`).
-
-    The base model already answers the old classes as the champion does; holding the fine-tuned
-    model to its (softened) probabilities on the replayed images keeps those answers from drifting
-    while the new class is learned (Li & Hoiem 2016, "Learning without Forgetting"; Yan et al. 2021,
-    "Positive-Congruent Training" on keeping an update's answers where the old model was right).
-    Both see the same augmented images. Frozen leading stages stay in eval mode (`train_mode`).
-    """
-    train_mode(model)
-    images, labels = batch.images.to(device), batch.labels.to(device)
-    x = normalize(augment(to_float(images), cfg.aug_strength, generator))
-    logits = model(x)
-    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-    old = labels < fold.shape[1]
-    if weight > 0 and bool(old.any()):
-        with torch.no_grad():
-            target = F.softmax(teacher(x[old]) / temperature, dim=1)
-        folded = F.softmax(logits[old] / temperature, dim=1) @ fold.to(device)
-        folded = folded / folded.sum(1, keepdim=True).clamp_min(1e-8)
-        kd = F.kl_div(folded.clamp_min(1e-8).log(), target, reduction="batchmean") * temperature ** 2
-        loss = loss + weight * kd
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return {"train_loss": loss.item(), "train_accuracy": (logits.argmax(1) == labels).float().mean().item()}
-
-
-def freeze_leading_stages(model: nn.Module, stages: int) -> int:
-    """Freeze the stem and the first `stages` stages of a saofu `Recognizer`; returns the stages frozen.
-
-    Their weights get no gradient (no backward through the high-resolution layers, where most
-    of a small CNN's training time goes) and they run in eval mode while the rest trains
-    (`train_mode`): BatchNorm normalises with the running statistics it will use when serving,
-    not with each batch's, so the layers above learn on the features they will be given. Other
-    models (torchvision's) train whole: 0.
-    """
-    if stages <= 0 or not isinstance(model, Recognizer):
-        return 0
-    frozen = [model.stem, *list(model.stages)[:stages]]
-    for module in frozen:
-        module.requires_grad_(False)
-        module.saofu_frozen = True  # survives deepcopy (measure_throughput's probe)
-    return len(frozen) - 1
-
-
-def train_mode(model: nn.Module) -> nn.Module:
-    """`model.train()`, with the modules `freeze_leading_stages` froze left in eval mode."""
-    model.train()
-    for module in model.modules():
-        if getattr(module, "saofu_frozen", False):
-            module.eval()
-    return model
-
-
 def plan_steps(images_per_epoch: int, batch_size: int, images_per_s: float, budget_s: float,
                epoch_overhead_s: float = 0.0, max_epochs: int = 30) -> int:
     """Optimiser steps that fit `budget_s`: whole epochs and then part of one, at least one epoch's.
@@ -440,14 +365,30 @@ def measure_throughput(model: nn.Module, split: TensorSplit, cfg: TrainConfig, d
 # ---------------------------------------------------------------------------------------------
 
 
-def _val_metrics(probs: Tensor, labels: Tensor, classes: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
-    """(loss, accuracy, balanced accuracy) and per-class recall of the classes that have val images."""
+def _val_metrics(probs: Tensor, labels: Tensor, classes: Sequence[str], threshold: float,
+                 negative_class: str, refines: dict[str, str]) -> tuple[dict[str, float], dict[str, float]]:
+    """(loss, accuracy, balanced accuracy, balanced recall at the threshold) and per-class recall
+    (argmax) of the classes that have val images.
+
+    `val_balanced_recall_at_threshold` decides as the gate and the serving app do
+    (`tasks.release.evaluation.decide`: the top class where it reaches the threshold, a sure
+    refinement group's root, else the negative class), so the epoch kept is the one the gate
+    would judge best, not the one with the best argmax: a fine-tune of a few epochs is best by
+    argmax early, before its new class is confident enough to clear the threshold.
+    """
+    from saofu.refines import refinement_roots
+    from tasks.release.evaluation import decide
+
     pred = probs.argmax(1)
     recall = _recall_of(pred, labels, classes)
+    negative = list(classes).index(negative_class) if negative_class in classes else None
+    decided = torch.from_numpy(decide(probs.numpy(), threshold, negative, refinement_roots(classes, refines)))
+    at_threshold = _recall_of(decided, labels, classes)
     metrics = {
         "val_loss": F.nll_loss(probs.clamp_min(1e-12).log(), labels).item(),
         "val_accuracy": (pred == labels).float().mean().item(),
         "val_balanced_accuracy": sum(recall.values()) / max(len(recall), 1),
+        "val_balanced_recall_at_threshold": sum(at_threshold.values()) / max(len(at_threshold), 1),
     }
     return metrics, recall
 
@@ -553,7 +494,8 @@ def fine_tune(
     probs = predict_proba(model, val, device)
     eval_s = clock() - start
     recall_before = {c: 0.0 for c in cfg.new_classes} | _recall_of(probs[:, :len(old)].argmax(1), val.labels, classes)
-    best_metrics, best_recall = _val_metrics(probs, val.labels, classes)
+    judge = {"threshold": cfg.threshold, "negative_class": cfg.negative_class, "refines": refines}
+    best_metrics, best_recall = _val_metrics(probs, val.labels, classes, **judge)
     ckpt = Path(checkpoint_path)
     start = clock()
     save_checkpoint(ckpt, model, None, None, 0, replace(tcfg, epochs=0), classes, [], best_metrics["val_accuracy"],
@@ -609,12 +551,12 @@ def fine_tune(
         metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
         # Validated, kept and saved with the data's class prior put back; training goes on without it.
         with _bias_offset(model, offset):
-            val_metrics, recall = _val_metrics(predict_proba(model, val, device), val.labels, classes)
+            val_metrics, recall = _val_metrics(predict_proba(model, val, device), val.labels, classes, **judge)
             metrics.update(val_metrics, lr=scheduler.get_last_lr()[0], epoch_fraction=seen / len(split),
                            seconds=clock() - t0)
             history.append({"epoch": epoch, **metrics})
             # Strictly better only: on a tie the earlier (less moved) weights stay.
-            if metrics["val_balanced_accuracy"] > best_metrics["val_balanced_accuracy"]:
+            if metrics["val_balanced_recall_at_threshold"] > best_metrics["val_balanced_recall_at_threshold"]:
                 best_epoch, best_metrics, best_recall = epoch, val_metrics, recall
                 best_state = copy.deepcopy(model.state_dict())
                 save_checkpoint(ckpt, model, None, None, epoch, tcfg, classes, history, val_metrics["val_accuracy"],

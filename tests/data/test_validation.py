@@ -220,3 +220,27 @@ def test_bad_input_raises_saofu_error(tmp_path: Path) -> None:
         DatasetBounds(max_class_share=1.5)
     with pytest.raises(SaofuError, match="width"):
         DatasetBounds(min_width=64, max_width=32)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_validation_reads_only_new_or_changed_files(world: Path, saofu_home: Path, monkeypatch) -> None:
+    import tasks.data.image_facts as image_facts
+
+    real, read = image_facts.read_image_facts, []
+
+    def counting(path, sha):
+        read.append(path.name)
+        return real(path, sha)
+
+    monkeypatch.setattr(image_facts, "read_image_facts", counting)
+    n = len(read_manifest(world))
+    assert validate_dataset(world).success and len(read) == n
+
+    read.clear()
+    add_row(world, "train/fu/new.png", png(32, 32), "fu", "train")
+    changed = first_row(world, "train", "not_fu")["path"]
+    (world / changed).write_bytes(png(32, 32, (1, 2, 3)))  # other bytes, the manifest's hash now stale
+    report = validate_dataset(world)
+
+    assert sorted(read) == sorted(["new.png", Path(changed).name]), "unchanged files were read again"
+    assert not report.success, "a file changed behind the manifest's hash passed (stale cached facts)"

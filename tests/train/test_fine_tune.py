@@ -18,17 +18,14 @@ from tasks.train.fine_tune import (
     FineTuneConfig,
     FineTuneResult,
     fine_tune,
-    fine_tune_step,
-    fold_matrix,
-    freeze_leading_stages,
     plan_epochs,
     plan_steps,
     prior_correction,
     replay_count,
     replay_sample,
-    train_mode,
     training_set,
 )
+from tasks.train.forgetting import fine_tune_step, fold_matrix, freeze_leading_stages, train_mode
 from tasks.train.loop import TrainConfig, fit, load_checkpoint, predict_proba, save_checkpoint
 from tasks.train.onnx_interface import read_metadata
 
