@@ -20,7 +20,7 @@ from tasks.data.loading import prepare_dataset
 from tasks.data.manifest import MANIFEST_NAME, add_images
 from tasks.release import registry
 from tasks.release.steps import ARTEFACT_TAG, load_candidate, shipped_checkpoint
-from tasks.train.loop import load_checkpoint
+from tasks.train.loop import checkpoint_arch
 
 CHANGE_TAG = "saofu.change"  # JSON of the class change a fast retrain made, on its versions
 
@@ -75,10 +75,7 @@ def resolve_base(name: str, version: str | None, dst_dir: str | Path) -> BaseMod
                          "its trained model cannot be found")
     candidate = load_candidate(name, trained, dst_dir)
     shipped = shipped_checkpoint(name, str(version), Path(dst_dir) / "shipped")
-    arch = candidate.arch
-    if shipped:
-        _, state = load_checkpoint(shipped)
-        arch = state["model_meta"].get("arch") or arch
+    arch = (checkpoint_arch(shipped) if shipped else "") or candidate.arch
     return BaseModelInfo(name=name, version=str(version), trained_version=candidate.version,
                          classes=candidate.classes, image_size=candidate.image_size, arch=arch,
                          data_dir=candidate.data_dir, val_share=candidate.val_share, split_seed=candidate.split_seed,
