@@ -26,7 +26,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
+from services.process import port_free
 
 LABEL_STUDIO_VERSION = "1.23.2"
 DEFAULT_PORT = 8080
@@ -229,22 +229,6 @@ def _pid_alive(pid: int) -> bool:
     return True  # no /proc (macOS): trust the signal check
 
 
-def _port_free(host: str, port: int) -> bool:
-    """True when nothing listens on the port (connections in TIME_WAIT do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(2.0)
-        if s.connect_ex((host, port)) == 0:
-            return False
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # as the server binds: a just-stopped server's TIME_WAIT connections must not block a restart
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _http_get(url: str, token: str | None = None, timeout: float = 5.0) -> int:
     """GET `url` and return the HTTP status (0 when nothing answers)."""
     req = urllib.request.Request(url)
@@ -425,7 +409,7 @@ def _start_new(
     timeout: float,
 ) -> LabelStudioHandle:
     """Launch a new server (the caller holds the start lock and knows none runs)."""
-    if not _port_free(host, port):
+    if not port_free(host, port):
         raise SaofuError(f"port {port} on {host} is in use; stop what uses it or choose another port")
     exe = ensure_installed(venv_dir)
     home = get_settings().home

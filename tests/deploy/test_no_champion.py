@@ -7,40 +7,18 @@ The model is an untrained colour graph (tests/deploy/test_canary_classes.py): no
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from mlflow.tracking import MlflowClient
 
-from deploy.app import ServeConfig, create_app
-from deploy.server import uvicorn_config
+from deploy.app import ServeConfig
 from tests.deploy.test_canary_classes import CHAMPION_W, SIZE, TWO, colour_model, png
+from tests.deploy.test_serving import running
 
 MODEL = "waiting-model"
 
-
-@contextmanager
-def running(config: ServeConfig) -> Iterator[str]:
-    app = create_app(config)
-    server = uvicorn.Server(uvicorn_config(app, port=0))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive(), "the app did not start (its startup failed)"
-        assert time.monotonic() < deadline, "the app did not start in 60 s"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.mark.timeout(180)
