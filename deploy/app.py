@@ -2,20 +2,26 @@
 
 Per-request cost is what the app is judged on (the model itself takes ~0.2 ms), so the request
 path is plain Starlette with no middleware, JSON by orjson, Prometheus children looked up once,
-and inference inline on the event loop: decoding plus a 1-thread onnxruntime run take well under
-a millisecond, less than a hop to a thread pool and back would cost, and one process on a small
-box has no idle core for a pool to use anyway. Disk writes (the online pool) and registry checks
-(the model poller) run on their own threads.
+and inference inline on the event loop: a 1-thread onnxruntime run takes well under a
+millisecond, less than a hop to a thread pool and back would cost. Decoding is what a request
+can make expensive, so it runs on a small bounded pool (deploy/decoding.py: only PNG, JPEG and
+WebP, the pixel count checked from the header first, JPEG draft mode), except for small images
+whose header announces few pixels; `/healthz` never waits behind a decode. Disk writes (the
+online pool) and registry checks (the model poller) run on their own threads.
 
-Bad input never reaches the model: the content type, size and decodability are checked first and
+Bad input never reaches the model: the content type, size and format are checked first and
 answered with a 4xx whose JSON names the problem:
 
-    400 empty body | 413 body or image too large | 415 not an image content type | 422 not an image
+    400 empty body | 413 body or image too large | 415 not an image content type, or an image
+    format other than PNG, JPEG, WebP | 422 not an image | 503 too many decodes waiting
+
+`/healthz` answers 200 `"status": "degraded"` (with what is served and why) while the champion
+alias points at a version that could not be loaded: the app serves the version it had, or at
+start the last-known-good copy (deploy/model_source.py).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from starlette.applications import Starlette
@@ -36,6 +41,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from deploy.canary import RUNNING, Canary, CanaryPolicy, CanaryRun, compare_answers
+from deploy.decoding import DecodePool, Rejected, decode_image
 from deploy.model_source import CHALLENGER, CHAMPION, LoadedModel, ModelSet, ModelSource
 from deploy.pool_log import PoolEntry, PoolLogger, PoolStore
 from saofu.errors import SaofuError
@@ -64,6 +70,12 @@ class ServeConfig:
         pool_max_bytes: image bytes the pool keeps at most.
         max_body_bytes: largest accepted request body.
         max_pixels: largest accepted image (width x height), checked before decoding.
+        decode_threads: decodes running at once off the event loop.
+        decode_queue: requests that may wait for a decode thread; one more is answered 503 at once.
+        inline_decode_bytes: bodies up to this size whose header announces at most
+            `inline_decode_pixels` pixels are decoded on the event loop (cheaper than a thread
+            hop); 0 decodes every body on the decode threads.
+        inline_decode_pixels: see `inline_decode_bytes`.
         threshold: top probability a prediction needs to count (below it: the negative class).
         negative_class: where predictions below the threshold go, when the model has the class;
             otherwise `class` is null (an abstention).
@@ -72,6 +84,9 @@ class ServeConfig:
             the app before anything is promoted). Until the poll finds one, `/predict` and
             `/healthz` answer 503 with `"status": "no-champion"` and a message saying no model is
             promoted yet; without it, a missing champion fails the app's startup.
+        last_good_dir: where a copy of the last champion that loaded and warmed up is kept, served
+            (degraded) when the champion's version cannot be loaded at start; None keeps none
+            (`deploy.server.serve` uses <SAOFU_HOME>/.saofu/serving/last-good).
     """
 
     model_name: str
@@ -85,18 +100,15 @@ class ServeConfig:
     pool_max_bytes: int = 256 * 2**20
     max_body_bytes: int = 4 * 2**20
     max_pixels: int = 4096 * 4096
+    decode_threads: int = 2
+    decode_queue: int = 32
+    inline_decode_bytes: int = 16 * 1024
+    inline_decode_pixels: int = 128 * 128
     threshold: float = 0.9
     negative_class: str | None = "not_fu"
     threads: int = 1
     wait_for_champion: bool = False
-
-
-class Rejected(Exception):
-    """A request the app will not run the model on; becomes a 4xx JSON answer."""
-
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
+    last_good_dir: str | Path | None = None
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -104,39 +116,6 @@ def check_content_type(content_type: str | None) -> None:
     if not (kind.startswith("image/") or kind == "application/octet-stream"):
         shown = f"Content-Type {kind!r}" if kind else "no Content-Type"
         raise Rejected(415, "content_type", f"{shown}: send the image's bytes as the body with {ACCEPTED_TYPES}")
-
-
-def decode_image(body: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, dict]:
-    """Image bytes -> uint8 pixels [1,size,size,3], decoded as training decodes (RGB, bilinear).
-
-    The pixel count is checked from the header, before anything is decompressed.
-
-    Raises:
-        Rejected: 413 too many pixels, 422 not an image or a broken one.
-    """
-    try:
-        im = Image.open(io.BytesIO(body))
-    except Image.DecompressionBombError as exc:
-        raise Rejected(413, "too_large", f"image too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise Rejected(422, "not_an_image", f"the body ({len(body)} bytes) is not an image PIL can read "
-                       "(PNG, JPEG, WebP, ...)") from None
-    width, height = im.size
-    if width * height > max_pixels:
-        raise Rejected(413, "too_large", f"image is {width}x{height} pixels; at most {max_pixels:,} pixels "
-                       "are accepted: send the crop, not the whole photo")
-    try:
-        if im.mode == "RGB":
-            im.load()  # convert() would decode and then copy
-            rgb = im
-        else:
-            rgb = im.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.BILINEAR)  # as tasks.data.loading decodes training images
-        pixels = np.asarray(rgb, dtype=np.uint8)[None]
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise Rejected(422, "not_an_image", f"the {im.format or 'image'} body could not be decoded: {exc}") from None
-    return pixels, {"bytes": len(body), "format": im.format, "width": width, "height": height}
 
 
 class ServingMetrics:
@@ -230,12 +209,14 @@ class Serving:
         self.source = source or ModelSource(
             config.model_name, tracking_uri=config.tracking_uri, champion_alias=config.champion_alias,
             challenger_alias=config.challenger_alias if policy else None, poll_seconds=config.poll_seconds,
-            threads=config.threads,
+            threads=config.threads, last_good_dir=config.last_good_dir,
         )
         self.source.on_change = self._on_change
         self.source.on_error = self._on_error
         if self.source.loaded:
             self._on_change(None, self.source.current)
+        self.decoder = DecodePool(config.decode_threads, config.decode_queue, config.inline_decode_bytes,
+                                  config.inline_decode_pixels)
         self.pool: PoolLogger | None = None
         if config.pool_dir is not None:
             self.pool = PoolLogger(PoolStore(config.pool_dir, config.pool_max_files, config.pool_max_bytes))
@@ -274,6 +255,7 @@ class Serving:
             "generation": models.generation if models else 0,
             "canary": self.canary.snapshot() if self.canary else None,
             "pool": self.pool.stats() if self.pool else None,
+            "decode": {"pending": self.decoder.pending, "refused": self.decoder.refused},
         }
 
 
@@ -295,7 +277,7 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
     """
     check_config(config)
     serving = Serving(config, source)
-    metrics, canary, pool = serving.metrics, serving.canary, serving.pool
+    metrics, canary, pool, decoder = serving.metrics, serving.canary, serving.pool, serving.decoder
     threshold, negative = config.threshold, config.negative_class
     max_body, max_pixels = config.max_body_bytes, config.max_pixels
     ok_child = metrics.child(metrics.requests, "200")
@@ -377,7 +359,12 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
             if not serving.source.loaded:
                 return no_champion()
             models = serving.source.current  # this request's models, whatever is published meanwhile
-            pixels, meta = decode_image(body, models.champion.image_size, max_pixels)
+            size = models.champion.image_size
+            opened = decoder.opened_inline(body, max_pixels)
+            if opened is not None:
+                pixels, meta = decode_image(body, size, max_pixels, opened)
+            else:  # off the event loop: /healthz and small requests never wait behind it
+                pixels, meta = await decoder.run(decode_image, body, size, max_pixels)
             result = infer(models, pixels)
         except Rejected as exc:
             metrics.child(metrics.requests, str(exc.status)).inc()
@@ -408,7 +395,11 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
         # 200 "ok" once a champion is served; before that 503, "loading" (the startup load runs) or,
         # with wait_for_champion, "no-champion" with the message and the last registry answer.
         state = serving.snapshot()
-        if serving.source.loaded:
+        degraded = getattr(serving.source, "degraded", None) if serving.source.loaded else None
+        if degraded is not None:
+            # Serving, but not what the alias names: the version it had, or the last-known-good copy.
+            state.update(status="degraded", degraded=degraded)
+        elif serving.source.loaded:
             state["status"] = "ok"
         elif config.wait_for_champion:
             state.update(status="no-champion", message=no_champion_message(),
@@ -450,3 +441,8 @@ def check_config(config: ServeConfig) -> None:
         raise SaofuError(f"threshold must be in [0, 1], got {config.threshold}")
     if config.max_body_bytes < 1 or config.max_pixels < 1:
         raise SaofuError("max_body_bytes and max_pixels must be positive")
+    if config.decode_threads < 1 or config.decode_queue < 0:
+        raise SaofuError(f"decode_threads must be >= 1 and decode_queue >= 0, got {config.decode_threads} and "
+                         f"{config.decode_queue}")
+    if config.inline_decode_bytes < 0 or config.inline_decode_pixels < 0:
+        raise SaofuError("inline_decode_bytes and inline_decode_pixels must be >= 0")

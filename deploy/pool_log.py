@@ -16,6 +16,12 @@ The pool is bounded: past `max_files` images or `max_bytes`, the least recently 
 deleted and their lines dropped from the index (rewritten atomically), so a reader never finds a
 line whose file is gone for good. One writer per pool folder: the app's, on its own thread.
 
+Images sent to labelers are never evicted: a Label Studio task points at the file, and the ingest
+reads it from there. Active learning records them in `<pool>/.al_state.json` (`human`, and
+`badcases`; see `tasks.labeling.pool`); they do not count against the bounds (how many there are
+is set by what labelers are sent). While an active-learning run holds the pool's lock it is about
+to send some images, so eviction waits for the next write after the lock is free.
+
 Requests never wait for the disk: `PoolLogger.submit` appends the entry to a bounded buffer and a
 background thread writes it; when the buffer is full the entry is dropped and counted.
 """
@@ -33,11 +39,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from saofu.errors import SaofuError
 
 log = logging.getLogger("saofu.serve")
 
 INDEX_NAME = "index.jsonl"  # tasks.data.stream.INDEX_NAME (not imported: tasks.data.stream pulls in the renderer)
+# tasks.labeling.pool.STATE_NAME and LOCK_NAME (not imported: that module imports tasks.data.stream)
+AL_STATE_NAME = ".al_state.json"
+AL_LOCK_NAME = ".al_state.lock"
 PHASE = "serving"
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
@@ -76,6 +87,13 @@ class PoolStore:
         self._images: OrderedDict[str, tuple[str, int]] = OrderedDict()  # sha -> (rel path, bytes), oldest first
         self.bytes = 0
         self.evicted = 0
+        # Images open Label Studio tasks point at, re-read when the state file changes (see _refresh_pins).
+        self._state_path = self.root / AL_STATE_NAME
+        self._pins: set[str] = set()
+        self._pins_stamp: tuple[int, int] | None = None
+        self._pinned_files = 0
+        self._pinned_bytes = 0
+        self._lock = FileLock(self.root / AL_LOCK_NAME)
         self._adopt()
         self._index = self.index_path.open("a", encoding="utf-8")
         if self._over():
@@ -126,6 +144,9 @@ class PoolStore:
                 tmp.replace(path)  # readers of the pool never see half a file
             self._images[sha] = (rel, len(entry.data))
             self.bytes += len(entry.data)
+            if sha in self._pins:
+                self._pinned_files += 1
+                self._pinned_bytes += len(entry.data)
         line = {
             "timestamp": datetime.fromtimestamp(entry.timestamp, UTC).isoformat(),
             "sha256": sha,
@@ -147,15 +168,67 @@ class PoolStore:
         self._index.close()
 
     def _over(self) -> bool:
-        return len(self._images) > self.max_files or self.bytes > self.max_bytes
+        self._refresh_pins()
+        return (len(self._images) - self._pinned_files > self.max_files
+                or self.bytes - self._pinned_bytes > self.max_bytes)
+
+    def _refresh_pins(self) -> None:
+        """Re-read which images were sent to labelers when active learning rewrote its state file.
+
+        A stat per write; the file is read only when it changed. An unreadable file keeps the pins
+        already known (better a pool over its bound than a task whose image is gone).
+        """
+        try:
+            st = self._state_path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp == self._pins_stamp:
+            return
+        if stamp is None:
+            pins: set[str] = set()
+        else:
+            try:
+                raw = json.loads(self._state_path.read_text(encoding="utf-8"))
+                pins = {str(s) for s in (*raw.get("human", []), *raw.get("badcases", []))}
+            except (OSError, ValueError, AttributeError, TypeError) as exc:
+                log.warning("online pool: unreadable %s (%s); keeping the images it named before",
+                            self._state_path, exc)
+                return
+        self._pins_stamp = stamp
+        self._pins = pins
+        held = [self._images[sha][1] for sha in pins if sha in self._images]
+        self._pinned_files, self._pinned_bytes = len(held), sum(held)
 
     def _evict(self) -> None:
-        """Delete the oldest images down to the low-water mark and drop their index lines."""
+        """Delete the oldest images no labeler needs down to the low-water mark; drop their index lines."""
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return  # active learning is choosing images to send: evict after it has recorded them
+        except OSError as exc:  # no room for the lock file: a full disk needs the eviction most
+            log.warning("online pool: could not take %s (%s); evicting without it", self._lock.lock_file, exc)
+            self._refresh_pins()
+            self._evict_unpinned()
+            return
+        try:
+            self._refresh_pins()  # it may have recorded some just before releasing the lock
+            self._evict_unpinned()
+        finally:
+            self._lock.release()
+
+    def _evict_unpinned(self) -> None:
         gone: set[str] = set()
-        while self._images and (len(self._images) > self._low_files or self.bytes > self._low_bytes):
-            sha, (rel, size) = self._images.popitem(last=False)
+        files = len(self._images) - self._pinned_files
+        for sha, (rel, size) in list(self._images.items()):  # oldest first
+            if files <= self._low_files and self.bytes - self._pinned_bytes <= self._low_bytes:
+                break
+            if sha in self._pins:
+                continue
+            del self._images[sha]
             (self.root / rel).unlink(missing_ok=True)
             self.bytes -= size
+            files -= 1
             gone.add(sha)
         if not gone:
             return
@@ -175,7 +248,7 @@ class PoolStore:
         self._index = self.index_path.open("a", encoding="utf-8")
 
     def stats(self) -> dict[str, int]:
-        return {"files": self.files, "bytes": self.bytes, "evicted": self.evicted,
+        return {"files": self.files, "bytes": self.bytes, "evicted": self.evicted, "pinned": self._pinned_files,
                 "max_files": self.max_files, "max_bytes": self.max_bytes}
 
 

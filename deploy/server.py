@@ -23,6 +23,7 @@ from deploy.model_source import CHALLENGER, CHAMPION, ModelSource
 from saofu.settings import get_settings
 
 DEFAULT_MODEL = "fu-recognizer"
+DEFAULT_PORT = 8000  # as `saofu up` serves (services/serving.py): 8080 is Label Studio's
 DEFAULT_POOL = "default"  # <SAOFU_HOME>/data/online_pool
 
 
@@ -41,8 +42,13 @@ def default_pool_dir() -> Path:
     return get_settings().data_dir / "online_pool"
 
 
+def default_last_good_dir() -> Path:
+    """`<SAOFU_HOME>/.saofu/serving/last-good`: the last champion that loaded, served when the alias's cannot be."""
+    return get_settings().home / ".saofu" / "serving" / "last-good"
+
+
 def serve(
-    port: int = 8080,
+    port: int = DEFAULT_PORT,
     model_name: str = DEFAULT_MODEL,
     *,
     host: str = "127.0.0.1",
@@ -80,9 +86,12 @@ def serve(
         wait_for_champion: start even when no version has the champion alias yet: the app answers
             503 "no model is promoted yet" until its poll finds one (what `saofu up` runs).
 
+    The last champion that loaded is kept in `default_last_good_dir()`; when the champion's
+    version cannot be loaded at start, that copy is served and `/healthz` says `degraded`.
+
     Raises:
-        SaofuError: no such model or alias, or a version without a usable graph (before the port
-            is opened).
+        SaofuError: no such model or alias, or a version without a usable graph and no
+            last-known-good copy (before the port is opened).
     """
     _app_logging(log_level)
     policy = CanaryPolicy(share=canary_share, min_requests=canary_min_requests, threshold=threshold) \
@@ -92,11 +101,12 @@ def serve(
         challenger_alias=challenger_alias, canary=policy, poll_seconds=poll_seconds,
         pool_dir=default_pool_dir() if pool_dir == DEFAULT_POOL else pool_dir,
         pool_max_files=pool_max_files, pool_max_bytes=pool_max_bytes, threshold=threshold,
-        wait_for_champion=wait_for_champion,
+        wait_for_champion=wait_for_champion, last_good_dir=default_last_good_dir(),
     )
     source = ModelSource(
         model_name, tracking_uri=tracking_uri, champion_alias=champion_alias,
         challenger_alias=challenger_alias if policy else None, poll_seconds=poll_seconds,
+        last_good_dir=config.last_good_dir,
     )
     if not wait_for_champion:
         source.load()  # a missing alias is reported here, as one line, not as a failed startup
@@ -130,9 +140,9 @@ def _app_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m deploy.server --port 8080 --model fu-recognizer` (the bench starts it this way)."""
+    """`python -m deploy.server --port 8000 --model fu-recognizer` (the bench starts it this way)."""
     parser = argparse.ArgumentParser(prog="python -m deploy.server", description=serve.__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--canary-share", type=float, default=0.0)

@@ -8,6 +8,13 @@ cycle, a scheduled release and a fast retrain clicked in the UI never move `@cha
 Every field of `CycleParams` has a default and a plain type (the Prefect UI renders unions and
 Optional fields badly): "" and 0 mean "the default" where the stage's own model takes None.
 
+With no dataset named, the cycle works on the one tasks/data/project_dataset.py resolves at run
+time (data/labelled, else the champion's training data or its labelled copy). When there is none
+yet, the whole cycle is skipped with one warning that says what to run (`CycleResult.skipped`), rather
+than failing in the training stage every night; a stage that skips itself (active learning without
+a second model, ingest without a Label Studio project) is recorded as "skipped: ..." and the cycle
+goes on.
+
 Resuming: the cycle flow has `retries=1`; a retry of the cycle re-runs its stages from the start
 (subflows are not cached). What is not redone is what the stages themselves keep: ingest's
 cursor (annotations already ingested are not ingested again), active learning's pool state
@@ -15,11 +22,9 @@ cursor (annotations already ingested are not ingested again), active learning's 
 (the study name is fixed per night), and the training/release tasks' own Prefect retries.
 """
 
-from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
@@ -30,7 +35,7 @@ from flows.release import ReleaseParams, release_flow
 from flows.search import SearchFlowParams, search_flow
 from flows.step_clock import StepClock
 from flows.train import TrainFlowParams, train_flow
-from saofu.settings import get_settings
+from tasks.data.project_dataset import ProjectDataset, default_pool_dir, pool_missing, resolve_project_dataset
 
 STAGES = ("active-learning", "ingest", "search", "train", "release")
 
@@ -39,8 +44,9 @@ class CycleParams(BaseModel):
     """Parameters of one cycle (the Prefect UI's form: every field has a default)."""
 
     registered_model: str = Field("fu-recognizer", min_length=1, description="the MLflow registered model")
-    dataset_dir: str = Field("", description="the labelled dataset (tree + manifest.csv); "
-                                             "empty: <SAOFU_HOME>/data/labelled")
+    dataset_dir: str = Field("", description="the labelled dataset (tree + manifest.csv); empty: resolved at run "
+                                             "time (<SAOFU_HOME>/data/labelled, else the champion's training data "
+                                             "or its labelled copy)")
     dataset_name: str = Field("fu", min_length=1, description="name of the dataset's DVC data versions")
     project: str = Field("fu-recognizer", min_length=1, description="Label Studio project title")
     pool_dir: str = Field("", description="the serving app's online pool; empty: <SAOFU_HOME>/data/online_pool")
@@ -48,7 +54,7 @@ class CycleParams(BaseModel):
     threshold: float = Field(0.9, ge=0.5, le=1.0, description="confidence both models must reach to auto-label")
     max_tasks: int = Field(0, ge=0, description="most pool tasks sent to labelers per cycle; 0: all")
     active_learning: bool = Field(True, description="run the active-learning stage (skipped when the pool "
-                                                    "folder does not exist yet)")
+                                                    "has no request logged yet)")
     ingest: bool = Field(True, description="run the ingest stage")
     search: bool = Field(True, description="run the short search; off: train the default architecture")
     search_trials: int = Field(6, ge=1, description="trials of the short search")
@@ -67,14 +73,17 @@ class CycleResult(BaseModel):
     promoted: bool = False
     champion_after: str = ""
     seconds: float = 0.0
+    skipped: str = ""  # why the whole cycle did nothing (no dataset to work on yet); "" when it ran
 
 
-def _dataset_dir(params: CycleParams) -> str:
-    return params.dataset_dir or str(get_settings().data_dir / "labelled")
+def _dataset_dir(params: CycleParams) -> ProjectDataset:
+    if params.dataset_dir:
+        return ProjectDataset(params.dataset_dir, "named in the cycle's parameters")
+    return resolve_project_dataset(params.registered_model)
 
 
 def _pool_dir(params: CycleParams) -> str:
-    return params.pool_dir or str(get_settings().data_dir / "online_pool")
+    return params.pool_dir or str(default_pool_dir())
 
 
 def _study_name(params: CycleParams) -> str:
@@ -89,26 +98,37 @@ def cycle_flow(params: CycleParams = CycleParams()) -> CycleResult:
     started = time.perf_counter()
     clock = StepClock()
     out = CycleResult()
-    dataset = _dataset_dir(params)
+    found = _dataset_dir(params)
+    if found.path is None:
+        # every stage needs the dataset: skip the night with one line instead of failing in train
+        log.warning("cycle skipped: %s", found.reason)
+        out.skipped = found.reason
+        out.stages = {stage: "skipped: no labelled dataset" for stage in STAGES}
+        out.seconds = time.perf_counter() - started
+        return out
+    dataset = found.path
+    log.info("cycle: dataset %s", found.reason)
 
     # 1. active learning: auto-label what both models agree on, send the rest to labelers
     pool = _pool_dir(params)
-    if params.active_learning and Path(pool).is_dir():
+    no_pool = pool_missing(pool) if params.active_learning else "switched off"
+    if not no_pool:
         al = active_learning_flow(ActiveLearningParams(
             pool_dir=pool, dataset_dir=dataset, registered_model=params.registered_model,
             second_model=params.second_model or None, threshold=params.threshold, project=params.project,
             max_tasks=params.max_tasks or None))
-        out.stages["active-learning"] = _summary(al)
+        out.stages["active-learning"] = f"skipped: {al.skipped}" if al.skipped else _summary(al)
     else:
-        out.stages["active-learning"] = "skipped: " + ("switched off" if not params.active_learning
-                                                       else f"no online pool at {pool}")
+        out.stages["active-learning"] = f"skipped: {no_pool}"
     clock.lap("active-learning")
 
     # 2. ingest: finished annotations → validated → a new data version
     if params.ingest:
         ing = ingest_flow(IngestParams(project=params.project, dataset_dir=dataset,
-                                       dataset_name=params.dataset_name))
-        out.stages["ingest"] = f"added {ing.added}, data version {ing.data_version or '(unchanged)'}"
+                                       dataset_name=params.dataset_name,
+                                       registered_model=params.registered_model))
+        out.stages["ingest"] = (f"skipped: {ing.skipped}" if ing.skipped else
+                                f"added {ing.added}, data version {ing.data_version or '(unchanged)'}")
     else:
         out.stages["ingest"] = "skipped: switched off"
     clock.lap("ingest")

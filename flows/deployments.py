@@ -9,6 +9,14 @@
 | search | flows/search.py | on demand |
 | cycle | flows/cycle.py | nightly, 02:00 UTC (active learning → ingest → short search → train → release) |
 
+The scheduled three name no dataset or pool (unless `deployment_specs` is given them): each run
+resolves them when it starts, not when the executor starts (a champion may appear later): the
+pool `saofu serve` logs into, `<SAOFU_HOME>/data/online_pool`, and the labelled dataset
+`<SAOFU_HOME>/data/labelled`, else the champion's training data, else its labelled copy (made by
+the first fast retrain; tasks/data/project_dataset.py). Until there is something to work on (no
+dataset, pool, champion, second model or Label Studio project yet) a run completes as skipped,
+with one warning saying what to run, instead of failing every 10 minutes.
+
 `python -m flows.deployments` (what `saofu up` starts, with PREFECT_API_URL pointing at the
 server) registers them on the server and executes their runs in this process's children until
 it is stopped. Stopping it does not pause the schedules (`pause_on_shutdown=False`): runs due
@@ -34,8 +42,6 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from saofu.settings import get_settings
-
 HOURLY = timedelta(hours=1)
 TEN_MINUTES = timedelta(minutes=10)
 NIGHTLY_CRON = "0 2 * * *"
@@ -54,17 +60,16 @@ def deployment_specs(
     retries: int = 1,
     retry_delay_seconds: float = 60,
 ) -> list[tuple[Any, dict[str, Any]]]:
-    """(flow with retries, to_deployment keyword arguments) for each of the six deployments."""
+    """(flow with retries, to_deployment keyword arguments) for each of the six deployments.
+
+    `dataset_dir` and `pool_dir` empty (the default) are passed on empty: the flows resolve them per run.
+    """
     from flows.active_learning import active_learning_flow
     from flows.cycle import CycleParams, cycle_flow
     from flows.fast_retrain import FastRetrainParams, fast_retrain_flow
     from flows.ingest import ingest_flow
     from flows.release import ReleaseParams, release_flow
     from flows.search import search_flow
-
-    data = get_settings().data_dir
-    dataset_dir = dataset_dir or str(data / "labelled")
-    pool_dir = pool_dir or str(data / "online_pool")
 
     def retrying(f):
         return f.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
@@ -83,7 +88,8 @@ def deployment_specs(
             tags=["saofu"])),
         (retrying(ingest_flow), dict(
             name="ingest", interval=ingest_interval,
-            parameters={"params": {"project": project, "dataset_dir": dataset_dir}},
+            parameters={"params": {"project": project, "dataset_dir": dataset_dir,
+                                   "registered_model": registered_model}},
             description="Finished annotations → validated → a new DVC data version.", tags=["saofu"])),
         (retrying(release_flow), dict(
             name="release",
@@ -132,5 +138,15 @@ def serve_all(webhook_url: str = "", **kwargs: Any) -> None:
         pass
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=serve_all.__doc__)
+    parser.add_argument("--model", default="fu-recognizer",
+                        help="the registered model the deployments default to (also the Label Studio project)")
+    args = parser.parse_args(argv)
+    serve_all(registered_model=args.model, project=args.model)
+
+
 if __name__ == "__main__":
-    serve_all()
+    main()

@@ -25,11 +25,10 @@ The summary names each step's wall time and the orchestration's own share: the r
 not spent inside a task's or subflow's body (Prefect's bookkeeping, result persistence).
 """
 
-from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS
@@ -44,6 +43,7 @@ from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks import tracking
 from tasks.data.manifest import read_manifest
+from tasks.data.project_dataset import labelled_copy_dir
 from tasks.labeling.folder_labels import folder_label_rows
 from tasks.release.gate import GateConfig
 from tasks.release.sets import held_out_folder
@@ -70,7 +70,7 @@ class ClassChange(BaseModel):
                                          "empty: none")
 
     @model_validator(mode="after")
-    def _refines_only_new(self) -> ClassChange:
+    def _refines_only_new(self) -> Self:
         if self.refines and self.kind != "new":
             raise ValueError(f"refines is only for new classes; {self.name!r} is {self.kind}")
         if self.refines == self.name:
@@ -117,7 +117,7 @@ class FastRetrainParams(BaseModel):
     experiment: str = Field("saofu-fast-retrain", min_length=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> FastRetrainParams:
+    def _consistent(self) -> Self:
         names = [c.name for c in self.changes]
         doubled = sorted({n for n in names if names.count(n) > 1})
         if doubled:
@@ -193,8 +193,7 @@ def resolve_base_step(name: str, version: str, dst_dir: str) -> tuple[BaseModelI
 def labelled_dataset_step(base: BaseModelInfo, dataset_dir: str) -> tuple[str, float]:
     started = time.perf_counter()
     src = dataset_dir or base.data_dir
-    out = get_settings().data_dir / f"{Path(src).name}-labelled"
-    return (labelled_dataset(src, out, base.image_size, base.val_share, base.split_seed),
+    return (labelled_dataset(src, labelled_copy_dir(src), base.image_size, base.val_share, base.split_seed),
             time.perf_counter() - started)
 
 
@@ -293,6 +292,8 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
     else:
         ingested = ingest_flow(IngestParams(project=params.labels, dataset_dir=dataset, dataset_name=dataset_name,
                                             classes=classes, experiment=params.experiment))
+        if ingested.skipped:  # a project nobody created: the labels the run was started for are not there
+            raise SaofuError(f"fast retrain: no labels to ingest: {ingested.skipped}")
         data_version, added, body = ingested.data_version or "", ingested.added, ingested.seconds
         source = f"Label Studio project {params.labels!r}"
     _check_labels(dataset, params.changed + params.new, source)

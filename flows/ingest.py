@@ -4,13 +4,19 @@ export completed annotations (since the last ingest) → majority labels → a s
 dataset with the new rows → Great Expectations suite → (pass) swap it in, advance the cursor,
 create a data version; (fail) discard the copy, log the report, stop: no data version, and the
 cursor stays where it was so the same annotations are retried once fixed in Label Studio.
+
+With no dataset named (the scheduled deployment), the dataset is resolved at run time
+(tasks/data/project_dataset.py). Nothing to work on yet, no dataset or no Label Studio project
+anybody created, is not a failure: the run logs one warning saying what to run and returns a
+result with `skipped` set. A Label Studio that is not configured or not reachable is a failure,
+reported in one line.
 """
 
-from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import httpx
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
@@ -18,9 +24,11 @@ from pydantic import BaseModel, Field
 from saofu.errors import SaofuError
 from tasks import tracking
 from tasks.data.manifest import add_images, read_manifest
+from tasks.data.project_dataset import resolve_project_dataset
 from tasks.data.validation import validate_dataset
 from tasks.data.versions import create_version, version_of
 from tasks.labeling.client import completed_annotations, connect, ensure_project, latest_update
+from tasks.labeling.client import find_project as find_labeling_project
 from tasks.labeling.ingest import (
     IngestState,
     commit_staged,
@@ -34,7 +42,11 @@ class IngestParams(BaseModel):
     """Parameters of one ingest run."""
 
     project: str = Field("fu-recognizer", min_length=1, description="Label Studio project title.")
-    dataset_dir: str = Field(..., description="The labelled dataset (ImageFolder tree + manifest.csv).")
+    dataset_dir: str = Field("", description="The labelled dataset (ImageFolder tree + manifest.csv); empty: "
+                                             "resolved at run time (data/labelled, else the champion's training "
+                                             "data or its labelled copy)")
+    registered_model: str = Field("fu-recognizer", min_length=1,
+                                  description="Whose champion's training data is the dataset when none is named.")
     dataset_name: str = Field("fu", min_length=1, description="Name of the dataset's DVC versions.")
     classes: list[str] | None = Field(
         None, description="The class set; empty: the classes already in the dataset's manifest."
@@ -43,20 +55,33 @@ class IngestParams(BaseModel):
 
 
 class IngestResult(BaseModel):
-    project_id: int
-    tasks_seen: int
-    added: int
-    already_present: int
-    ties: list[dict]
-    skipped: int
-    data_version: str | None
-    validation_docs: str | None
+    project_id: int = 0
+    tasks_seen: int = 0
+    added: int = 0
+    already_present: int = 0
+    ties: list[dict] = []
+    tasks_skipped: int = 0  # annotated tasks left out (no vote, bad data, image gone)
+    data_version: str | None = None
+    validation_docs: str | None = None
     seconds: float = 0.0  # the flow body's wall time
+    skipped: str = ""  # why the run did nothing (no dataset, no project yet); "" when it ran
 
 
 @task(name="find-project", retries=2, retry_delay_seconds=3)
-def find_project(project: str, classes: list[str]) -> int:
-    return ensure_project(connect(), project, classes)
+def find_project(project: str, classes: list[str]) -> int | None:
+    """The project's id (its classes grown to `classes` if need be); None when nobody created it yet.
+
+    Not created here: a project nobody made has no annotations to ingest (active learning creates
+    it when it first sends images to labelers).
+    """
+    client = connect()
+    try:
+        if find_labeling_project(client, project) is None:
+            return None
+    except httpx.TransportError as exc:
+        raise SaofuError(f"Label Studio is not reachable ({type(exc).__name__}: {exc}): start it with "
+                         "`saofu up labeling`, or check LABEL_STUDIO_URL") from exc
+    return ensure_project(client, project, classes)
 
 
 @task(name="fetch-annotations", retries=2, retry_delay_seconds=3)
@@ -105,14 +130,25 @@ def ingest_flow(params: IngestParams) -> IngestResult:
     """Ingest the annotations completed since the last run; version the dataset if it changed."""
     started = time.perf_counter()
     logger = get_run_logger()
-    dataset = Path(params.dataset_dir)
+    if params.dataset_dir:
+        dataset = Path(params.dataset_dir)
+    else:
+        found = resolve_project_dataset(params.registered_model)
+        if found.path is None:
+            return _skipped(logger, found.reason, started)
+        dataset = Path(found.path)
+        logger.info("ingest: dataset %s", found.reason)
     classes = params.classes or sorted({r["label"] for r in read_manifest(dataset)})
     if not classes:
         raise SaofuError(f"no classes given and no manifest in {dataset} to take them from")
     project_id = find_project(params.project, classes)
+    if project_id is None:
+        return _skipped(logger, f"Label Studio project {params.project!r} does not exist yet, so nothing is "
+                                "annotated: run active learning (it creates the project when it sends images "
+                                "to labelers) or create it in Label Studio", started)
     state = IngestState.load(dataset, project_id)
     records = fetch_annotations(project_id, state.cursor)
-    rows, report = to_manifest_rows(records)
+    rows, report = to_manifest_rows(records, classes=classes)  # a label outside them skips its task
     run_id = tracking.start_run(params.experiment, "ingest", params.model_dump(),
                                 {"prefect_flow_run_id": str(flow_run.get_id() or "")})
     try:
@@ -134,7 +170,13 @@ def ingest_flow(params: IngestParams) -> IngestResult:
     logger.info("ingest: %s; data version %s", summary, data_version)
     return IngestResult(
         project_id=project_id, tasks_seen=report.tasks_seen, added=len(added),
-        already_present=report.already_present, ties=report.ties, skipped=len(report.skipped),
+        already_present=report.already_present, ties=report.ties, tasks_skipped=len(report.skipped),
         data_version=data_version, validation_docs=str(validation.docs_path or ""),
         seconds=time.perf_counter() - started,
     )
+
+
+def _skipped(logger, reason: str, started: float) -> IngestResult:
+    # one warning line, not a traceback: the schedule fires again and finds the work once it exists
+    logger.warning("ingest skipped: %s", reason)
+    return IngestResult(skipped=reason, seconds=time.perf_counter() - started)

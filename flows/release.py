@@ -19,7 +19,6 @@ The flow holds the registered model's concurrency slot (`flows/locks.py`) from s
 release and a fast retrain of the same model never move its aliases at the same time.
 """
 
-from __future__ import annotations
 
 import json
 import time

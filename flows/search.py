@@ -6,20 +6,21 @@ score among finished trials) is optionally compound-scaled to a FLOP target, the
 full budget by the training flow (nested under the study's run too) and registered.
 """
 
-from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Self
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.train import TrainFlowParams, TrainFlowResult, train_flow
 from saofu.settings import get_settings
 from tasks import tracking
 from tasks.data.fu_world import WorldConfig
 from tasks.search.objective import ScoreTargets
+from tasks.search.passwords import dashboard_command, refuse_password
 from tasks.search.report import best_row, format_trials, pareto_front, plot_pareto, rebuild_plan, trial_rows
 from tasks.search.space import SearchSpace
 from tasks.search.study import Pruner, Sampler, grid_size, redact
@@ -30,12 +31,16 @@ from tasks.train.steps import generate_fu_world
 class SearchFlowParams(BaseModel):
     """Parameters of one architecture and hyper-parameter search."""
 
+    # Prefect stores parameters with the flow run and MLflow logs them: a refused URL is not echoed
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     data_dir: str | None = Field(None, description="ImageFolder dataset. Empty: generate the Fu world.")
     world_n: int = Field(WorldConfig.n, ge=60, description="Images to generate when no data_dir is given.")
     world_seed: int = 0
     study_name: str | None = Field(None, description="Empty: search-<time>. An existing name resumes that study.")
     storage: str | None = Field(
-        None, description="Optuna RDB storage URL. Empty: SQLite under the project. postgresql://... for workers."
+        None, description="Optuna RDB storage URL. Empty: SQLite under the project. postgresql://USER@HOST:PORT/DB "
+        "for workers, without a password (saofu's passfiles, PGPASSFILE or ~/.pgpass hold it)."
     )
     workers: int = Field(1, ge=1, le=64, description="worker processes sharing the study")
     space: SearchSpace = SearchSpace()
@@ -60,8 +65,10 @@ class SearchFlowParams(BaseModel):
     seed: int = 0
     device: str = Field("cpu", pattern="^(cpu|cuda|auto)$", description="trial training device")
 
+    _no_password = field_validator("storage")(refuse_password)
+
     @model_validator(mode="after")
-    def _nsga2_is_not_pruned(self) -> SearchFlowParams:
+    def _nsga2_is_not_pruned(self) -> Self:
         if self.sampler == "nsga2" and self.pruner != "none":
             raise ValueError("sampler nsga2 is multi-objective, which Optuna cannot prune: set pruner to 'none'")
         return self
@@ -178,7 +185,7 @@ def search_flow(params: SearchFlowParams = SearchFlowParams()) -> SearchFlowResu
         finished=counts["COMPLETE"], pruned=counts["PRUNED"], failed=counts["FAIL"], best_trial=best["number"],
         best_score=best["score"], best_accuracy=best["accuracy"], best_arch=arch, best_image_size=image_size,
         pareto_trials=[r["number"] for r in front], pareto_plot=str(plot), retrain=retrain,
-        dashboard_hint=f"optuna-dashboard {storage}",
+        dashboard_hint=dashboard_command(storage),
     )
 
 

@@ -4,7 +4,6 @@ One pydantic parameter model: the Prefect UI renders it as a form and validates 
 starts, and the same object is logged to MLflow as the run's parameters.
 """
 
-from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path

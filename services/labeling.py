@@ -8,10 +8,14 @@ with a known API token and serves images from disk to labelers' browsers (local-
 State (all under `$SAOFU_HOME/.saofu/`, nothing created at import):
 
     labelstudio-venv/        Label Studio's own venv (or $SAOFU_LABELSTUDIO_VENV)
-    labelstudio-data/        its SQLite database and media (LABEL_STUDIO_BASE_DATA_DIR)
-    labelstudio.json         URL, token, login and files root of the server `start` launched
+    labelstudio-data/        its SQLite database and media (LABEL_STUDIO_BASE_DATA_DIR), mode 0700
+    labelstudio.json         URL, token, login and files root of the server `start` launched (0600)
     labelstudio.pid          the server's process id (its process group is stopped by `stop`)
     labelstudio.log          the server's output
+
+The admin's password and token are secrets: never printed (output names `login_file()`), the
+state file and log are 0600 and the data folder 0700 from creation, and the server runs with umask
+077, so its SQLite store (plaintext API tokens) and media are its owner's only.
 
 A team's existing server works the same way: set `LABEL_STUDIO_URL` and `LABEL_STUDIO_API_KEY`
 (and `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT` if it serves local files) and `labeling_settings()`
@@ -120,6 +124,11 @@ def default_venv_dir() -> Path:
 
 def _state_file() -> Path:
     return state_dir() / "labelstudio.json"
+
+
+def login_file() -> Path:
+    """The 0600 file holding the local server's admin login (username, password) and API token."""
+    return _state_file()
 
 
 def _pid_file() -> Path:
@@ -284,8 +293,12 @@ def _write_state(handle: LabelStudioHandle) -> None:
     """Record a server that answered with its token: what `status` and `labeling_settings` read."""
     path = _state_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(handle.to_json(), indent=2))
-    path.chmod(0o600)  # it holds the admin's password and token
+    # it holds the admin's password and token: private from its first byte (a chmod after writing
+    # leaves a moment when others may read it), and a new file, so an old copy's mode does not carry over
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write(json.dumps(handle.to_json(), indent=2))
+    os.replace(tmp, path)
 
 
 def _read_pid() -> int | None:
@@ -415,7 +428,11 @@ def _start_new(
     home = get_settings().home
     data_dir = Path(data_dir or state_dir() / "labelstudio-data").resolve()
     files_root = Path(files_root or home).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # the SQLite store keeps API tokens in plain text: the folder is its owner's from creation on,
+    # and one made before this rule is closed now
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o077:
+        data_dir.chmod(0o700)
     password, token = _credentials(username, password, token)
     url = f"http://{host}:{port}"
     log_path = _log_file()
@@ -429,13 +446,14 @@ def _start_new(
     env = _server_env(data_dir, files_root)
     env.update({"LABEL_STUDIO_USERNAME": username, "LABEL_STUDIO_PASSWORD": password, "LABEL_STUDIO_USER_TOKEN": token})
     _progress(f"starting Label Studio at {url} (log: {log_path})")
-    with open(log_path, "ab") as log:
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         log.write(f"\n=== saofu: label-studio start at {url}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
         log.flush()
-        # a session of its own: the server outlives `saofu up`, and `stop` ends its whole group
+        # a session of its own: the server outlives `saofu up`, and `stop` ends its whole group;
+        # umask 077: its database, media and exports are created readable by their owner only
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=env, cwd=data_dir, start_new_session=True,
+            env=env, cwd=data_dir, start_new_session=True, umask=0o077,
         )  # fmt: skip
     _CHILDREN[proc.pid] = proc
     # the pid first, so `stop` can end a server that never came up; the state (with credentials)
@@ -449,7 +467,7 @@ def _start_new(
         stop()
         raise
     _write_state(handle)
-    _progress(f"Label Studio is up at {url}; login {username} / {password}")
+    _progress(f"Label Studio is up at {url}; login {username}, password in {_state_file()}")
     return handle
 
 

@@ -1,6 +1,6 @@
 """PostgreSQL as a real local service on loopback: the shared Optuna study store of a multi-worker search.
 
-Size: one module on purpose (~630 lines): one server's lifecycle over one state folder. Binaries, cluster,
+Size: one module on purpose (~700 lines): one server's lifecycle over one state folder. Binaries, cluster,
 OS user and start/stop share the path helpers, `_OsUser` and `_run_as`; tests patch `VERSIONED_BIN_GLOB` here.
 
 A search keeps its study in SQLite by default; several workers writing one study need a server
@@ -12,11 +12,18 @@ State (all under `$SAOFU_HOME/.saofu/postgres/`, nothing created at import):
 
     data/              the cluster; `data/postmaster.pid` (written by PostgreSQL) holds its pid and port
     socket/            the server's unix socket: only its owner (and root) may enter
+    pgpass             the study role's password (libpq's passfile format, mode 0600): made at the
+                       first start, read by `tasks.search.study.make_storage`, never put in a URL
     postgres.json      database and role of the last start (what `postgres_status` reports)
     postgres.log       the server's output
 
-Authentication is `trust` on 127.0.0.1 (any local user may connect, no password; nothing else may);
-the unix socket is trusted too, but its folder is closed to everyone except the server's owner.
+Authentication: TCP (127.0.0.1 only) takes a password (scram-sha-256), and the superuser, which has
+none, is rejected there: any local user can reach a loopback port, and a superuser session runs
+`COPY ... TO PROGRAM` as the server's OS user. The study role is an ordinary one owning its
+database. The unix socket trusts whoever reaches it, and its folder is closed to everyone except
+the server's owner (and root): saofu creates the role and database through it as the superuser.
+A cluster made before passwords (trust on TCP) is migrated at its next start: role password set,
+pg_hba rewritten, configuration reloaded.
 
 PostgreSQL refuses to run as root. As root, the server runs as the owner of an existing cluster,
 else as the `postgres` system user (created when missing); the cluster's files belong to that user,
@@ -31,6 +38,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -44,6 +52,7 @@ from pathlib import Path
 
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
+from services.process import pid_runs, port_free
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5433  # not 5432: a system PostgreSQL may already listen there
@@ -64,14 +73,16 @@ class PostgresHandle:
     """A running PostgreSQL server started by `start_postgres`.
 
     Attributes:
-        url: SQLAlchemy URL of the study database, e.g. postgresql+psycopg2://saofu@127.0.0.1:5433/saofu
+        url: SQLAlchemy URL of the study database, e.g. postgresql+psycopg2://saofu@127.0.0.1:5433/saofu;
+            no password in it: `passfile` holds it
         port: TCP port on 127.0.0.1
         pid: the postmaster's process id
         data_dir: the cluster's folder
         log_path: the server's log file
         state_dir: the folder holding all of the above (what `stop_postgres` takes)
         database: the study database
-        user: the role owning it (no password: trust on loopback)
+        user: the role owning it (not a superuser)
+        passfile: the role's password in libpq's passfile format (0600; `PGPASSFILE=... psql` works)
     """
 
     url: str
@@ -82,6 +93,7 @@ class PostgresHandle:
     state_dir: Path
     database: str
     user: str
+    passfile: Path
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,11 @@ def _log_file(state_dir: Path) -> Path:
 
 def _state_file(state_dir: Path) -> Path:
     return state_dir / "postgres.json"
+
+
+def passfile(state_dir: Path | None = None) -> Path:
+    """The study roles' passwords of the server on `state_dir` (default: the local one), libpq format."""
+    return _resolve_state_dir(state_dir) / "pgpass"
 
 
 def _progress(message: str) -> None:
@@ -303,13 +320,13 @@ def _write_owned(path: Path, text: str, os_user: _OsUser | None) -> None:
 def _init_cluster(
     binaries: dict[str, Path], state_dir: Path, data_dir: Path, os_user: _OsUser | None, fsync: bool
 ) -> None:
-    """`initdb` a new cluster: UTF-8, C locale, trust on 127.0.0.1 only."""
+    """`initdb` a new cluster: UTF-8, C locale, passwords on 127.0.0.1, trust on the closed socket."""
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)  # PostgreSQL refuses a data folder others can read
     _give_to(data_dir, os_user)
     cmd = [
         str(binaries["initdb"]), "-D", str(data_dir), "-U", SUPERUSER, "-E", "UTF8", "--locale=C",
-        "--auth=trust", "--no-instructions",
+        "--auth-local=trust", "--auth-host=scram-sha-256", "--no-instructions",
     ]  # fmt: skip
     if not fsync:
         cmd.append("--no-sync")  # throwaway clusters only: seconds saved per test run
@@ -317,17 +334,34 @@ def _init_cluster(
     result = _run_as(cmd, os_user, cwd=state_dir, timeout=120)
     if result.returncode != 0:
         raise SaofuError(f"initdb failed (exit code {result.returncode}) for {data_dir}:\n{result.stderr.strip()}")
-    # replaces initdb's pg_hba.conf, which also trusts ::1 and replication connections
-    _write_owned(
-        data_dir / "pg_hba.conf",
-        "# written by saofu: trust loopback IPv4 only; the socket folder is closed to other users\n"
-        "local   all   all                  trust\n"
-        "host    all   all   127.0.0.1/32   trust\n",
-        os_user,
-    )
+    _write_hba(data_dir, os_user)
     with open(data_dir / "postgresql.conf", "a") as conf:
         conf.write("\n# saofu's settings (port, addresses, socket, fsync), rewritten at every start\n")
         conf.write("include_if_exists = 'saofu.conf'\n")
+
+
+# Replaces initdb's pg_hba.conf (which also admits ::1 and replication connections). The superuser
+# is rejected on TCP even though it has no password to guess: a password set on it later by hand
+# must not open `COPY ... TO PROGRAM` to every local user.
+_HBA = (
+    "# written by saofu at every start: passwords on loopback IPv4 only, never the superuser there;\n"
+    "# the socket is trusted because its folder is closed to everyone but the server's owner (and root)\n"
+    "local   all   all                          trust\n"
+    f"host    all   {SUPERUSER:<8} 127.0.0.1/32   reject\n"
+    "host    all   all        127.0.0.1/32   scram-sha-256\n"
+)
+
+
+def _write_hba(data_dir: Path, os_user: _OsUser | None) -> bool:
+    """Write saofu's pg_hba.conf; True when it changed (a running server must then reload it)."""
+    path = data_dir / "pg_hba.conf"
+    try:
+        if path.read_text() == _HBA:
+            return False
+    except OSError:
+        pass
+    _write_owned(path, _HBA, os_user)
+    return True
 
 
 def _check_cluster(binaries: dict[str, Path], data_dir: Path) -> None:
@@ -350,6 +384,7 @@ def _write_server_config(data_dir: Path, socket_dir: Path, port: int, fsync: boo
         f"listen_addresses = {_conf_string(HOST)}\n"
         f"port = {port}\n"
         f"unix_socket_directories = {_conf_string(str(socket_dir))}\n"
+        "password_encryption = 'scram-sha-256'\n"
         f"fsync = {'on' if fsync else 'off'}\n",
         os_user,
     )
@@ -366,36 +401,7 @@ def _read_postmaster_pid(data_dir: Path) -> tuple[int, int] | None:
 
 def _pid_alive(pid: int) -> bool:
     """True when `pid` runs and is a PostgreSQL server (not a zombie, not a reused pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process (a server run as `postgres`, asked about by a non-root user)
-    proc = Path(f"/proc/{pid}")
-    if proc.exists():
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-            return b"postgres" in (proc / "cmdline").read_bytes()
-        except OSError:
-            return False
-    return True  # no /proc (macOS): trust the signal check
-
-
-def _port_free(port: int) -> bool:
-    """True when nothing listens on 127.0.0.1:`port` (connections in TIME_WAIT do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(2.0)
-        if s.connect_ex((HOST, port)) == 0:
-            return False
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as PostgreSQL binds
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
+    return pid_runs(pid, b"postgres")
 
 
 def _free_port() -> int:
@@ -416,21 +422,71 @@ def _check_name(kind: str, name: str) -> None:
         )
 
 
-def _ensure_role_and_database(port: int, database: str, user: str) -> None:
-    """Create the login role and the database it owns, when missing (as the bootstrap superuser)."""
+def _read_passwords(path: Path) -> dict[str, str]:
+    """{role: password} from saofu's passfile (its lines: 127.0.0.1:PORT:*:ROLE:PASSWORD)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    found = {}
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) == 5 and not line.startswith("#"):
+            found[fields[3]] = fields[4]
+    return found
+
+
+def _write_passfile(path: Path, port: int, passwords: dict[str, str]) -> None:
+    """Write the passfile private from its first byte (a chmod after writing leaves a readable moment)."""
+    text = "".join(f"{HOST}:{port}:*:{role}:{secret}\n" for role, secret in sorted(passwords.items()))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _role_password(state_dir: Path, port: int, user: str) -> str:
+    """The role's password: the one kept in the passfile, else a new one; the file is rewritten for `port`."""
+    path = passfile(state_dir)
+    passwords = _read_passwords(path)
+    # URL-safe letters only: the passfile's separators (: and \\) never occur in it
+    passwords.setdefault(user, secrets.token_urlsafe(24))
+    _write_passfile(path, port, passwords)
+    return passwords[user]
+
+
+def _ensure_role_and_database(state_dir: Path, port: int, database: str, user: str, reload: bool) -> None:
+    """Create the login role and the database it owns when missing, and give the role its password.
+
+    Runs as the bootstrap superuser through the unix socket (TCP refuses the superuser). The role
+    is made (or, for older clusters, turned) an ordinary one: no superuser, no role or database
+    creation. Its password is set at every start, so the passfile and the cluster always agree.
+    `reload`: pg_hba.conf was just rewritten under a running server.
+    """
     import psycopg2  # the project's dependency; imported here so the module loads without libpq
     from psycopg2 import sql
+    from psycopg2.extensions import encrypt_password
 
+    password = _role_password(state_dir, port, user)
     try:
-        conn = psycopg2.connect(host=HOST, port=port, user=SUPERUSER, dbname="postgres", connect_timeout=10)
+        conn = psycopg2.connect(host=str(_socket_dir(state_dir)), port=port, user=SUPERUSER, dbname="postgres",
+                                connect_timeout=10)
     except psycopg2.Error as exc:
-        raise SaofuError(f"cannot connect to PostgreSQL on {HOST}:{port} as {SUPERUSER}: {exc}".strip()) from exc
+        raise SaofuError(f"cannot connect to PostgreSQL on {_socket_dir(state_dir)} (port {port}) as {SUPERUSER}: "
+                         f"{exc}".strip()) from exc
     try:
         conn.autocommit = True  # CREATE DATABASE refuses to run inside a transaction
         with conn.cursor() as cur:
+            cur.execute("SET password_encryption = 'scram-sha-256'")  # a cluster made by hand may default to md5
             cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (user,))
-            if cur.fetchone() is None:
-                cur.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(user)))
+            verb = "ALTER" if cur.fetchone() is not None else "CREATE"
+            # hashed here (as psql's \\password does): a failed statement lands in the server's log
+            verifier = encrypt_password(password, user, conn, "scram-sha-256")
+            cur.execute(sql.SQL("{} ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                sql.SQL(verb), sql.Identifier(user), sql.Literal(verifier)))
+            if reload:
+                cur.execute("SELECT pg_reload_conf()")
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
             if cur.fetchone() is None:
                 # the owner may create tables in its public schema (PostgreSQL 15 no longer lets everyone)
@@ -447,7 +503,7 @@ def _handle(state_dir: Path, pid: int, port: int, database: str, user: str) -> P
     return PostgresHandle(
         url=f"postgresql+psycopg2://{user}@{HOST}:{port}/{database}", port=port, pid=pid,
         data_dir=_data_dir(state_dir), log_path=_log_file(state_dir), state_dir=state_dir,
-        database=database, user=user,
+        database=database, user=user, passfile=passfile(state_dir),
     )  # fmt: skip
 
 
@@ -489,7 +545,8 @@ def start_postgres(
         state_dir: cluster, log and state; default `$SAOFU_HOME/.saofu/postgres`.
         port: TCP port; one in use by another program is an error.
         database: the database to create (owned by `user`).
-        user: the login role to create; no password (trust on loopback).
+        user: the login role to create: an ordinary role (not the superuser) with a password kept
+            in `passfile(state_dir)`.
         fsync: False only for throwaway clusters (tests): a crash can then corrupt the cluster.
         timeout: seconds to wait for the server to accept connections.
 
@@ -498,6 +555,8 @@ def start_postgres(
     """
     _check_name("database", database)
     _check_name("role", user)
+    if user == SUPERUSER:
+        raise SaofuError(f"role {SUPERUSER!r} is the cluster's superuser, which TCP refuses: name a role of its own")
     if not 0 < port < 65536:
         raise SaofuError(f"port {port} is not a TCP port (1-65535)")
     state_dir = _resolve_state_dir(state_dir)
@@ -512,7 +571,11 @@ def start_postgres(
                 "use that port, or stop it first (`saofu down postgres`)"
             )
         _progress(f"PostgreSQL already runs on {HOST}:{running.port} (pid {running.pid})")
-        _ensure_role_and_database(running.port, database, user)
+        # a server started before passwords trusts TCP: migrate it in place (pg_hba, password, reload)
+        changed = _write_hba(running.data_dir, _server_os_user(running.data_dir))
+        if changed:
+            _progress("PostgreSQL trusted loopback connections: now it asks for passwords (pg_hba.conf rewritten)")
+        _ensure_role_and_database(state_dir, running.port, database, user, reload=changed)
         _state_file(state_dir).write_text(json.dumps({"database": database, "user": user}, indent=2))
         return _handle(state_dir, running.pid, running.port, database, user)
 
@@ -520,7 +583,7 @@ def start_postgres(
 def _start_new(state_dir: Path, port: int, database: str, user: str, fsync: bool, timeout: float) -> PostgresHandle:
     """Start the cluster (making it first if needed); the caller holds the start lock and knows none runs."""
     # before anything is created: a busy port must not leave a half-made cluster behind
-    if not _port_free(port):
+    if not port_free(HOST, port):
         raise SaofuError(
             f"port {port} on {HOST} is in use by another program (another PostgreSQL?); stop it or choose another port"
         )
@@ -537,13 +600,16 @@ def _start_new(state_dir: Path, port: int, database: str, user: str, fsync: bool
         _check_reachable(state_dir, os_user)
     if (data_dir / "PG_VERSION").exists():
         _check_cluster(binaries, data_dir)
+        if _write_hba(data_dir, os_user):  # made before passwords: never start it trusting TCP again
+            _progress(f"the cluster in {data_dir} trusted loopback connections: pg_hba.conf rewritten for passwords")
     else:
         _init_cluster(binaries, state_dir, data_dir, os_user, fsync)
     socket_dir.mkdir(exist_ok=True)
     socket_dir.chmod(0o700)  # the socket trusts whoever can reach it: only the server's owner (and root)
     _give_to(socket_dir, os_user)
     _write_server_config(data_dir, socket_dir, port, fsync, os_user)
-    with open(log_path, "a") as log:
+    # private from creation: connection failures and statements that failed are logged there
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as log:
         log.write(f"\n=== saofu: pg_ctl start on {HOST}:{port}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
     _give_to(log_path, os_user)  # pg_ctl -l appends to it as the server's user
     _progress(f"starting PostgreSQL on {HOST}:{port} (log: {log_path})")
@@ -558,7 +624,7 @@ def _start_new(state_dir: Path, port: int, database: str, user: str, fsync: bool
             f"{(result.stdout + result.stderr).strip()}); last lines of {log_path}:\n{_log_tail(log_path)}"
         )
     try:
-        _ensure_role_and_database(port, database, user)
+        _ensure_role_and_database(state_dir, port, database, user, reload=False)
     except SaofuError:
         stop_postgres(state_dir)
         raise

@@ -61,9 +61,9 @@ def server_healthy(url: str) -> bool:
     return http_get(f"{url}/api/health", timeout=3.0)[0] == 200
 
 
-def executor_command(prefect_url: str) -> tuple[list[str], dict[str, str]]:
-    """(command, environment) of the process that executes the deployments."""
-    return [sys.executable, "-m", "flows.deployments"], _base_env(f"{prefect_url}/api")
+def executor_command(prefect_url: str, model: str = "fu-recognizer") -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of the process that executes the deployments of `model`."""
+    return [sys.executable, "-m", "flows.deployments", "--model", model], _base_env(f"{prefect_url}/api")
 
 
 def deployment_names(prefect_url: str) -> list[str] | None:

@@ -76,6 +76,29 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def pid_runs(pid: int, marker: bytes) -> bool:
+    """True when `pid` runs, is not a zombie, and its command line holds `marker` (not a reused pid).
+
+    For servers that are not our children (another OS user's, or one that outlived its starter),
+    where only the command line tells a reused pid from the server we recorded.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: /proc still tells what it is
+    proc = Path(f"/proc/{pid}")
+    if not proc.exists():
+        return True  # no /proc (macOS): trust the signal check
+    try:
+        if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return marker in (proc / "cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+
+
 def port_free(host: str, port: int) -> bool:
     """True when nothing listens on host:port (connections in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

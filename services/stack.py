@@ -12,8 +12,10 @@ not restarted. The first one that cannot start (busy port, missing dependency, n
 time) stops `up` with a one-line SaofuError naming it; those already up keep running.
 PostgreSQL (services.postgres) is started only when named.
 
-Ports: an explicit port wins, else the one remembered in `.saofu/stack.json` from the last `up`,
-else the default.
+Ports and the registered model (`--model`: what the serving app follows and the deployments'
+forms default to): an explicit value wins, else the one remembered in `.saofu/stack.json` from
+the last `up`, else the default (fu-recognizer). A service already up keeps what it was started
+with: `saofu down NAME` first to change it.
 """
 
 from __future__ import annotations
@@ -41,17 +43,34 @@ def _stack_file() -> Path:
     return process.state_dir() / "stack.json"
 
 
+def _remembered() -> dict:
+    try:
+        state = json.loads(_stack_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _remember(**changes) -> None:
+    _stack_file().parent.mkdir(parents=True, exist_ok=True)
+    _stack_file().write_text(json.dumps({**_remembered(), **changes}, indent=2))
+
+
 def remembered_ports() -> dict[str, int]:
     try:
-        return {k: int(v) for k, v in json.loads(_stack_file().read_text()).get("ports", {}).items()}
-    except (OSError, ValueError, AttributeError):
+        return {k: int(v) for k, v in _remembered().get("ports", {}).items()}
+    except (ValueError, TypeError, AttributeError):
         return {}
 
 
 def _remember_port(name: str, port: int) -> None:
-    ports = {**remembered_ports(), name: port}
-    _stack_file().parent.mkdir(parents=True, exist_ok=True)
-    _stack_file().write_text(json.dumps({"ports": ports}, indent=2))
+    _remember(ports={**remembered_ports(), name: port})
+
+
+def resolve_model(explicit: str | None) -> str:
+    """The registered model the stack serves and deploys: explicit, else remembered from the last `up`."""
+    model = explicit or _remembered().get("model") or serving.DEFAULT_MODEL
+    return str(model)
 
 
 def resolve_ports(explicit: dict[str, int | None]) -> dict[str, int]:
@@ -90,24 +109,23 @@ def _prefect_url() -> str:
     return state["url"]
 
 
-def _executor_command(_port: int):
-    url = _prefect_url()
-    cmd, env = prefect_server.executor_command(url)
-    return cmd, env, url
+def _services(model: str = serving.DEFAULT_MODEL) -> dict[str, _ProcessService]:
+    def executor_command(_port: int):
+        url = _prefect_url()
+        cmd, env = prefect_server.executor_command(url, model)
+        return cmd, env, url
 
-
-def _services() -> dict[str, _ProcessService]:
     return {
         "prefect": _ProcessService("prefect", lambda p: prefect_server.server_command(p, HOST),
                                    lambda s: prefect_server.server_healthy(s["url"]), prefect_server.START_TIMEOUT_S),
-        "executor": _ProcessService("executor", _executor_command,
+        "executor": _ProcessService("executor", executor_command,
                                     lambda s: prefect_server.executor_healthy(
                                         s["url"], Path(s["log"]) if s.get("log") else None, s.get("started_epoch")),
                                     prefect_server.EXECUTOR_TIMEOUT_S),
         "mlflow": _ProcessService("mlflow", lambda p: mlflow_server.server_command(p, HOST),
                                   lambda s: process.http_get(f"{s['url']}/health", timeout=3.0)[0] == 200,
                                   mlflow_server.START_TIMEOUT_S),
-        "serving": _ProcessService("serving", lambda p: serving.server_command(p, HOST),
+        "serving": _ProcessService("serving", lambda p: serving.server_command(p, HOST, model),
                                    lambda s: serving.health(s["url"]) is not None, serving.START_TIMEOUT_S),
     }
 
@@ -171,11 +189,14 @@ def _up_labeling(port: int, files_root: Path | None, timeout: float | None) -> d
 
 
 def _labeling_info(handle, already_up: bool) -> dict:
+    from services import labeling
+
     return {"url": handle.url, "pid": handle.pid, "log": str(handle.log_path),
             "port": int(handle.url.rsplit(":", 1)[1]),
             "started_at": _mtime(process.state_dir() / "labelstudio.pid"),
-            "login": {"username": handle.username, "password": handle.password}, "username": handle.username,
-            "password": handle.password, "token": handle.token, "already_up": already_up}
+            # the password stays in its 0600 file (named here), never in what `up` returns or prints
+            "login": {"username": handle.username, "file": str(labeling.login_file())}, "username": handle.username,
+            "token": handle.token, "already_up": already_up}
 
 
 def _up_postgres(port: int) -> dict:
@@ -190,7 +211,7 @@ def _up_postgres(port: int) -> dict:
 
 
 def up(names: list[str] | None = None, ports: dict[str, int | None] | None = None, *,
-       files_root: Path | None = None, timeout: float | None = None,
+       files_root: Path | None = None, timeout: float | None = None, model: str | None = None,
        on_up: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Start `names` (all five by default) in order, each waited for until healthy.
 
@@ -199,6 +220,8 @@ def up(names: list[str] | None = None, ports: dict[str, int | None] | None = Non
         ports: explicit ports by service name (None: remembered, else default).
         files_root: Label Studio's local-files root (default: SAOFU_HOME).
         timeout: seconds each service gets to become healthy (default: its own).
+        model: the registered model the serving app follows and the deployments default to
+            (default: the one of the last `up`, else fu-recognizer).
         on_up: called as on_up(name, info) after each service is up (progress for callers).
 
     Returns:
@@ -211,7 +234,9 @@ def up(names: list[str] | None = None, ports: dict[str, int | None] | None = Non
     """
     chosen = check_names(names)
     port_of = resolve_ports(ports or {})
-    specs = _services()
+    model = resolve_model(model)
+    _remember(model=model)
+    specs = _services(model)
     result: dict[str, dict] = {}
     for name in chosen:
         if name == "labeling":
@@ -279,7 +304,7 @@ def status(names: list[str] | None = None) -> dict[str, dict]:
             healthy = process.http_get(f"{handle.url}/health", timeout=3.0)[0] == 200
             out[name] = {"running": True, "healthy": healthy, "url": handle.url, "pid": handle.pid,
                          "since": _mtime(process.state_dir() / "labelstudio.pid"), "log": str(handle.log_path),
-                         "login": {"username": handle.username, "password": handle.password}}
+                         "login": {"username": handle.username, "file": str(labeling.login_file())}}
         else:
             state = process.running(name)
             if state is None:

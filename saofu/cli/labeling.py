@@ -27,6 +27,7 @@ def ingest(
     with progress_to_stderr(as_json):
         result = run_flow(ingest_flow, params)
     emit(result.model_dump(), as_json,
+         f"skipped: {result.skipped}" if result.skipped else
          f"added {result.added} human labels ({len(result.ties)} ties left out); "
          f"data version {result.data_version}")
 
@@ -54,5 +55,6 @@ def active_learning(
     with progress_to_stderr(as_json):
         result = run_flow(active_learning_flow, params)
     emit(result.model_dump(), as_json,
+         f"skipped: {result.skipped}" if result.skipped else
          f"{result.new_images} new images: {result.auto} auto-labelled, {result.human} to Label Studio, "
          f"{result.badcases} badcases sent")

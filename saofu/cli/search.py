@@ -26,7 +26,8 @@ def search(
     ),
     workers: int = typer.Option(1, "--workers", help="Worker processes sharing the study."),
     storage: str | None = typer.Option(
-        None, "--storage", help="Optuna storage URL (default SQLite under the project; postgresql://... for workers)."
+        None, "--storage", help="Optuna storage URL (default SQLite under the project; postgresql://... for workers). "
+        "A password in it is moved to .saofu/search/pgpass (0600) and never stored with the run."
     ),
     study: str | None = typer.Option(None, "--study", help="Study name; an existing one is resumed."),
     target_mflops: float = typer.Option(5.0, "--target-mflops", help="FLOPs target T_f of the score."),
@@ -45,7 +46,11 @@ def search(
 ):
     """Architecture and hyper-parameter search (Optuna), then retrain and register the best."""
     from flows.search import SearchFlowParams, search_flow
+    from tasks.search.passwords import remember_password
 
+    if storage:
+        # the flow run's parameters, MLflow and the workers' job file get the URL without it
+        storage = remember_password(storage)
     params = SearchFlowParams(
         data_dir=str(data) if data else None, world_n=n, n_trials=trials, timeout_min=timeout_min, epochs=epochs,
         sampler=sampler, pruner=pruner or ("none" if sampler == "nsga2" else "hyperband"), workers=workers,

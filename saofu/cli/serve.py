@@ -9,7 +9,8 @@ app = typer.Typer()
 
 @app.command()
 def serve(
-    port: int = typer.Option(8080, "--port", help="TCP port on loopback."),
+    # 8000, as `saofu up` serves (services/serving.py DEFAULT_PORT): 8080 is Label Studio's
+    port: int = typer.Option(8000, "--port", help="TCP port on loopback."),
     model: str = typer.Option("fu-recognizer", "--model", help="Registered model; serves its @champion."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (put a proxy in front to expose it)."),
     canary_share: float = typer.Option(

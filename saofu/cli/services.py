@@ -27,7 +27,7 @@ def _table(rows: list[list[str]]) -> str:
 
 def _login(info: dict) -> str:
     login = info.get("login")
-    return f"{login['username']} / {login['password']}" if login else ""
+    return f"{login['username']} (password in {login['file']})" if login else ""
 
 
 @app.command("up")
@@ -42,6 +42,9 @@ def up(
         None, "--files-root", help="Images under this folder can be shown to labelers (default: SAOFU_HOME)."
     ),
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds each service gets to become healthy."),
+    model: str | None = typer.Option(
+        None, "--model", help="Registered model the serving app follows and the deployments default to "
+                              "(default: the last `up`'s, else fu-recognizer)."),
     as_json: bool = JsonOpt,
 ):
     """Start the local services on loopback (all five, or those named), wait until healthy, print URLs."""
@@ -56,25 +59,29 @@ def up(
             raise SaofuError("--port needs exactly one service named (one with a port); use --NAME-port otherwise")
         ports[chosen[0]] = port
     with progress_to_stderr(as_json):
-        services = stack.up(chosen, ports, files_root=files_root, timeout=timeout)
+        services = stack.up(chosen, ports, files_root=files_root, timeout=timeout, model=model)
     if chosen == ["postgres"]:  # `saofu up postgres`: its own output, as before
-        info = services["postgres"]
+        from services.postgres import passfile
+
+        info = {**services["postgres"], "passfile": str(passfile())}
         emit({**info, "services": services}, as_json, (
             f"PostgreSQL is up: {info['url']}\n  log: {info['log']}\n"
+            f"  password: in {info['passfile']} (owner only; saofu search finds it there)\n"
             f"search with it: saofu search --workers 2 --storage {info['url']}\nstop it with: saofu down postgres"
         ))
         return
     summary: dict = {"services": services}
     if chosen == ["labeling"]:  # `saofu up labeling --json`: the keys it always printed, at the top too
         info = services["labeling"]
-        summary.update({k: info[k] for k in ("url", "username", "password", "token", "pid", "log")})
+        summary.update({k: info[k] for k in ("url", "username", "token", "pid", "log")})
+        summary["login_file"] = info["login"]["file"]
     rows = [["service", "url", "pid", "login", "state"]]
     for name, info in services.items():
         rows.append([name, str(info.get("url") or ""), str(info.get("pid") or ""), _login(info),
                      "already up" if info.get("already_up") else "started"])
     extra = ""
     if "labeling" in services:
-        extra += f"\nLabel Studio API token: {services['labeling']['token']}"
+        extra += f"\nLabel Studio API token: in {services['labeling']['login']['file']} (`saofu up labeling --json`)"
     stop_hint = "saofu down" if len(chosen) > 1 else f"saofu down {chosen[0]}"
     emit(summary, as_json, f"{_table(rows)}{extra}\nstop with: {stop_hint}")
 

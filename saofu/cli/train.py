@@ -23,7 +23,7 @@ step_app = typer.Typer(no_args_is_help=True, help="Single pipeline steps on file
 # `saofu serve` has nothing to serve until a release promotes one.
 DEMO_NEXT = (
     "next: saofu release   (compress, evaluate, gate: the first release becomes the champion)\n"
-    "then: saofu serve --port 8080"
+    "then: saofu serve --port 8000"
 )
 
 

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from saofu.errors import SaofuError
 
 # Bumped when what a cache file holds changes, so entries in an older format are never read
-# (format 1 stored absolute image paths: those of whichever copy was decoded first).
-CACHE_FORMAT = 2
+# (format 1 stored absolute image paths: those of whichever copy was decoded first; format 2
+# ignored EXIF orientation).
+CACHE_FORMAT = 3
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 
@@ -98,6 +99,9 @@ def scan_imagefolder(root: str | Path) -> ImageFolderIndex:
 def _decode(path: Path, image_size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
+            # Upright as the phone meant it, as the serving app decodes (deploy/decoding.py): a
+            # photo stored sideways with an EXIF orientation trains as it is served.
+            ImageOps.exif_transpose(im, in_place=True)
             im = im.convert("RGB")
             if im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.BILINEAR)

@@ -21,6 +21,7 @@ MANIFEST_NAME = "manifest.csv"
 # column they find, writers fill missing ones with "".
 BASE_COLUMNS = ("path", "label", "split", "source", "sha256")
 SOURCES = ("generated", "human", "auto")
+SPLITS = ("train", "val", "test")  # the ImageFolder splits (tasks.data.loading.SPLITS, which loads torch)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -58,21 +59,38 @@ def split_for(sha256: str, val_share: float = 0.15) -> str:
     return "val" if int(sha256[:8], 16) / 0xFFFFFFFF < val_share else "train"
 
 
+def plain_name(value: object) -> bool:
+    """True for a name that is one path component of its own: not empty, `.`, `..`, and no separator.
+
+    Splits and labels become folder names (`<split>/<label>/<file>`); anything else could climb out
+    of the dataset or land in another class's folder.
+    """
+    return (
+        isinstance(value, str) and value not in ("", ".", "..")
+        and not any(c in value for c in ("/", "\\", "\0"))
+    )
+
+
 def add_images(dataset_dir: str | Path, new_rows: list[dict]) -> list[dict]:
     """Copy labelled images into the ImageFolder tree and append their manifest rows.
 
     Each row needs `image` (source file), `label`, `source` and may carry `split` and
     label columns (annotator, task_id, labeled_at, model_versions, scores,
     badcase). Images already in the manifest (same sha256) are skipped, so adding the same
-    batch twice adds nothing.
+    batch twice adds nothing. Every row is checked before the first file is copied.
 
     Returns:
         The rows actually added.
+
+    Raises:
+        SaofuError: a row has an unknown source, a missing image, or a split or label that is
+            not a plain folder name or would put the image outside `dataset_dir` (nothing is
+            copied then).
     """
     root = Path(dataset_dir)
     rows = read_manifest(root)
     known = {r["sha256"] for r in rows}
-    added = []
+    planned: list[tuple[dict, Path, str, str, Path]] = []  # row, source file, sha256, split, relative path
     for new in new_rows:
         if new.get("source") not in SOURCES:
             raise SaofuError(f"manifest source must be one of {SOURCES}, got {new.get('source')!r}")
@@ -83,14 +101,30 @@ def add_images(dataset_dir: str | Path, new_rows: list[dict]) -> list[dict]:
         if digest in known:
             continue
         split = new.get("split") or split_for(digest)
-        rel = Path(split) / new["label"] / f"{digest}{src.suffix.lower() or '.png'}"
+        label = new.get("label")
+        for what, name in (("split", split), ("label", label)):
+            if not plain_name(name):
+                raise SaofuError(f"{what} {name!r} of {src} is not a plain folder name: nothing was added to {root}")
+        rel = Path(split) / label / f"{digest}{src.suffix.lower() or '.png'}"
+        _inside(root, rel, src)
+        planned.append((new, src, digest, split, rel))
+        known.add(digest)
+    added = []
+    for new, src, digest, split, rel in planned:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, root / rel)
         row = {k: v for k, v in new.items() if k != "image"}
         row.update(path=rel.as_posix(), split=split, sha256=digest)
         rows.append(row)
         added.append(row)
-        known.add(digest)
     if added:
         write_manifest(root, rows)
     return added
+
+
+def _inside(root: Path, rel: Path, src: Path) -> None:
+    """Refuse a destination that resolves outside the dataset (e.g. a class folder that is a symlink)."""
+    base = root.resolve()
+    if not (base / rel).resolve().is_relative_to(base):
+        raise SaofuError(f"{src} would be copied to {(base / rel).resolve()}, outside the dataset {base}; "
+                         "nothing was added")

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -194,7 +194,7 @@ def select_batch(
 def _decode(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = ImageOps.exif_transpose(im).convert("RGB")  # upright, as the serving app and training see it
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)  # as tasks.data.loading decodes training data
             return np.asarray(im, dtype=np.uint8)

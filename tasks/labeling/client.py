@@ -117,7 +117,7 @@ def project_classes(label_config: str) -> list[str]:
     raise SaofuError(f'the labeling config has no <Choices name="{CHOICES_NAME}">: not a saofu project')
 
 
-def _find_project(client: LabelStudio, title: str) -> Any | None:
+def find_project(client: LabelStudio, title: str) -> Any | None:
     # the server's `title` filter matches substrings; the title must match exactly
     for project in client.projects.list(title=title):
         if project.title == title:
@@ -185,7 +185,7 @@ def ensure_project(client: LabelStudio, title: str, classes: Sequence[str], *, a
         SaofuError: an existing project with this title has a class not in `classes` (or, with
             `allow_growth=False`, any other class set).
     """
-    found = _find_project(client, title)
+    found = find_project(client, title)
     if found is None:
         created = client.projects.create(title=title, label_config=labeling_config(classes))
         return int(created.id)
@@ -417,6 +417,8 @@ def completed_annotations(
         One dict per task, by task id: `task_id`, `image` (path on disk), `sha256`, `source`,
         `badcase`, `data` (all task data) and `annotations` (a list of dicts: `id`, `annotator`,
         `annotator_id`, `label`, `was_cancelled`, `created_at`, `updated_at`, `lead_time`).
+        Everything in `data` (the image path included) is as the task holds it now, and any
+        labeler can edit a task: `tasks.labeling.ingest.to_manifest_rows` checks it before use.
     """
     since_t = _aware(_parse_time(since)) if since is not None else None
     names = _user_names(client)

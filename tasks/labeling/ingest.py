@@ -5,6 +5,12 @@ project, and images already in the manifest (same content hash) are never added 
 the ingest again adds nothing. Each task's label is the majority over its annotators (one vote
 each: an annotator's latest annotation); skipped/cancelled annotations do not vote; a tie is
 reported and left out until someone breaks it.
+
+Task data is untrusted: any labeler can edit a task in Label Studio. A task's image is accepted
+only inside the online pool or the Label Studio files root (after resolving `..` and symlinks),
+its evaluation split only as one of the dataset's splits and its label only as a plain folder name
+(a class, when the caller passes the classes); a task that fails a check, or whose image is gone,
+is reported and skipped, and the batch goes on.
 """
 
 from __future__ import annotations
@@ -13,11 +19,17 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saofu.errors import SaofuError
+from saofu.settings import get_settings
+from services.labeling import local_files_root
+from tasks.data.manifest import SPLITS, plain_name
+
+# Same as tasks.data.loading.IMAGE_SUFFIXES (not imported: that module loads torch).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
 ACCEPTED, TIE, SKIPPED = "accepted", "tie", "skipped"
 
@@ -42,7 +54,7 @@ class IngestReport:
     added: list[dict] = field(default_factory=list)
     already_present: int = 0
     ties: list[dict] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"task_id", "reason"}: no vote, bad data, image gone
     cursor: str | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -69,27 +81,92 @@ def resolve(record: dict) -> Resolution:
     return Resolution(record["task_id"], ACCEPTED, label, dict(votes), voters, labeled_at)
 
 
-def to_manifest_rows(records: list[dict]) -> tuple[list[dict], IngestReport]:
+def allowed_image_roots() -> list[Path]:
+    """Where a task's image may lie: the Label Studio files root and the default online pool, resolved.
+
+    Every task saofu imports points under the files root (Label Studio could not show it
+    otherwise); the pool is `<SAOFU_HOME>/data/online_pool` unless the caller names others.
+    """
+    return [local_files_root().resolve(), (get_settings().data_dir / "online_pool").resolve()]
+
+
+def check_task(
+    record: dict, label: str, roots: Sequence[Path], classes: Sequence[str] | None = None
+) -> tuple[Path | None, str, str]:
+    """The task's image and split if its data can be trusted, else why not.
+
+    Args:
+        record: a record of `completed_annotations`.
+        label: the task's majority label.
+        roots: resolved folders the image must lie in.
+        classes: the labels allowed; None accepts any plain folder name.
+
+    Returns:
+        (resolved image path, split, "") for a good task; (None, "", reason) for a bad one.
+    """
+    task = record.get("task_id")
+    raw = record.get("image")
+    if not isinstance(raw, str) or not raw:
+        return None, "", f"task {task}: no image path in its data"
+    if not Path(raw).is_absolute():
+        return None, "", f"task {task}: image path {raw!r} is not absolute"
+    try:
+        image = Path(raw).resolve()  # `..` and symlinks resolved before the check, not after
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+        return None, "", f"task {task}: image path {raw!r} cannot be resolved ({exc})"
+    if not any(image.is_relative_to(root) for root in roots):
+        return None, "", (f"task {task}: image path {raw!r} resolves to {image}, outside the online pool and "
+                          f"the Label Studio files root {[str(r) for r in roots]}")
+    if image.suffix.lower() not in IMAGE_SUFFIXES:
+        return None, "", f"task {task}: image path {raw!r} is not an image file ({sorted(IMAGE_SUFFIXES)})"
+    split = (record.get("data") or {}).get("eval_split") or ""
+    if split and split not in SPLITS:
+        return None, "", f"task {task}: evaluation split {split!r} is not one of {list(SPLITS)}"
+    if classes is not None and label not in classes:
+        return None, "", f"task {task}: label {label!r} is not a class of the dataset {list(classes)}"
+    if not plain_name(label):
+        return None, "", f"task {task}: label {label!r} is not a plain folder name"
+    if not image.is_file():
+        return None, "", f"task {task}: image {raw!r} is not on disk (evicted from the pool?)"
+    return image, split, ""
+
+
+def to_manifest_rows(
+    records: list[dict], roots: Iterable[str | Path] | None = None, classes: Sequence[str] | None = None
+) -> tuple[list[dict], IngestReport]:
     """Turn annotation records into rows for `tasks.data.manifest.add_images`.
 
-    Raises:
-        SaofuError: a task's image is missing on disk (nothing is added then).
+    A task whose data fails `check_task` (image outside `roots`, not an image, missing on disk;
+    unknown split or label) is reported in `report.skipped` and left out; the rest still go in.
+
+    Args:
+        records: `completed_annotations` output.
+        roots: folders the images may lie in; default `allowed_image_roots()`.
+        classes: the dataset's classes; None accepts any label that is a plain folder name (the
+            validation suite then rejects a batch with an unknown one).
+
+    Returns:
+        (rows, report).
     """
+    allowed = [Path(r).resolve() for r in roots] if roots is not None else allowed_image_roots()
     report = IngestReport(tasks_seen=len(records))
     rows = []
     for record in records:
         res = resolve(record)
         if res.status == SKIPPED:
-            report.skipped.append(res.task_id)
+            report.skipped.append({"task_id": res.task_id, "reason": f"task {res.task_id}: no label (all skipped)"})
             continue
         if res.status == TIE:
             report.ties.append({"task_id": res.task_id, "votes": res.votes, "image": record["image"]})
             continue
-        if not record.get("image") or not Path(record["image"]).is_file():
-            raise SaofuError(f"image of Label Studio task {res.task_id} not found on disk: {record.get('image')}")
+        image, split, reason = check_task(record, res.label, allowed, classes)
+        if image is None:
+            report.skipped.append({"task_id": res.task_id, "reason": reason})
+            print(f"ingest: skipped {reason}", flush=True)
+            continue
         rows.append({
-            "image": record["image"],
-            "label": res.label,  # an unknown label is kept as-is: validation rejects the batch
+            "image": str(image),
+            "label": res.label,
             "source": "human",
             "annotator": ";".join(res.annotators),
             "task_id": str(res.task_id),
@@ -97,7 +174,7 @@ def to_manifest_rows(records: list[dict]) -> tuple[list[dict], IngestReport]:
             "badcase": "1" if record.get("badcase") else "",
             # A badcase from an evaluation split goes back to that split: labelled test images
             # must never leak into training (validation rejects an image in train and test).
-            "split": (record.get("data") or {}).get("eval_split", ""),
+            "split": split,
         })
     return rows, report
 

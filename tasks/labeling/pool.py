@@ -6,6 +6,9 @@ so which images active learning already handled is kept beside it in `pool_dir/.
     {"format": 1, "auto": [sha256, ...], "human": [sha256, ...], "badcases": [sha256, ...]}
 
 One run at a time holds the pool's lock (`pool_lock`) while it reads and writes that file.
+The serving app's pool store (`deploy.pool_log.PoolStore`) reads it too: it never evicts an image
+in `human` or `badcases` (a Label Studio task points at it), and does not evict while the lock is
+held, since the run holding it may be sending images it has not recorded yet.
 """
 
 from __future__ import annotations

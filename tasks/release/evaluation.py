@@ -104,9 +104,38 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def onnx_predict_proba(sess: ort.InferenceSession, split: TensorSplit, batch_size: int = 256) -> np.ndarray:
-    """Probabilities [N,C] of an ONNX recogniser on a decoded split."""
+def graph_image_size(sess: ort.InferenceSession) -> tuple[int, int] | None:
+    """The (height, width) the graph's NHWC `pixels` input is fixed to, or None when not fixed."""
+    shape = sess.get_inputs()[0].shape
+    if len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[2], int):
+        return shape[1], shape[2]
+    return None
+
+
+def _pixels_at(split: TensorSplit, size: tuple[int, int] | None) -> np.ndarray:
+    """The split's images as NHWC uint8 at `size` (height, width): as decoded, or decoded again at that size.
+
+    Two models of different input sizes are judged on the same sets (a release after a search that
+    chose another resolution than the champion's): each sees the images decoded from their files at
+    its own size, as the serving app decodes a request for the model it runs. A split whose files
+    are gone is resized from its decoded pixels instead.
+    """
     pixels = split.images.permute(0, 2, 3, 1).contiguous().numpy()
+    if size is None or tuple(pixels.shape[1:3]) == tuple(size):
+        return pixels
+    from PIL import Image
+
+    height, width = size
+    if height == width and len(split.paths) == len(pixels) and all(Path(p).is_file() for p in split.paths):
+        from tasks.data.loading import _decode  # decoded as training and serving decode (square inputs)
+
+        return np.stack([_decode(Path(p), height) for p in split.paths])
+    return np.stack([np.asarray(Image.fromarray(px).resize((width, height), Image.BILINEAR)) for px in pixels])
+
+
+def onnx_predict_proba(sess: ort.InferenceSession, split: TensorSplit, batch_size: int = 256) -> np.ndarray:
+    """Probabilities [N,C] of an ONNX recogniser on a decoded split (at the graph's input size, see `_pixels_at`)."""
+    pixels = _pixels_at(split, graph_image_size(sess))
     out = [
         sess.run([OUTPUT_NAME], {INPUT_NAME: pixels[i : i + batch_size]})[0]
         for i in range(0, len(pixels), batch_size)

@@ -32,6 +32,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 from saofu.errors import SaofuError
+from tasks.search.passwords import find_password, has_password
 from tasks.search.space import SearchSpace
 
 Sampler = Literal["tpe", "random", "grid", "cmaes", "qmc", "nsga2"]
@@ -92,12 +93,20 @@ def grid_size(space: SearchSpace) -> int:
 
 def make_storage(url: str, heartbeat_s: int | None = 10, grace_s: int | None = None,
                  max_retry: int = 2) -> RDBStorage:
-    """RDB storage with heartbeats and retry of stale trials (`heartbeat_s=None`: no heartbeat)."""
+    """RDB storage with heartbeats and retry of stale trials (`heartbeat_s=None`: no heartbeat).
+
+    A postgresql URL without a password gets the one saofu's passfiles hold for it
+    (`tasks.search.passwords`), handed to the driver beside the URL, never inside it.
+    """
     if not url.startswith(("sqlite:", "postgresql")):
-        raise SaofuError(f"study storage must be a sqlite:/// or postgresql:// URL, got {url!r}")
+        raise SaofuError(f"study storage must be a sqlite:/// or postgresql:// URL, got {redact(url)!r}")
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
+    engine_kwargs: dict = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
+    if url.startswith("postgresql") and not has_password(url):
+        found = find_password(url)
+        if found is not None:
+            engine_kwargs["connect_args"] = {"password": found[0]}
     beat = {}
     if heartbeat_s:
         beat = {"heartbeat_interval": heartbeat_s, "grace_period": grace_s or 3 * heartbeat_s,

@@ -20,17 +20,20 @@ from functools import cache
 from pathlib import Path
 
 import optuna
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from saofu.errors import SaofuError
 from tasks.data.loading import TensorSplit, prepare_dataset
 from tasks.search.objective import Objective, ScoreTargets, TrialHooks, directions
+from tasks.search.passwords import refuse_password
 from tasks.search.space import SearchSpace
 from tasks.search.study import Pruner, Sampler, make_pruner, make_sampler, make_storage, run_worker
 
 
 class SearchJob(BaseModel):
     """A study and how to run its trials; what every worker process reads."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a refused storage URL must not be echoed
 
     study_name: str = Field(min_length=1)
     storage: str = Field(description="sqlite:///PATH or postgresql://... (several workers)")
@@ -55,6 +58,8 @@ class SearchJob(BaseModel):
     max_retry: int = Field(2, ge=0)
     experiment: str | None = Field(None, description="MLflow experiment of the trial runs (None: no tracking)")
     parent_run_id: str | None = Field(None, description="the study's MLflow run: trials nest under it")
+
+    _no_password = field_validator("storage")(refuse_password)
 
     @property
     def multi_objective(self) -> bool:
@@ -117,14 +122,26 @@ def run_job_worker(job: SearchJob, worker: str = "w0") -> list[int]:
                       log=lambda line: print(line, flush=True))
 
 
+def write_job(job: SearchJob, path: Path) -> None:
+    """Write the job file for the workers, readable by its owner only from its first byte.
+
+    It names the storage (never with a password: `SearchJob` refuses one), the data and the MLflow
+    run; a new file replaces the old, so an earlier copy's looser mode does not carry over.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write(job.model_dump_json(indent=2))
+    os.replace(tmp, path)
+
+
 def launch_workers(job: SearchJob, workers: int, job_file: Path, threads_per_worker: int | None = None) -> None:
     """Start `workers` processes on `job` and wait for all; their output is prefixed and streamed.
 
     Raises:
         SaofuError: a worker exited with an error (the others are left to finish first).
     """
-    job_file.parent.mkdir(parents=True, exist_ok=True)
-    job_file.write_text(job.model_dump_json(indent=2))
+    write_job(job, job_file)
     open_study(job)  # create tables and study once, here, rather than in N racing workers
     # Split the cores between workers: N torch processes each using every core slow each other down
     # many times over (OpenMP threads spin while they wait).

@@ -24,12 +24,15 @@ from flows.train import TrainFlowParams
 class _AlResult(BaseModel):
     auto_labelled: int = 3
     sent_to_labelers: int = 2
+    skipped: str = ""
 
 
 @pytest.fixture
 def stages(monkeypatch, saofu_home):
-    """Every subflow replaced by a recorder; returns the list of (stage, params) calls."""
+    """Every subflow replaced by a recorder, on a project with a labelled dataset; returns the (stage, params) calls."""
     calls: list[tuple[str, BaseModel]] = []
+    (saofu_home / "data" / "labelled").mkdir(parents=True)
+    (saofu_home / "data" / "labelled" / "manifest.csv").write_text("path,label,split,source,sha256\n")
 
     def record(name, result):
         def fake(params):
@@ -39,7 +42,8 @@ def stages(monkeypatch, saofu_home):
 
     monkeypatch.setattr(cycle, "get_run_logger", lambda: logging.getLogger("test-cycle"))
     monkeypatch.setattr(cycle, "active_learning_flow", record("active-learning", _AlResult()))
-    monkeypatch.setattr(cycle, "ingest_flow", record("ingest", SimpleNamespace(added=5, data_version="fu@v2")))
+    monkeypatch.setattr(cycle, "ingest_flow", record("ingest", SimpleNamespace(
+        added=5, data_version="fu@v2", skipped="")))
     monkeypatch.setattr(cycle, "search_flow", record("search", SimpleNamespace(
         best_arch="s16k3e2d1-s24k5e3d2", best_image_size=48, study_name="cycle-x", best_trial=4, trials=6)))
     monkeypatch.setattr(cycle, "train_flow", record("train", SimpleNamespace(
@@ -63,6 +67,7 @@ def test_every_field_of_the_cycle_form_has_a_plain_default():
 @pytest.mark.timeout(60)
 def test_the_stages_run_in_order_each_with_its_flows_parameters(stages, saofu_home):
     (saofu_home / "data" / "online_pool").mkdir(parents=True)
+    (saofu_home / "data" / "online_pool" / "index.jsonl").write_text("")
     result = cycle_flow.fn(CycleParams(registered_model="m", search_trials=3, train_epochs=2, max_tasks=0))
 
     assert [name for name, _ in stages] == list(STAGES)

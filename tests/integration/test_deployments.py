@@ -112,6 +112,19 @@ def _deployment(name: str, timeout_s: float = 90):
                 time.sleep(1)
 
 
+def _wait_until_completed(run_id, timeout_s: float):
+    """The flow run once it is Completed, or as it stands after `timeout_s` (the assertions say which)."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state.is_completed() or time.monotonic() > deadline:
+                return run
+            time.sleep(1)
+
+
 def _runs_of(deployment_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -323,8 +336,9 @@ def test_a_failed_run_resumes_through_its_retry_without_redoing_a_finished_task(
         _deployment(FLAKY)
         run = run_deployment(FLAKY, parameters={"log_file": str(log_file), "fail_once_marker": str(marker)},
                              timeout=240)
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run.id)
+        # run_deployment polls every few seconds and may return on a state it saw between the failed
+        # attempt and its retry: the executor stays up until the run itself says it is over.
+        run = _wait_until_completed(run.id, timeout_s=240)
     assert marker.exists(), "the first attempt never ran"
     assert run.state.is_completed(), run.state
     assert run.run_count == 2  # failed once, retried once

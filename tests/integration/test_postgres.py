@@ -27,8 +27,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory) -> Iterator[PostgresHandle]:
-    """One throwaway server for the module's read-only checks (a cluster takes a second or two to make)."""
-    with running_postgres(tmp_path_factory.mktemp("pg")) as handle:
+    """One throwaway server for the module's read-only checks (a cluster takes a second or two to make).
+
+    Its URL names no password: libpq reads the role's from the server's passfile, as `psql` would.
+    """
+    with running_postgres(tmp_path_factory.mktemp("pg")) as handle, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGPASSFILE", str(handle.passfile))
         yield handle
 
 

@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
-    with running_postgres(tmp_path_factory.mktemp("pg")) as handle:
+    # the URL names no password: workers (child processes) find it through libpq's PGPASSFILE
+    with running_postgres(tmp_path_factory.mktemp("pg")) as handle, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGPASSFILE", str(handle.passfile))
         yield handle
 
 

@@ -183,8 +183,9 @@ def test_up_with_no_name_starts_all_five_with_label_studio_s_login(project):
     for name, port in ports.items():
         assert services[name]["url"] == f"http://127.0.0.1:{port}"
     assert services["executor"]["url"] == services["prefect"]["url"]
-    login = services["labeling"]["login"]
-    assert login["username"] and login["password"]
+    login = services["labeling"]["login"]  # the password is never printed: the 0600 file holding it is named
+    assert login["username"] and "password" not in login and "password" not in services["labeling"]
+    assert os.stat(login["file"]).st_mode & 0o777 == 0o600 and json.loads(Path(login["file"]).read_text())["password"]
     assert get(f"{services['labeling']['url']}/health")[0] == 200
 
     listed = json.loads(saofu(project, "status", "--json", timeout=120).stdout)["services"]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from PIL import Image
 
-from saofu.errors import SaofuError
 from tasks.data.manifest import add_images, read_manifest
 from tasks.labeling.ingest import (
     ACCEPTED,
@@ -59,12 +57,14 @@ def test_rows_carry_human_source_annotator_task_and_time(tmp_path):
         record(8, [ann(2, "ann", "fu"), ann(3, "bob", "not_fu")], image=str(img)),
         record(9, [ann(4, "bob", None, cancelled=True)], image=str(img)),
     ]
-    rows, report = to_manifest_rows(records)
-    assert rows == [{"image": str(img), "label": "fu", "source": "human", "annotator": "ann", "task_id": "7",
-                     "labeled_at": str(T0 + timedelta(minutes=3)), "badcase": "1", "split": ""}]
-    assert [t["task_id"] for t in report.ties] == [8] and report.skipped == [9]
-    with pytest.raises(SaofuError, match="task 5 not found"):
-        to_manifest_rows([record(5, [ann(1, "ann", "fu")], image=str(tmp_path / "gone.png"))])
+    rows, report = to_manifest_rows(records, roots=[tmp_path])
+    assert rows == [{"image": str(img.resolve()), "label": "fu", "source": "human", "annotator": "ann",
+                     "task_id": "7", "labeled_at": str(T0 + timedelta(minutes=3)), "badcase": "1", "split": ""}]
+    assert [t["task_id"] for t in report.ties] == [8] and [s["task_id"] for s in report.skipped] == [9]
+    # a missing image (evicted from the pool) skips its task and says so; it no longer stops the batch
+    gone = tmp_path / "gone.png"
+    rows, report = to_manifest_rows([record(5, [ann(1, "ann", "fu")], image=str(gone))], roots=[tmp_path])
+    assert rows == [] and report.skipped[0]["task_id"] == 5 and str(gone) in report.skipped[0]["reason"]
 
 
 def test_adding_the_same_rows_twice_adds_nothing(tmp_path):
