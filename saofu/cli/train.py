@@ -110,11 +110,21 @@ def _train_summary(r) -> str:
 
 @app.command()
 def demo(
-    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world."),
-    epochs: int = typer.Option(TrainConfig.epochs, "--epochs"),
+    train_only: bool = typer.Option(
+        False, "--train-only", help="Only the training flow on the generated Fu world (the earlier demo)."),
+    n: int = typer.Option(WorldConfig.n, "--n", help="Images in the generated Fu world (--train-only)."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Training epochs (--train-only)."),
     as_json: bool = JsonOpt,
 ):
-    """The main job on embedded defaults: the Fu world through the training flow."""
+    """The whole loop on embedded defaults, left running: services, labels, train, release, serve,
+    scans, active learning, and the fast retrain as a deployment run (`--train-only`: training alone)."""
+    if not train_only:
+        from saofu.cli.demo_loop import format_summary, run_demo
+
+        with progress_to_stderr(as_json):
+            summary = run_demo()
+        emit(summary.as_dict(), as_json, format_summary(summary))
+        return
     from flows.train import TrainFlowParams, train_flow
     from tasks.tracking import mlflow_ui_hint
 

@@ -190,10 +190,10 @@ def test_demo_ends_by_naming_the_next_commands(saofu_home, monkeypatch, capsys):
     result = SimpleNamespace(**summary, model_dump=lambda: summary)
     monkeypatch.setattr(train_cli, "run_flow", lambda flow, params: result)
 
-    train_cli.demo(n=60, epochs=1, as_json=False)
+    train_cli.demo(train_only=True, n=60, epochs=1, as_json=False)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("next: saofu release ") and "the first release becomes the champion" in lines[-2]
     assert lines[-1] == "then: saofu serve --port 8000"
 
-    train_cli.demo(n=60, epochs=1, as_json=True)
+    train_cli.demo(train_only=True, n=60, epochs=1, as_json=True)
     assert json.loads(capsys.readouterr().out) == summary  # --json: the summary alone

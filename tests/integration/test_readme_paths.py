@@ -58,6 +58,12 @@ def _copy_project(dst: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)  # keeps mtimes: make sees the set-up as done
     (dst / ".venv").symlink_to(VENV, target_is_directory=True)
+    # Label Studio's own venv (made once by the set-up of the checkout's first `saofu up labeling`):
+    # linked like .venv, so the demo finds it installed instead of installing it again.
+    labelstudio_venv = REPO / ".saofu" / "labelstudio-venv"
+    if labelstudio_venv.is_dir():
+        (dst / ".saofu").mkdir()
+        (dst / ".saofu" / "labelstudio-venv").symlink_to(labelstudio_venv, target_is_directory=True)
     return dst
 
 
@@ -107,10 +113,56 @@ def _png(path: Path) -> bytes:
     return buf.getvalue()
 
 
+DEMO_DEPLOYMENTS = {"fast-retrain", "active-learning", "ingest", "release", "search", "cycle"}
+
+
+@pytest.mark.timeout(2400)
+def test_make_demo_runs_the_whole_loop_and_leaves_it_running(project):
+    """`make demo`: every service healthy at the end, the deployments with their schedules on the
+    printed Prefect URL, the fast retrain run as a deployment run, and the README's `curl` answered
+    by the champion; `saofu down` stops it all."""
+    try:
+        demo = _run(["make", "demo"], project, timeout=1800)
+        lines = demo.stdout.strip().splitlines()
+        assert lines[-1] == "stop everything with: saofu down", lines[-12:]
+        assert any(line.startswith("fast retrain (deployment run)") for line in lines), lines
+        services = json.loads(_run(["saofu", "status", "--json"], project, timeout=120).stdout)["services"]
+        assert all(s["healthy"] for s in services.values()), services
+        prefect = services["prefect"]["url"]
+        assert prefect in demo.stdout and services["serving"]["url"] == "http://127.0.0.1:8000"
+
+        deployments = {d["name"]: d for d in httpx.post(f"{prefect}/api/deployments/filter", json={}).json()}
+        assert set(deployments) == DEMO_DEPLOYMENTS
+        assert deployments["ingest"]["schedules"] and deployments["cycle"]["schedules"]
+        fast_runs = httpx.post(f"{prefect}/api/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [deployments["fast-retrain"]["id"]]}}}).json()
+        assert [r["state"]["type"] for r in fast_runs] == ["COMPLETED"], fast_runs
+
+        history = json.loads(_run(["saofu", "history", "fu-recognizer", "--json"], project, 120).stdout)["history"]
+        champion = history[-1]["version"]
+        scan = next((project / "data").glob("fu_world_demo_*/test/fu/*.png"))
+        answer = httpx.post("http://127.0.0.1:8000/predict", content=_png(scan),
+                            headers={"content-type": "image/png"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model"] == "fu-recognizer" and body["version"] == champion, (body, history)
+        assert body["top_class"] in {"fu", "not_fu", "fu_merchant"}
+        maps = _loaded_libraries(services["serving"]["pid"])
+        assert "libtorch" not in maps and "/torch/" not in maps, "the serving process has loaded torch"
+        assert "onnxruntime" in maps  # the check reads the right process
+        # every MLflow call used the project's store: no stray default store in the working directory
+        assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+    finally:
+        subprocess.run(["saofu", "down"], cwd=project, env=_user_env(), capture_output=True, timeout=300)
+    assert not any(s["running"] for s in json.loads(
+        _run(["saofu", "status", "--json"], project, timeout=120).stdout)["services"].values())
+
+
 @pytest.mark.timeout(1800)
-def test_demo_release_serve_as_the_readme_says(project):
-    """`make demo` → `saofu release` → `saofu serve --port P`: the Fu model answers, without torch loaded."""
-    demo = _run(["make", "demo"], project, timeout=900)
+def test_train_only_demo_release_serve_as_the_readme_says(tmp_path_factory):
+    """`saofu demo --train-only` → `saofu release` → `saofu serve --port P`: the Fu model answers."""
+    project = _copy_project(tmp_path_factory.mktemp("train-only") / "saofu")
+    demo = _run(["saofu", "demo", "--train-only"], project, timeout=900)
     tail = demo.stdout.strip().splitlines()[-4:]
     assert any("saofu release" in line for line in tail), f"the demo's last lines say nothing of what next: {tail}"
 
@@ -124,12 +176,6 @@ def test_demo_release_serve_as_the_readme_says(project):
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["model"] == "fu-recognizer" and body["top_class"] in {"fu", "not_fu"}, body
-        maps = _loaded_libraries(server.pid)
-        assert "libtorch" not in maps and "/torch/" not in maps, "the serving process has loaded torch"
-        assert "onnxruntime" in maps  # the check reads the right process
-    # every MLflow call used the project's store: no stray default store in the working directory
-    assert not (project / "mlflow.db").exists()
-    assert not (project / "mlruns").exists()
 
 
 @pytest.mark.timeout(1500)
