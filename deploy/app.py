@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -370,10 +371,14 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
             metrics.child(metrics.requests, str(exc.status)).inc()
             metrics.child(metrics.rejected, exc.reason).inc()
             return _rejection(exc)
-        except Exception as exc:  # noqa: BLE001 - answer, count and keep serving
-            log.exception("/predict failed")
+        except Exception:  # noqa: BLE001 - answer, count and keep serving
+            # The client gets an incident id, never the exception's text (paths, versions, internals);
+            # the log has the traceback under the same id.
+            incident = uuid.uuid4().hex[:12]
+            log.exception("/predict failed (incident %s)", incident)
             metrics.child(metrics.requests, "500").inc()
-            return _json({"error": f"inference failed: {exc.__class__.__name__}: {exc}", "status": 500}, 500)
+            return _json({"error": f"inference failed (incident {incident}; the details are in the server's log)",
+                          "status": 500, "incident": incident}, 500)
         ok_child.inc()
         metrics.child(metrics.predictions, result["version"], result["arm"], str(result["class"])).inc()
         metrics.child(metrics.latency, result["version"], result["arm"]).observe(time.perf_counter() - started)
