@@ -39,7 +39,7 @@ def uvicorn_config(app, port: int, host: str = "127.0.0.1", log_level: str = "wa
 
 
 def default_pool_dir() -> Path:
-    return get_settings().data_dir / "online_pool"
+    return get_settings().online_pool_dir
 
 
 def default_last_good_dir() -> Path:

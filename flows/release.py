@@ -113,7 +113,7 @@ def _fresh_slice(params: ReleaseParams, candidate: Candidate) -> FreshSlice:
     settings = get_settings()
     return choose_fresh_slice(
         candidate.classes, candidate.image_size, params.fresh_n, labelled_dir=params.labelled_dir,
-        data_dir=candidate.data_dir or None, pool_dir=params.pool_dir or str(settings.data_dir / "online_pool"),
+        data_dir=candidate.data_dir or None, pool_dir=params.pool_dir or str(settings.online_pool_dir),
         seed=params.seed, val_share=candidate.val_share, split_seed=candidate.split_seed, cache_dir=settings.cache_dir,
     )
 

@@ -5,7 +5,8 @@ checkout, a test's temporary folder and a team's shared volume all work the same
 
     $SAOFU_HOME/mlflow/mlflow.db        MLflow tracking + registry (SQLite)
     $SAOFU_HOME/mlflow/artifacts/       MLflow artefacts
-    $SAOFU_HOME/data/                   generated worlds, prepared-tensor caches
+    $SAOFU_HOME/data/                   generated worlds, prepared-tensor caches, the online pool,
+                                        the labelled dataset
     $SAOFU_HOME/runs/                   per-run working folders (checkpoints, ONNX, reports)
 
 `MLFLOW_TRACKING_URI` overrides the tracking store (e.g. a team's `mlflow server`).
@@ -37,6 +38,16 @@ class Settings:
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
+
+    @property
+    def online_pool_dir(self) -> Path:
+        """The online pool: where `saofu serve` logs requests by default and active learning reads."""
+        return self.home / "data" / "online_pool"
+
+    @property
+    def labelled_dir(self) -> Path:
+        """The labelled dataset the scheduled flows look for first (`make demo` ingests into it)."""
+        return self.home / "data" / "labelled"
 
     @property
     def cache_dir(self) -> Path:

@@ -121,18 +121,14 @@ def _send_scans(url: str, n: int, seed: int) -> int:
     return answered
 
 
-def _wait_served(url: str, version: str, timeout_s: float = 120) -> bool:
+def _served_version(url: str) -> str | None:
+    """The champion version the serving app answers with now (the fast retrain's run waited for it)."""
     import httpx
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=3).json().get("versions", {}).get("champion") == version:
-                return True
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    return False
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).json().get("versions", {}).get("champion")
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def run_demo(cfg: DemoConfig = DemoConfig()) -> DemoSummary:
@@ -175,7 +171,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> DemoSummary:
 
     # 3. Seed labels through Label Studio, ingested into the labelled dataset (GX suite, DVC version).
     _label(SEED_PROJECT, ["fu", "not_fu"], seed_images, cfg.seed)
-    dataset = settings.data_dir / "labelled"  # where the scheduled flows look first
+    dataset = settings.labelled_dir  # where the scheduled flows look first
     ingested = ingest_flow(IngestParams(project=SEED_PROJECT, dataset_dir=str(dataset), dataset_name="fu",
                                         classes=["fu", "not_fu"], registered_model=MODEL))
     clock.lap("seed labels → ingest", f"{ingested.added} labels in {dataset}, data version {ingested.data_version}")
@@ -205,7 +201,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> DemoSummary:
     clock.lap("scans", f"{answered} of {cfg.scans} simulated scans answered by the serving app")
 
     # 7. Active learning on the pool: auto-labels where both models agree, the rest to Label Studio.
-    al = active_learning_flow(ActiveLearningParams(pool_dir=str(settings.data_dir / "online_pool"),
+    al = active_learning_flow(ActiveLearningParams(pool_dir=str(settings.online_pool_dir),
                                                    dataset_dir=str(dataset), registered_model=MODEL,
                                                    project=SEED_PROJECT))
     clock.lap("active learning", f"{al.new_images} new images: {al.auto} auto-labelled, {al.human} to labelers")
@@ -217,7 +213,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> DemoSummary:
     after = registry.current_champion(MODEL)
     shipped = after != now_serving
     summary.versions["champion_after_fast_retrain"] = after or ""
-    served = _wait_served(serving_url, after) if after else False
+    served = bool(after) and _served_version(serving_url) == after
     clock.lap("fast retrain (deployment run)",
               f"run {run.name!r} {run.state.type.value.lower()}: " + (
                   f"v{after} adds fu_merchant, {'served' if served else 'NOT served yet'}" if shipped

@@ -24,7 +24,6 @@ from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks.data.manifest import MANIFEST_NAME
 
-LABELLED_NAME = "labelled"  # <SAOFU_HOME>/data/labelled
 LABELLED_COPY_SUFFIX = "-labelled"
 
 
@@ -48,7 +47,7 @@ def labelled_copy_dir(data_dir: str | Path) -> Path:
 
 def default_pool_dir() -> Path:
     """The online pool `saofu serve` logs requests into by default (deploy/server.py default_pool_dir)."""
-    return get_settings().data_dir / "online_pool"
+    return get_settings().online_pool_dir
 
 
 def pool_missing(pool_dir: str | Path) -> str | None:
@@ -116,7 +115,7 @@ def resolve_project_dataset(registered_model: str) -> ProjectDataset:
     Returns:
         ProjectDataset(path, how it was found) or ProjectDataset(None, why none and what to run).
     """
-    labelled = get_settings().data_dir / LABELLED_NAME
+    labelled = get_settings().labelled_dir
     if is_labelled(labelled):
         return ProjectDataset(str(labelled), f"{labelled} (has a {MANIFEST_NAME})")
     data_dir, why = champion_data_dir(registered_model)

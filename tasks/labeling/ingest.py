@@ -87,7 +87,7 @@ def allowed_image_roots() -> list[Path]:
     Every task saofu imports points under the files root (Label Studio could not show it
     otherwise); the pool is `<SAOFU_HOME>/data/online_pool` unless the caller names others.
     """
-    return [local_files_root().resolve(), (get_settings().data_dir / "online_pool").resolve()]
+    return [local_files_root().resolve(), get_settings().online_pool_dir.resolve()]
 
 
 def check_task(
