@@ -328,7 +328,6 @@ def test_the_executor_entry_point_registers_all_six_and_the_failure_automation(
 @pytest.mark.timeout(400)
 def test_a_failed_run_resumes_through_its_retry_without_redoing_a_finished_task(
         prefect_server, prefect_api, tmp_path):  # noqa: F811 - fixtures
-    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     log_file, marker = tmp_path / "steps.log", tmp_path / "failed-once"

@@ -27,22 +27,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SHAPES, make_shapes_dataset
+from tests.integration.user_shell import REPO, VENV
+from tests.integration.user_shell import user_env as _user_env
 from tests.serving_process import free_port, serving
 
-REPO = Path(__file__).resolve().parents[2]
-VENV = REPO / ".venv"
-# Variables a user of the README never sets: the test must not lean on any of them.
-_FOREIGN_PREFIXES = ("SAOFU_", "MLFLOW_", "PREFECT_", "LABEL_STUDIO_", "PYTHONPATH", "VIRTUAL_ENV")
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _user_env() -> dict[str, str]:
-    """The environment of a user who ran `. .venv/bin/activate` in a fresh shell."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_PREFIXES)}
-    env["VIRTUAL_ENV"] = str(VENV)
-    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def _copy_project(dst: Path) -> Path:

@@ -18,7 +18,6 @@ in `test-artefacts/browser/` at the repository root (kept after the run, ignored
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ import pytest
 
 from tests.conftest import SHAPES, make_shapes_dataset
 from tests.integration.conftest import free_port
+from tests.integration.user_shell import user_env as _user_env
 
 # Playwright drives Debian's chromium (the `chromium` fixture: executable_path) and downloads no browser.
 
@@ -41,13 +41,6 @@ REPO = Path(__file__).resolve().parents[2]
 SAOFU = str(Path(sys.executable).with_name("saofu"))
 ARTEFACTS = REPO / "test-artefacts" / "browser"
 MODEL = "shapes"
-_FOREIGN_PREFIXES = ("SAOFU_", "MLFLOW_", "PREFECT_", "LABEL_STUDIO_")
-
-
-def _user_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_PREFIXES)}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def saofu(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
