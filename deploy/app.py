@@ -68,7 +68,9 @@ class ServeConfig:
         poll_seconds: how often the aliases are checked.
         pool_dir: online pool to log requests into; None logs nothing.
         pool_max_files: images the pool keeps at most.
-        pool_max_bytes: image bytes the pool keeps at most.
+        pool_max_bytes: bytes the pool keeps at most (images and its index).
+        pool_max_pending_bytes: request bytes waiting for the pool's writer at most; past it a
+            request is answered but not logged (counted in `saofu_pool_dropped`).
         max_body_bytes: largest accepted request body.
         max_pixels: largest accepted image (width x height), checked before decoding.
         decode_threads: decodes running at once off the event loop.
@@ -99,6 +101,7 @@ class ServeConfig:
     pool_dir: str | Path | None = None
     pool_max_files: int = 10_000
     pool_max_bytes: int = 256 * 2**20
+    pool_max_pending_bytes: int = 64 * 2**20
     max_body_bytes: int = 4 * 2**20
     max_pixels: int = 4096 * 4096
     decode_threads: int = 2
@@ -195,7 +198,8 @@ class _SnapshotCollector:
                 yield errors
         pool = state.get("pool")
         if pool is not None:
-            for key in ("files", "bytes", "evicted", "logged", "failed", "queued"):
+            for key in ("files", "bytes", "index_bytes", "evicted", "compacted_lines", "logged", "failed", "queued",
+                        "queued_bytes", "dropped_bytes"):
                 yield GaugeMetricFamily(f"saofu_pool_{key}", f"Online pool: {key}", value=pool[key])
 
 
@@ -220,7 +224,8 @@ class Serving:
                                   config.inline_decode_pixels)
         self.pool: PoolLogger | None = None
         if config.pool_dir is not None:
-            self.pool = PoolLogger(PoolStore(config.pool_dir, config.pool_max_files, config.pool_max_bytes))
+            self.pool = PoolLogger(PoolStore(config.pool_dir, config.pool_max_files, config.pool_max_bytes),
+                                   max_pending_bytes=config.pool_max_pending_bytes)
 
     def start(self) -> None:
         if self.config.wait_for_champion:

@@ -4,13 +4,15 @@ What a request may cost is decided from the header, before any pixel is decompre
 
 - Only PNG, JPEG and WebP are opened (`Image.open(..., formats=...)`). Any other format Pillow
   knows is never parsed: an ICO can announce 256x256 and embed a 9,400x9,400 PNG, an EPS runs
-  Ghostscript where it is installed. A body that looks like another image format is answered 415
-  naming the accepted ones; anything else 422.
+  Ghostscript where it is installed. A body that looks like another image format (SVG included) is
+  answered 415 naming the accepted ones; anything else 422. A PNG whose text chunk would inflate past
+  Pillow's limit is a bomb: 413.
 - The pixel count from the header is checked against the limit (413) before decoding. A JPEG is
   decoded in draft mode (libjpeg's DCT scaling) at no less than `DRAFT_FACTOR` x the model's input
   size, and that size is checked again before it is loaded.
 - EXIF orientation is applied as phones send it (`ImageOps.exif_transpose`), as training decodes
-  (tasks/data/loading.py), then the image is resized bilinearly to the model's input.
+  (tasks/data/loading.py), a 16-bit grey PNG is scaled to 8 bits (not clipped to white), then the
+  image is resized bilinearly to the model's input.
 
 `DecodePool` runs decodes on a few threads (`anyio.to_thread` under a CapacityLimiter) so that
 `/healthz` and small requests never wait behind a large decode, and answers 503 at once when more
@@ -27,7 +29,9 @@ from typing import TypeVar
 
 import anyio
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from saofu.pixels import to_rgb8
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 ACCEPTED_NAMES = "PNG, JPEG or WebP"
@@ -64,6 +68,9 @@ def other_image_format(body: bytes) -> str | None:
             return name
     if body[4:8] == b"ftyp" and body[8:12] in (b"heic", b"heix", b"mif1", b"avif", b"avis", b"msf1"):
         return "HEIF/AVIF"
+    head = body[:256].lstrip(b"\xef\xbb\xbf \t\r\n").lower()  # an SVG is XML text, maybe after a BOM
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in body[:1024].lower()):
+        return "SVG"
     return None
 
 
@@ -83,13 +90,20 @@ def open_image(body: bytes, max_pixels: int) -> Image.Image:
         im = Image.open(io.BytesIO(body), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise Rejected(413, "too_large", f"image too large: {exc}") from None
+    except ValueError as exc:
+        # Pillow refuses a zTXt, iTXt or iCCP chunk that would inflate past MAX_TEXT_CHUNK: a bomb, not a broken file.
+        if "Decompressed" in str(exc):
+            raise Rejected(413, "too_large", "a compressed text or ICC chunk of the PNG would decompress to more "
+                           f"than {PngImagePlugin.MAX_TEXT_CHUNK:,} bytes: a decompression bomb") from None
+        raise Rejected(422, "not_an_image", f"the body ({len(body)} bytes) is not an image {ACCEPTED_NAMES} "
+                       "can be read from") from None
     except UnidentifiedImageError:
         other = other_image_format(body)
         if other is not None:
             raise Rejected(415, "format", f"{other} images are not accepted: send {ACCEPTED_NAMES}") from None
         raise Rejected(422, "not_an_image", f"the body ({len(body)} bytes) is not an image: send "
                        f"{ACCEPTED_NAMES}") from None
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError):
         raise Rejected(422, "not_an_image", f"the body ({len(body)} bytes) is not an image {ACCEPTED_NAMES} "
                        "can be read from") from None
     _check_pixels(*im.size, max_pixels)
@@ -118,7 +132,7 @@ def decode_image(body: bytes, size: int, max_pixels: int, opened: Image.Image | 
         im.load()
         if im.getexif().get(_ORIENTATION, 1) != 1:
             ImageOps.exif_transpose(im, in_place=True)  # only then: it copies an upright image
-        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        rgb = to_rgb8(im)
         if rgb.size != (size, size):
             rgb = rgb.resize((size, size), Image.BILINEAR)  # as tasks.data.loading decodes training images
         pixels = np.asarray(rgb, dtype=np.uint8)[None]

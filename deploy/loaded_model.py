@@ -20,6 +20,9 @@ from saofu.errors import SaofuError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# The largest input side a graph may declare: the warm-up (and every request) allocates size^2 x 3
+# pixels, and a graph's metadata is as untrusted as its weights.
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +110,7 @@ def load_model(onnx_path: str | Path, name: str, version: str, threads: int = 1)
     Raises:
         SaofuError: no such file, a graph onnxruntime cannot open, no class map in the metadata
             (or one whose length is not the number of logits the warm-up run gives), a malformed
-            `refines` entry, or not the uint8 NHWC interface.
+            `refines` or `image_size` entry, or not the uint8 NHWC interface.
     """
     path = Path(onnx_path)
     if not path.is_file():
@@ -125,7 +128,7 @@ def load_model(onnx_path: str | Path, name: str, version: str, threads: int = 1)
     if inp.type != "tensor(uint8)" or len(inp.shape) != 4 or inp.shape[3] != 3:
         raise SaofuError(f"{name} version {version} takes {inp.type} {inp.shape}; the serving app needs "
                          "uint8 [N,H,W,3] pixels (tasks.train.export.export_onnx's interface)")
-    size = int(meta.get("image_size", inp.shape[1] if isinstance(inp.shape[1], int) else 64))
+    size = parse_image_size(meta.get("image_size"), inp.shape, f"{name} version {version} ({path})")
     model = LoadedModel(
         name=name, version=str(version), session=sess, classes=parse_classes(meta["classes"], f"{name} version "
                                                                              f"{version} ({path})"),
@@ -147,6 +150,32 @@ def load_model(onnx_path: str | Path, name: str, version: str, threads: int = 1)
     if not np.isfinite(probs).all():
         raise SaofuError(f"{name} version {version} ({path}) outputs NaN or infinite logits for a blank image")
     return model
+
+
+def parse_image_size(text: str | None, input_shape: list, where: str) -> int:
+    """The input side from the `image_size` metadata entry, checked against the graph's own input shape.
+
+    Without the entry: the graph's static height, else 64.
+
+    Raises:
+        SaofuError: not a whole number in 1..MAX_IMAGE_SIZE, or not the side the graph's input declares.
+    """
+    height, width = input_shape[1], input_shape[2]
+    static = (height, width) if isinstance(height, int) and isinstance(width, int) else None
+    if text is None:
+        return static[0] if static else 64
+    try:
+        size = int(text)
+    except ValueError:
+        raise SaofuError(f"{where}: its `image_size` metadata must be a whole number of pixels, got "
+                         f"{text[:40]!r}") from None
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise SaofuError(f"{where}: its `image_size` metadata is {size}; a served model takes 1..{MAX_IMAGE_SIZE} "
+                         "pixels a side")
+    if static is not None and static != (size, size):
+        raise SaofuError(f"{where}: its `image_size` metadata says {size} but its graph takes {height}x{width} "
+                         "pixels")
+    return size
 
 
 def parse_classes(text: str, where: str) -> tuple[str, ...]:

@@ -52,6 +52,7 @@ from deploy.loaded_model import (  # noqa: F401 - re-exported: the app and tests
 )
 from saofu.errors import SaofuError
 from saofu.model_location import version_location
+from saofu.urls import hide_password
 
 log = logging.getLogger("saofu.serve")
 
@@ -295,7 +296,7 @@ class ModelSource:
         if version is None:  # nothing promoted: a copy of an earlier champion is no stand-in for that
             raise SaofuError(
                 f"registered model {self.model_name!r} has no alias {self.champion_alias!r} (or no such model) "
-                f"in {self.tracking_uri}: promote a version, e.g. "
+                f"in {hide_password(str(self.tracking_uri))}: promote a version, e.g. "
                 f"`saofu promote {self.model_name} VERSION --reason ...`"
             )
         try:

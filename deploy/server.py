@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -79,7 +80,7 @@ def serve(
         pool_dir: online pool for the request log; "default" is <SAOFU_HOME>/data/online_pool,
             None logs nothing.
         pool_max_files: images the pool keeps at most (oldest evicted).
-        pool_max_bytes: image bytes the pool keeps at most.
+        pool_max_bytes: bytes the pool keeps at most (images and its index).
         poll_seconds: how often the aliases are checked.
         threshold: confidence a prediction needs; below it the answer is the negative class.
         log_level: uvicorn's and the app's log level.
@@ -94,6 +95,9 @@ def serve(
             last-known-good copy (before the port is opened).
     """
     _app_logging(log_level)
+    # each hot swap downloads the new version's artefacts: without this, MLflow draws a progress
+    # bar per download into the serving log, whatever the log level
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     policy = CanaryPolicy(share=canary_share, min_requests=canary_min_requests, threshold=threshold) \
         if canary_share > 0 else None
     config = ServeConfig(

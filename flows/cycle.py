@@ -27,7 +27,7 @@ import time
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.active_learning import ActiveLearningParams, active_learning_flow
 from flows.ingest import IngestParams, ingest_flow
@@ -42,6 +42,9 @@ STAGES = ("active-learning", "ingest", "search", "train", "release")
 
 class CycleParams(BaseModel):
     """Parameters of one cycle (the Prefect UI's form: every field has a default)."""
+
+    # An infinite search budget never ends the stage; NaN passes no bound check it is compared with.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     registered_model: str = Field("fu-recognizer", min_length=1, description="the MLflow registered model")
     dataset_dir: str = Field("", description="the labelled dataset (tree + manifest.csv); empty: resolved at run "

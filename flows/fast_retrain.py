@@ -33,7 +33,7 @@ from typing import Literal, Self
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.ingest import IngestParams, add_validated, ingest_flow, version_dataset
 from flows.locks import model_lock
@@ -42,7 +42,8 @@ from flows.step_clock import StepClock
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks import tracking
-from tasks.data.manifest import read_manifest
+from tasks.data.dataset_lock import dataset_lock
+from tasks.data.manifest import plain_name, read_manifest
 from tasks.data.project_dataset import labelled_copy_dir
 from tasks.labeling.folder_labels import folder_label_rows
 from tasks.release.gate import GateConfig
@@ -59,6 +60,19 @@ from tasks.train.retrain_steps import (
 )
 
 
+def folder_class_name(value: str) -> str:
+    """A class name as the dataset needs it: one printable folder name (not `..`, no separator or NUL).
+
+    A class becomes `<split>/<class>/` in the dataset and a choice in Label Studio: `..` or
+    `a/b` would put images outside their class folder (or the dataset), a control character a
+    name no one can see.
+    """
+    if not plain_name(value) or not value.isprintable():
+        raise ValueError(f"{value!r} is not a class name: use one printable folder name (not '.' or '..', no "
+                         "'/', '\\' or control characters)")
+    return value
+
+
 class ClassChange(BaseModel):
     """One class the retrain adds or corrects."""
 
@@ -68,6 +82,16 @@ class ClassChange(BaseModel):
         "new", description="new: a class the base model lacks; changed: corrected labels of a class it has")
     refines: str = Field("", description="new classes only: the class it refines (fu_merchant refines fu); "
                                          "empty: none")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str) -> str:
+        return folder_class_name(value)
+
+    @field_validator("refines")
+    @classmethod
+    def _refines_a_folder_name(cls, value: str) -> str:
+        return folder_class_name(value) if value else value
 
     @model_validator(mode="after")
     def _refines_only_new(self) -> Self:
@@ -84,6 +108,9 @@ def _campaign_change() -> list[ClassChange]:
 
 class FastRetrainParams(BaseModel):
     """Parameters of one fast retrain (the Prefect UI's form: every field has a default)."""
+
+    # An infinite timeout never ends a wait; NaN passes no bound check it is compared with.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     registered_model: str = Field("fu-recognizer", min_length=1, description="the MLflow registered model")
     changes: list[ClassChange] = Field(_campaign_change(), min_length=1,
@@ -206,11 +233,15 @@ def ingest_folder_step(folder: str, dataset_dir: str, dataset_name: str, classes
     run_id = tracking.start_run(experiment, "ingest-folder", {"folder": folder, "dataset_dir": dataset_dir},
                                 {"prefect_flow_run_id": str(flow_run.get_id() or "")})
     try:
-        added, _ = add_validated(Path(dataset_dir), rows, classes, run_id)
+        # one hold for the write and its data version: another writer between them would slip
+        # its rows into this version under this run's message
+        with dataset_lock(Path(dataset_dir)):
+            added, _ = add_validated(Path(dataset_dir), rows, classes, run_id)
+            data_version = version_dataset.fn(dataset_dir, dataset_name,
+                                              f"fast retrain: {len(added)} labels from {folder}")
     except BaseException:
         tracking.finish_run(run_id, "FAILED")
         raise
-    data_version = version_dataset.fn(dataset_dir, dataset_name, f"fast retrain: {len(added)} labels from {folder}")
     tracking.set_tags(run_id, {"data_version": data_version})
     tracking.log_metrics(run_id, {"added": len(added), "already_present": len(rows) - len(added)})
     tracking.finish_run(run_id)

@@ -3,7 +3,10 @@
 export completed annotations (since the last ingest) → majority labels → a staged copy of the
 dataset with the new rows → Great Expectations suite → (pass) swap it in, advance the cursor,
 create a data version; (fail) discard the copy, log the report, stop: no data version, and the
-cursor stays where it was so the same annotations are retried once fixed in Label Studio.
+cursor stays where it was so the same annotations are retried once fixed in Label Studio. The run
+holds the dataset's lock (tasks/data/dataset_lock.py) from reading the cursor to the data version;
+the cursor is written into the staged copy, so it moves exactly when its rows are committed. A
+label corrected in Label Studio relabels the image's row (and moves it to its class folder).
 
 With no dataset named (the scheduled deployment), the dataset is resolved at run time
 (tasks/data/project_dataset.py). Nothing to work on yet, no dataset or no Label Studio project
@@ -16,18 +19,24 @@ reported in one line.
 import time
 from pathlib import Path
 
-import httpx
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from saofu.errors import SaofuError
 from tasks import tracking
-from tasks.data.manifest import add_images, read_manifest
+from tasks.data.dataset_lock import dataset_lock, repair_if_interrupted
+from tasks.data.manifest import add_images, read_manifest, relabel_images
 from tasks.data.project_dataset import resolve_project_dataset
-from tasks.data.validation import validate_dataset
+from tasks.data.validation import ValidationReport, validate_dataset
 from tasks.data.versions import create_version, version_of
-from tasks.labeling.client import completed_annotations, connect, ensure_project, latest_update
+from tasks.labeling.client import (
+    completed_annotations,
+    connect,
+    ensure_project,
+    latest_update,
+    reaching_label_studio,
+)
 from tasks.labeling.client import find_project as find_labeling_project
 from tasks.labeling.ingest import (
     IngestState,
@@ -58,6 +67,7 @@ class IngestResult(BaseModel):
     project_id: int = 0
     tasks_seen: int = 0
     added: int = 0
+    relabelled: int = 0  # images already in the dataset whose label a correction in Label Studio changed
     already_present: int = 0
     ties: list[dict] = []
     tasks_skipped: int = 0  # annotated tasks left out (no vote, bad data, image gone)
@@ -75,18 +85,16 @@ def find_project(project: str, classes: list[str]) -> int | None:
     it when it first sends images to labelers).
     """
     client = connect()
-    try:
+    with reaching_label_studio(f"looking up project {project!r}"):
         if find_labeling_project(client, project) is None:
             return None
-    except httpx.TransportError as exc:
-        raise SaofuError(f"Label Studio is not reachable ({type(exc).__name__}: {exc}): start it with "
-                         "`saofu up labeling`, or check LABEL_STUDIO_URL") from exc
-    return ensure_project(client, project, classes)
+        return ensure_project(client, project, classes)
 
 
 @task(name="fetch-annotations", retries=2, retry_delay_seconds=3)
 def fetch_annotations(project_id: int, cursor: str | None) -> list[dict]:
-    return completed_annotations(connect(), project_id, since=cursor)
+    with reaching_label_studio(f"reading project {project_id}'s annotations"):
+        return completed_annotations(connect(), project_id, since=cursor)
 
 
 @task(name="validate-dataset")
@@ -99,35 +107,69 @@ def version_dataset(dataset_dir: str, name: str, message: str) -> str:
     return version_of(dataset_dir) or create_version(dataset_dir, name, message).id
 
 
+class DatasetChange(BaseModel):
+    """What one validated batch changed: rows added, and rows whose label a human corrected."""
+
+    added: list[dict] = []
+    relabelled: list[dict] = []  # each with `previous_label`
+
+
+def apply_validated(dataset: Path, rows: list[dict], classes: list[str], run_id: str,
+                    state: IngestState | None = None) -> tuple[DatasetChange, ValidationReport]:
+    """Apply labelled rows to a staged copy of `dataset`, run the validation suite, swap it in if it passes.
+
+    New images are added; an image already there whose human label changed is relabelled (moved
+    to its new class folder). `state` (the advanced ingest cursor) is written into the staged copy,
+    so the cursor moves exactly when the rows it covers are committed. The whole stage → validate →
+    swap holds the dataset's lock (re-entrant: the ingest flow holds it already).
+
+    Returns:
+        (what changed, the validation report).
+
+    Raises:
+        SaofuError: the suite failed (the dataset is left as it was; the report is logged to the run),
+            or another run held the dataset's lock too long.
+    """
+    with dataset_lock(dataset):
+        staging = staged_copy(dataset)
+        try:
+            change = DatasetChange(added=add_images(staging, rows), relabelled=relabel_images(staging, rows))
+            if state is not None:
+                state.save(staging)
+            validation = validate(str(staging), classes, str(dataset.parent / f".{dataset.name}.gx-docs"))
+            tracking.log_dict(run_id, {"summary": validation.summary(), "success": validation.success},
+                              "validation/report.json")
+            if validation.docs_path:
+                tracking.log_file(run_id, validation.docs_path, "validation")
+            if not validation.success:
+                raise SaofuError(f"ingest rejected by the data validation suite:\n{validation.summary()}")
+            commit_staged(staging, dataset)
+        except BaseException:
+            discard_staged(staging)
+            raise
+    return change, validation
+
+
 def add_validated(dataset: Path, rows: list[dict], classes: list[str], run_id: str):
-    """Add labelled rows to a staged copy of `dataset`, run the validation suite, swap it in if it passes.
+    """`apply_validated` for callers that count added rows (the fast retrain's labels from a folder).
+
+    An image of the folder already in the dataset under another label (a `human` or `auto` one) is
+    relabelled as well: a folder of corrected labels corrects them.
 
     Returns:
         (the rows added, the validation report).
-
-    Raises:
-        SaofuError: the suite failed (the dataset is left as it was; the report is logged to the run).
     """
-    staging = staged_copy(dataset)
-    try:
-        added = add_images(staging, rows)
-        validation = validate(str(staging), classes, str(dataset.parent / f".{dataset.name}.gx-docs"))
-        tracking.log_dict(run_id, {"summary": validation.summary(), "success": validation.success},
-                          "validation/report.json")
-        if validation.docs_path:
-            tracking.log_file(run_id, validation.docs_path, "validation")
-        if not validation.success:
-            raise SaofuError(f"ingest rejected by the data validation suite:\n{validation.summary()}")
-        commit_staged(staging, dataset)
-    except BaseException:
-        discard_staged(staging)
-        raise
-    return added, validation
+    change, validation = apply_validated(dataset, rows, classes, run_id)
+    return change.added, validation
 
 
 @flow(name="ingest", log_prints=True)
 def ingest_flow(params: IngestParams) -> IngestResult:
-    """Ingest the annotations completed since the last run; version the dataset if it changed."""
+    """Ingest the annotations completed since the last run; version the dataset if it changed.
+
+    From reading the cursor to the data version the run holds the dataset's lock: a second ingest,
+    active learning or a fast retrain waits, so none of them works on a copy another replaces.
+    """
     started = time.perf_counter()
     logger = get_run_logger()
     if params.dataset_dir:
@@ -138,6 +180,7 @@ def ingest_flow(params: IngestParams) -> IngestResult:
             return _skipped(logger, found.reason, started)
         dataset = Path(found.path)
         logger.info("ingest: dataset %s", found.reason)
+    repair_if_interrupted(dataset)  # a dataset a crash left only as `.previous` has its classes back
     classes = params.classes or sorted({r["label"] for r in read_manifest(dataset)})
     if not classes:
         raise SaofuError(f"no classes given and no manifest in {dataset} to take them from")
@@ -146,33 +189,36 @@ def ingest_flow(params: IngestParams) -> IngestResult:
         return _skipped(logger, f"Label Studio project {params.project!r} does not exist yet, so nothing is "
                                 "annotated: run active learning (it creates the project when it sends images "
                                 "to labelers) or create it in Label Studio", started)
-    state = IngestState.load(dataset, project_id)
-    records = fetch_annotations(project_id, state.cursor)
-    rows, report = to_manifest_rows(records, classes=classes)  # a label outside them skips its task
-    run_id = tracking.start_run(params.experiment, "ingest", params.model_dump(),
-                                {"prefect_flow_run_id": str(flow_run.get_id() or "")})
-    try:
-        added, validation = add_validated(dataset, rows, classes, run_id)
-    except BaseException:
-        tracking.finish_run(run_id, "FAILED")
-        raise
-    report.added = added
-    report.already_present = len(rows) - len(added)
-    newest = latest_update(records)
-    if newest is not None:
-        state.cursor = newest.isoformat()
-        state.save(dataset)
-    data_version = version_dataset(str(dataset), params.dataset_name, f"ingest: {len(added)} human labels")
+    with dataset_lock(dataset):
+        state = IngestState.load(dataset, project_id)
+        records = fetch_annotations(project_id, state.cursor)
+        rows, report = to_manifest_rows(records, classes=classes)  # a label outside them skips its task
+        newest = latest_update(records)
+        advanced = IngestState(project_id, newest.isoformat()) if newest is not None else None
+        run_id = tracking.start_run(params.experiment, "ingest", params.model_dump(),
+                                    {"prefect_flow_run_id": str(flow_run.get_id() or "")})
+        try:
+            change, validation = apply_validated(dataset, rows, classes, run_id, state=advanced)
+        except BaseException:
+            tracking.finish_run(run_id, "FAILED")
+            raise
+        report.added, report.relabelled = change.added, change.relabelled
+        report.already_present = len(rows) - len(change.added) - len(change.relabelled)
+        message = f"ingest: {len(change.added)} human labels"
+        if change.relabelled:
+            message += f", {len(change.relabelled)} corrected (" + ", ".join(
+                f"{r['path']}: {r['previous_label']} -> {r['label']}" for r in change.relabelled[:20]) + ")"
+        data_version = version_dataset(str(dataset), params.dataset_name, message)
     summary = report.summary()
     tracking.log_metrics(run_id, {k: v for k, v in summary.items() if isinstance(v, int)})
     tracking.set_tags(run_id, {"data_version": data_version})
     tracking.finish_run(run_id)
     logger.info("ingest: %s; data version %s", summary, data_version)
     return IngestResult(
-        project_id=project_id, tasks_seen=report.tasks_seen, added=len(added),
-        already_present=report.already_present, ties=report.ties, tasks_skipped=len(report.skipped),
-        data_version=data_version, validation_docs=str(validation.docs_path or ""),
-        seconds=time.perf_counter() - started,
+        project_id=project_id, tasks_seen=report.tasks_seen, added=len(change.added),
+        relabelled=len(change.relabelled), already_present=report.already_present, ties=report.ties,
+        tasks_skipped=len(report.skipped), data_version=data_version,
+        validation_docs=str(validation.docs_path or ""), seconds=time.perf_counter() - started,
     )
 
 

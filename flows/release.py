@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.locks import model_lock
 from flows.step_clock import StepClock
@@ -55,6 +55,9 @@ from tasks.train.loop import checkpoint_arch
 
 class ReleaseParams(BaseModel):
     """Parameters of one release."""
+
+    # An infinite canary timeout would wait for ever; NaN passes no bound check it is compared with.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     registered_model: str = Field("fu-recognizer", min_length=1)
     candidate_version: str | None = Field(None, description="trained version to release; empty: the newest")

@@ -17,13 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flows.train import TrainFlowParams, TrainFlowResult, train_flow
 from saofu.settings import get_settings
+from saofu.urls import hide_password
 from tasks import tracking
 from tasks.data.fu_world import WorldConfig
+from tasks.data.manifest import plain_name
 from tasks.search.objective import ScoreTargets
 from tasks.search.passwords import dashboard_command, refuse_password
 from tasks.search.report import best_row, format_trials, pareto_front, plot_pareto, rebuild_plan, trial_rows
 from tasks.search.space import SearchSpace
-from tasks.search.study import Pruner, Sampler, grid_size, redact
+from tasks.search.study import Pruner, Sampler, grid_size
 from tasks.search.worker import SearchJob, launch_workers, open_study, run_job_worker
 from tasks.train.steps import generate_fu_world
 
@@ -32,7 +34,8 @@ class SearchFlowParams(BaseModel):
     """Parameters of one architecture and hyper-parameter search."""
 
     # Prefect stores parameters with the flow run and MLflow logs them: a refused URL is not echoed
-    model_config = ConfigDict(hide_input_in_errors=True)
+    # An infinite timeout never ends the study; NaN passes no bound check it is compared with.
+    model_config = ConfigDict(hide_input_in_errors=True, allow_inf_nan=False)
 
     data_dir: str | None = Field(None, description="ImageFolder dataset. Empty: generate the Fu world.")
     world_n: int = Field(WorldConfig.n, ge=60, description="Images to generate when no data_dir is given.")
@@ -66,6 +69,15 @@ class SearchFlowParams(BaseModel):
     device: str = Field("cpu", pattern="^(cpu|cuda|auto)$", description="trial training device")
 
     _no_password = field_validator("storage")(refuse_password)
+
+    @field_validator("study_name")
+    @classmethod
+    def _study_name_is_a_folder_name(cls, value: str | None) -> str | None:
+        # The study's files go to <runs>/<study_name>: '..' or an absolute name would put them elsewhere.
+        if value and (not plain_name(value) or not value.isprintable()):
+            raise ValueError("study_name must be one folder name (not '.' or '..', no '/', '\\' or control "
+                             "characters): the study's files go under the runs folder")
+        return value
 
     @model_validator(mode="after")
     def _nsga2_is_not_pruned(self) -> Self:
@@ -125,7 +137,7 @@ def search_flow(params: SearchFlowParams = SearchFlowParams()) -> SearchFlowResu
     tags = {"prefect_flow_run_id": str(flow_run.get_id() or ""), "flow": "search", "study": study_name}
     run_id = tracking.start_run(params.experiment, study_name, {
         "sampler": params.sampler, "pruner": params.pruner, "n_trials": n_trials, "workers": params.workers,
-        "timeout_min": params.timeout_min, "epochs": params.epochs, "storage": redact(storage),
+        "timeout_min": params.timeout_min, "epochs": params.epochs, "storage": hide_password(storage),
         "data_dir": str(Path(data_dir).resolve()), **{f"target_{k}": v for k, v in params.targets.model_dump().items()},
         "measure_latency": params.measure_latency,
     }, tags)
@@ -139,7 +151,7 @@ def search_flow(params: SearchFlowParams = SearchFlowParams()) -> SearchFlowResu
             min_epochs=params.min_epochs, targets=params.targets, measure_latency=params.measure_latency,
             seed=params.seed, device=params.device, experiment=params.experiment, parent_run_id=run_id,
         )
-        print(f"study {study_name} on {redact(storage)}: {n_trials} trials, {params.workers} worker(s), "
+        print(f"study {study_name} on {hide_password(storage)}: {n_trials} trials, {params.workers} worker(s), "
               f"sampler {params.sampler}, pruner {params.pruner}", flush=True)
         run_study(job, params.workers, str(run_dir / "job.json"))
 
@@ -181,7 +193,7 @@ def search_flow(params: SearchFlowParams = SearchFlowParams()) -> SearchFlowResu
         raise
     tracking.finish_run(run_id)
     return SearchFlowResult(
-        study_name=study_name, storage=redact(storage), run_id=run_id, trials=len(rows),
+        study_name=study_name, storage=hide_password(storage), run_id=run_id, trials=len(rows),
         finished=counts["COMPLETE"], pruned=counts["PRUNED"], failed=counts["FAIL"], best_trial=best["number"],
         best_score=best["score"], best_accuracy=best["accuracy"], best_arch=arch, best_image_size=image_size,
         pareto_trials=[r["number"] for r in front], pareto_plot=str(plot), retrain=retrain,

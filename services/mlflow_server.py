@@ -13,6 +13,7 @@ import sys
 
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
+from saofu.urls import hide_password
 
 DEFAULT_PORT = 5000
 DEFAULT_HOST = "127.0.0.1"
@@ -28,8 +29,8 @@ def server_command(port: int, host: str = DEFAULT_HOST) -> tuple[list[str], dict
     settings = get_settings()
     backend = settings.tracking_uri
     if backend.startswith(("http://", "https://")):
-        raise SaofuError(f"mlflow: MLFLOW_TRACKING_URI is a server ({backend}), not a store to serve; "
-                         "unset it to serve the project's store")
+        raise SaofuError(f"mlflow: MLFLOW_TRACKING_URI is a server ({hide_password(backend)}), not a store to "
+                         "serve; unset it to serve the project's store")
     settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
     (settings.mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"

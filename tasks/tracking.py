@@ -10,11 +10,18 @@ For the same reason the fluent API (`mlflow.start_run`, `mlflow.<flavor>.log_mod
 
 Runs are addressed by id, never through a process-global "active run", so Prefect tasks (which
 may run on other threads) can each add to the same run.
+
+Metric names built from class folder names (`onnx_val_recall_<class>`) may hold characters MLflow
+refuses in a key (`fu (red)`, `a+b`): `log_metrics` logs those under a key MLflow accepts
+(`metric_key`) and keeps the real name in a `metric_name/<key>` tag of the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from saofu.model_location import version_location
 from saofu.settings import get_settings
+from saofu.urls import hide_password
 
 DEFAULT_EXPERIMENT = "saofu"
 
@@ -80,10 +88,52 @@ def start_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict
     return run.info.run_id
 
 
+# What MLflow accepts as a metric, param or tag key on every platform (`mlflow.utils.validation`):
+# word characters, `. - /` and spaces, no colon (a Windows server refuses it), a normalised relative
+# path, at most 250 characters.
+_KEY_CHARACTERS = re.compile(r"[\w.\- /]*")
+_MAX_KEY_LENGTH = 250
+METRIC_NAME_TAG = "metric_name/"
+
+
+def _is_accepted_key(key: str) -> bool:
+    return (len(key) <= _MAX_KEY_LENGTH and _KEY_CHARACTERS.fullmatch(key) is not None
+            and posixpath.normpath(key) == key and key != "." and not key.startswith(("/", "..")))
+
+
+def metric_key(name: str) -> str:
+    """`name` as MLflow accepts it as a metric key: `name` itself when MLflow takes it.
+
+    Otherwise every refused character becomes `_` and a short hash of the real name is appended,
+    so two names that differ only in refused characters (`a+b`, `a_b`) keep two keys.
+
+    Why rename rather than refuse such a dataset at the start: a class folder name is the user's
+    label, carried as-is by the checkpoint, the ONNX class map and the serving answers; only
+    MLflow's key syntax objects to it, and only in the per-class metric names. Renaming there lets
+    every such dataset train, with the real name kept beside the key (`log_metrics`).
+    """
+    if _is_accepted_key(name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    safe = re.sub(r"[^\w.\- /]", "_", name)
+    if posixpath.normpath(safe) != safe or safe.startswith(("/", "..")):
+        safe = safe.replace("/", "_")
+    key = f"{safe[:_MAX_KEY_LENGTH - 40]}-{digest}"
+    return key if _is_accepted_key(key) else f"metric-{digest}"
+
+
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    """Log `metrics` to run `run_id`; a name MLflow refuses goes under `metric_key(name)`, and the
+    run gets a tag `metric_name/<key>` holding the real name."""
     mlflow_client = client()
-    for key, value in metrics.items():
+    renamed: dict[str, str] = {}
+    for name, value in metrics.items():
+        key = metric_key(name)
+        if key != name:
+            renamed[key] = name
         mlflow_client.log_metric(run_id, key, float(value), step=step or 0)
+    for key, name in renamed.items():
+        mlflow_client.set_tag(run_id, METRIC_NAME_TAG + key, name)
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
@@ -200,4 +250,4 @@ def mlflow_ui_hint() -> str:
     uri = get_settings().tracking_uri
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri} --port 5000"
-    return f"open {uri}"
+    return f"open {hide_password(uri)}"

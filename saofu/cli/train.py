@@ -12,6 +12,7 @@ import typer
 
 from saofu.cli.common import JsonOpt, emit, progress_to_stderr, run_flow
 from saofu.errors import SaofuError
+from saofu.urls import hide_password
 from tasks.data.fu_world import WorldConfig
 from tasks.train.config import TrainConfig
 
@@ -104,7 +105,7 @@ def _train_summary(r) -> str:
         f"{r.test_accuracy_at_threshold:.4f}\n"
         f"model: {r.params:,} params, {r.mflops:.2f} MFLOPs, onnxruntime p50 {r.latency_p50_ms:.3f} ms\n"
         f"MLflow run {r.run_id}, registered {r.registered_model} version {r.version}\n"
-        f"tracking store: {r.tracking_uri}\nONNX: {r.onnx_path}"
+        f"tracking store: {hide_password(r.tracking_uri)}\nONNX: {r.onnx_path}"
     )
 
 

@@ -13,6 +13,15 @@ epochs, runs and benchmark entries read tensors.
 The key does not depend on where the dataset lies, so a dataset moved or extracted again elsewhere
 (same files, same times) reuses its entry: the entry therefore stores image paths relative to the
 dataset root, and a hit rebuilds them from the root being loaded, never from the first copy's.
+
+A cache entry holds only tensors, strings and numbers and is read with `weights_only=True`: a
+file dropped into the cache folder (or damaged) cannot run code when read, and one that does not
+load is decoded again and replaced, never a traceback.
+
+Odd files in a dataset do not stop a run: an image that cannot be decoded (truncated, not an image,
+a decompression bomb, a header Pillow rejects) is left out and named, as long as they are a handful
+(`MAX_UNREADABLE`); more than that means the folder is wrong, and loading stops naming them.
+The dataset itself is never changed.
 """
 
 from __future__ import annotations
@@ -21,22 +30,39 @@ import hashlib
 import json
 import os
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from saofu.errors import SaofuError
+from saofu.pixels import to_rgb8  # the serving app's scaling too: served as trained
 
 # Bumped when what a cache file holds changes, so entries in an older format are never read
 # (format 1 stored absolute image paths: those of whichever copy was decoded first; format 2
-# ignored EXIF orientation).
-CACHE_FORMAT = 3
+# ignored EXIF orientation; format 3 pickled dataclasses, which only an unsafe load can read, and
+# clipped 16-bit and float images).
+CACHE_FORMAT = 4
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
+# A class needs one image to train on and one to validate on when the val split is carved out of it.
+MIN_IMAGES_TO_SPLIT = 2
+# Unreadable images left out before loading refuses: a handful in a large dataset is the usual
+# stray file; more (over 5 and over 1% of a split) means the folder holds something else.
+MAX_UNREADABLE, MAX_UNREADABLE_SHARE = 5, 0.01
+
+
+class UnreadableImage(SaofuError):
+    """An image file that cannot be decoded: its path and Pillow's reason."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"unreadable image: {path} ({reason})")
+        self.path, self.reason = path, reason
 
 
 @dataclass
@@ -71,6 +97,8 @@ class PreparedData:
     test: TensorSplit | None
     fingerprint: str
     source: str
+    # (path, why) of every image left out because it could not be decoded
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def scan_imagefolder(root: str | Path) -> ImageFolderIndex:
@@ -97,33 +125,98 @@ def scan_imagefolder(root: str | Path) -> ImageFolderIndex:
 
 
 def _decode(path: Path, image_size: int) -> np.ndarray:
+    """One image as uint8 HWC pixels, upright, RGB, resized to `image_size`.
+
+    Raises:
+        UnreadableImage: the file cannot be decoded (named, with Pillow's reason).
+    """
     try:
         with Image.open(path) as im:
+            # Image.open refuses more than twice Pillow's pixel limit; between once and twice it
+            # only warns, and decoding such an image costs gigabytes: refused the same.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise Image.DecompressionBombError(
+                    f"{im.width}x{im.height} pixels, over Pillow's limit of {limit:,} (decompression bomb?)")
             # Upright as the phone meant it, as the serving app decodes (deploy/decoding.py): a
             # photo stored sideways with an EXIF orientation trains as it is served.
             ImageOps.exif_transpose(im, in_place=True)
-            im = im.convert("RGB")
+            im = to_rgb8(im)
             if im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise SaofuError(f"unreadable image: {path} ({exc.__class__.__name__})") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(path, "not an image Pillow can read") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for odd files (ValueError,
+        # TypeError, OSError, SyntaxError, DecompressionBombError, a warning turned error): all mean unusable
+        raise UnreadableImage(path, f"{exc.__class__.__name__}: {exc}") from None
 
 
-def decode_index(index: ImageFolderIndex, image_size: int, classes: list[str] | None = None) -> TensorSplit:
-    """Decode every image of `index` into one uint8 tensor, remapping labels onto `classes`."""
+def decode_index(
+    index: ImageFolderIndex, image_size: int, classes: list[str] | None = None
+) -> tuple[TensorSplit, list[tuple[str, str]]]:
+    """Decode the images of `index` into one uint8 tensor, remapping labels onto `classes`.
+
+    Returns:
+        (the split, [(path, why)] of the images that could not be decoded and were left out).
+
+    Raises:
+        SaofuError: a class the training classes lack, or more unreadable images than a handful
+            (`MAX_UNREADABLE`, `MAX_UNREADABLE_SHARE`), named.
+    """
     classes = classes or index.classes
     unknown = sorted(set(index.classes) - set(classes))
     if unknown:
         raise SaofuError(f"classes {unknown} in {index.root} are not in the training classes {classes}")
     remap = [classes.index(c) for c in index.classes]
-    paths = [p for p, _ in index.samples]
+
+    def decode(path: Path) -> np.ndarray | str:
+        try:
+            return _decode(path, image_size)
+        except UnreadableImage as exc:
+            return exc.reason
+
     # PIL releases the GIL while decoding, so threads use both cores without pickling arrays.
     with ThreadPoolExecutor(max_workers=4) as pool:
-        arrays = list(pool.map(lambda p: _decode(p, image_size), paths))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([remap[y] for _, y in index.samples], dtype=torch.int64)
-    return TensorSplit(images, labels, list(classes), [str(p) for p in paths])
+        decoded = list(pool.map(decode, [p for p, _ in index.samples]))
+    unreadable = [(str(p), why) for (p, _), why in zip(index.samples, decoded, strict=True) if isinstance(why, str)]
+    if len(unreadable) > max(MAX_UNREADABLE, MAX_UNREADABLE_SHARE * len(decoded)):
+        # one line, as the CLI prints a SaofuError
+        listed = "; ".join(f"{p} ({why})" for p, why in unreadable[:20])
+        more = f"; and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
+        raise SaofuError(f"{len(unreadable)} of {len(decoded)} images in {index.root} cannot be decoded, too many "
+                         f"to leave out (at most {MAX_UNREADABLE} or {MAX_UNREADABLE_SHARE:.0%}): {listed}{more}")
+    kept = [(p, y, a) for (p, y), a in zip(index.samples, decoded, strict=True) if not isinstance(a, str)]
+    emptied = sorted({index.classes[y] for _, y in index.samples} - {index.classes[y] for _, y, _ in kept})
+    if emptied:
+        raise SaofuError(f"no image of class {', '.join(map(repr, emptied))} in {index.root} can be decoded: "
+                         + "; ".join(f"{p} ({why})" for p, why in unreadable[:10]))
+    images = torch.from_numpy(np.stack([a for _, _, a in kept])).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([remap[y] for _, y, _ in kept], dtype=torch.int64)
+    return TensorSplit(images, labels, list(classes), [str(p) for p, _, _ in kept]), unreadable
+
+
+def too_small_to_split(classes: list[str], labels: list[int], folder: Path) -> dict[str, int]:
+    """The classes with fewer than `MIN_IMAGES_TO_SPLIT` images (name -> images): they are trained
+    on but hold none out for validation.
+
+    A class of one image stays in training rather than stopping the run (the release flow takes
+    a small human-labelled folder's carved-out split as held-out data); only a split whose
+    validation part would be empty is refused.
+
+    Raises:
+        SaofuError: no class can be split, naming them and the minimum.
+    """
+    counts = Counter(labels)
+    small = {c: counts.get(i, 0) for i, c in enumerate(classes) if counts.get(i, 0) < MIN_IMAGES_TO_SPLIT}
+    if len(small) == len(classes):
+        named = ", ".join(f"{c!r} ({n} image{'s' if n != 1 else ''})" for c, n in small.items())
+        raise SaofuError(
+            f"nothing to validate on in {folder}: class {named}; a class needs at least {MIN_IMAGES_TO_SPLIT} "
+            f"images to hold one out for validation: add images, or give the dataset a val/ folder "
+            f"(DIR/train/<class>, DIR/val/<class>)"
+        )
+    return small
 
 
 def _stratified_split(split: TensorSplit, share: float, seed: int) -> tuple[TensorSplit, TensorSplit]:
@@ -132,7 +225,8 @@ def _stratified_split(split: TensorSplit, share: float, seed: int) -> tuple[Tens
     for c in range(len(split.classes)):
         idx = torch.nonzero(split.labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_held = max(1, round(len(idx) * share)) if len(idx) > 1 else 0
+        # at least one held out and one kept; a class of one image is kept for training
+        n_held = min(max(1, round(len(idx) * share)), len(idx) - 1)
         held.append(idx[:n_held])
         keep.append(idx[n_held:])
 
@@ -188,47 +282,99 @@ def prepare_dataset(
         raise SaofuError(f"val_share must be between 0 and 1, got {val_share}")
     fingerprint = fingerprint_dataset(root, image_size, val_share, seed)
     cache_file = Path(cache_dir) / f"{fingerprint}.v{CACHE_FORMAT}.pt" if cache_dir else None
-    if cache_file and cache_file.exists():
-        return _rebase(torch.load(cache_file, weights_only=False), root)
+    cached = _read_cache(cache_file, root) if cache_file and cache_file.exists() else None
+    if cached is not None:
+        _report_unreadable(cached.unreadable)
+        return cached
 
     layout = dataset_layout(root)
     train_index = scan_imagefolder(layout["train"])
     if len(train_index.classes) < 2:
         raise SaofuError(f"need at least 2 classes to train, found {train_index.classes} in {layout['train']}")
-    train = decode_index(train_index, image_size)
+    if "val" not in layout:  # before decoding: a dataset that cannot be split fails at once
+        too_small_to_split(train_index.classes, [y for _, y in train_index.samples], layout["train"])
+    train, unreadable = decode_index(train_index, image_size)
     classes = train.classes
     if "val" in layout:
-        val = decode_index(scan_imagefolder(layout["val"]), image_size, classes)
+        val, more = decode_index(scan_imagefolder(layout["val"]), image_size, classes)
+        unreadable += more
     else:
+        small = too_small_to_split(classes, train.labels.tolist(), layout["train"])  # without unreadable images
+        if small:
+            print(f"not validated (fewer than {MIN_IMAGES_TO_SPLIT} images, all used for training): "
+                  + ", ".join(f"{c!r} ({n})" for c, n in small.items()), flush=True)
         train, val = _stratified_split(train, val_share, seed)
-    test = decode_index(scan_imagefolder(layout["test"]), image_size, classes) if "test" in layout else None
-    prepared = PreparedData(classes, train, val, test, fingerprint, str(root.resolve()))
+    test = None
+    if "test" in layout:
+        test, more = decode_index(scan_imagefolder(layout["test"]), image_size, classes)
+        unreadable += more
+    prepared = PreparedData(classes, train, val, test, fingerprint, str(root.resolve()), unreadable)
+    _report_unreadable(unreadable)
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         # Write to a private name, then rename (atomic): a killed run never leaves half a cache
         # file, and two runs preparing the same data at once don't trip over each other.
         tmp = cache_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        torch.save(_relative_to(prepared, root), tmp)
+        torch.save(_cache_payload(prepared, root), tmp)
         tmp.replace(cache_file)
     return prepared
 
 
-def _map_paths(prepared: PreparedData, source: str, fn) -> PreparedData:
-    def split(s: TensorSplit | None) -> TensorSplit | None:
-        return None if s is None else replace(s, paths=[fn(p) for p in s.paths])
-
-    return replace(prepared, train=split(prepared.train), val=split(prepared.val), test=split(prepared.test),
-                   source=source)
-
-
-def _relative_to(prepared: PreparedData, root: Path) -> PreparedData:
-    """What a cache entry holds: image paths relative to the dataset root (POSIX), no source."""
-    return _map_paths(prepared, "", lambda p: Path(p).relative_to(root).as_posix())
+def _report_unreadable(unreadable: list[tuple[str, str]]) -> None:
+    """Name the images left out, every time the dataset is loaded (a cache hit included)."""
+    if unreadable:
+        listed = "".join(f"\n  {p} ({why})" for p, why in unreadable[:20])
+        more = f"\n  ... and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
+        print(f"left out {len(unreadable)} image(s) that cannot be decoded:{listed}{more}", flush=True)
 
 
-def _rebase(cached: PreparedData, root: Path) -> PreparedData:
-    """A cache entry's splits with paths under `root`, the copy being loaded now."""
-    return _map_paths(cached, str(root.resolve()), lambda p: str(root / p))
+def _cache_payload(prepared: PreparedData, root: Path) -> dict[str, Any]:
+    """What a cache entry holds: tensors, strings and numbers only (so `weights_only=True` reads
+    it), image paths relative to the dataset root (POSIX), no source."""
+
+    def rel(p: str) -> str:
+        return Path(p).relative_to(root).as_posix()
+
+    splits = {name: {"images": s.images, "labels": s.labels, "paths": [rel(p) for p in s.paths]}
+              for name, s in (("train", prepared.train), ("val", prepared.val), ("test", prepared.test))
+              if s is not None}
+    return {"format": CACHE_FORMAT, "classes": list(prepared.classes), "fingerprint": prepared.fingerprint,
+            "splits": splits, "unreadable": [[rel(p), why] for p, why in prepared.unreadable]}
+
+
+def _read_cache(cache_file: Path, root: Path) -> PreparedData | None:
+    """A cache entry's data with paths under `root`, the copy being loaded now; None when the
+    entry cannot be read (damaged, another format, or holding objects a safe load refuses): the
+    caller decodes again and replaces it."""
+    try:
+        payload = torch.load(cache_file, map_location="cpu", weights_only=True)
+        if payload.get("format") != CACHE_FORMAT:
+            raise ValueError(f"format {payload.get('format')!r}")
+        classes = [str(c) for c in payload["classes"]]
+
+        def under_root(p: str) -> str:
+            if Path(p).is_absolute() or ".." in Path(p).parts:  # an entry names files of its dataset only
+                raise ValueError(f"path {p!r} outside the dataset")
+            return str(root / p)
+
+        def split(entry: dict | None) -> TensorSplit | None:
+            if entry is None:
+                return None
+            images, labels, paths = entry["images"], entry["labels"], entry["paths"]
+            if images.dtype != torch.uint8 or labels.dtype != torch.int64 or not (
+                len(images) == len(labels) == len(paths)
+            ):
+                raise ValueError("inconsistent split")
+            return TensorSplit(images, labels, classes, [under_root(p) for p in paths])
+
+        splits = payload["splits"]
+        unreadable = [(under_root(p), str(why)) for p, why in payload["unreadable"]]
+        return PreparedData(classes, split(splits["train"]), split(splits["val"]), split(splits.get("test")),
+                            str(payload["fingerprint"]), str(root.resolve()), unreadable)
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, decoding again mends it
+        print(f"decoded-image cache {cache_file} cannot be read ({exc.__class__.__name__}): decoding again",
+              flush=True)
+        return None
 
 
 def iterate_batches(

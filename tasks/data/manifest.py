@@ -2,7 +2,8 @@
 
 A dataset folder holds the ImageFolder tree (`<split>/<label>/<file>`) and `manifest.csv`. The
 generator writes rows with source `generated`; the ingest flow adds `human` rows (annotator,
-Label Studio task id, time); active learning adds `auto` rows (both model versions and scores).
+Label Studio task id, time); active learning adds `auto` rows (both model versions and scores). A
+human label that comes again, changed, corrects its row (`relabel_images`) instead of being skipped.
 Validation (Great Expectations) and data versions (DVC) work on this file and the tree beside it.
 """
 
@@ -12,6 +13,7 @@ import csv
 import hashlib
 import shutil
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from saofu.errors import SaofuError
@@ -120,6 +122,92 @@ def add_images(dataset_dir: str | Path, new_rows: list[dict]) -> list[dict]:
     if added:
         write_manifest(root, rows)
     return added
+
+
+# Columns that describe who gave a row its label; a correction replaces them all (an auto row's
+# model versions and scores no longer explain a label a human gave).
+LABEL_COLUMNS = ("label", "source", "annotator", "task_id", "labeled_at", "badcase", "model_versions", "scores")
+# Labels a human answer may correct: a model's, and an earlier human answer. A `generated` label is
+# the generator's own truth (it drew that character) and stays.
+CORRECTABLE_SOURCES = ("human", "auto")
+
+
+def relabel_images(dataset_dir: str | Path, new_rows: list[dict]) -> list[dict]:
+    """Give images already in the manifest the newer human label `new_rows` carry (a correction).
+
+    `add_images` skips an image it already holds, so without this a label corrected in Label
+    Studio (or in a folder of labels) would never reach the dataset. A `human` row whose image
+    (same sha256) is in the manifest under another label replaces that row's label columns when
+    the stored label is `auto`, or `human` and not newer than this one (a stale re-fetch never
+    undoes a later correction); of several rows for one image the newest wins. The file moves to
+    `<split>/<new label>/` (through a rename: a hard-linked staged copy's files are never
+    modified); the split stays, so an image never crosses from test into train.
+
+    Args:
+        dataset_dir: the dataset folder.
+        new_rows: rows as for `add_images` (`image`, `label`, `source`, label columns).
+
+    Returns:
+        The rows changed, as they are now, each with `previous_label`.
+
+    Raises:
+        SaofuError: a new label is not a plain folder name (nothing is changed then).
+    """
+    root = Path(dataset_dir)
+    rows = read_manifest(root)
+    index = {r["sha256"]: i for i, r in enumerate(rows)}
+    newest: dict[int, dict] = {}  # manifest row index -> the newest human row for its image
+    for new in new_rows:
+        if new.get("source") != "human" or not Path(new["image"]).is_file():
+            continue
+        i = index.get(file_sha256(new["image"]))
+        if i is None:
+            continue
+        if i not in newest or not _older(new.get("labeled_at"), newest[i].get("labeled_at")):
+            newest[i] = new
+    planned: list[tuple[int, dict, Path]] = []
+    for i, new in sorted(newest.items()):
+        old = rows[i]
+        if new["label"] == old["label"] or old.get("source") not in CORRECTABLE_SOURCES:
+            continue
+        if old.get("source") == "human" and _older(new.get("labeled_at"), old.get("labeled_at")):
+            continue
+        if not plain_name(new["label"]):
+            raise SaofuError(f"label {new['label']!r} of {new['image']} is not a plain folder name: nothing was "
+                             f"relabelled in {root}")
+        rel = Path(old["split"]) / new["label"] / Path(old["path"]).name
+        _inside(root, rel, Path(new["image"]))
+        planned.append((i, new, rel))
+    changed = []
+    for i, new, rel in planned:
+        old = rows[i]
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        if (root / old["path"]).is_file():
+            (root / old["path"]).rename(root / rel)
+        else:  # the stored file is gone (a damaged dataset): the new row's image has the same content
+            shutil.copyfile(new["image"], root / rel)
+        row = {**old, **{c: "" for c in LABEL_COLUMNS if c in old},
+               **{k: v for k, v in new.items() if k not in ("image", "split", "path", "sha256")}}
+        row["path"] = rel.as_posix()
+        rows[i] = row
+        changed.append({**row, "previous_label": old["label"]})
+    if changed:
+        write_manifest(root, rows)
+    return changed
+
+
+def _older(a: object, b: object) -> bool:
+    """True when time `a` is known to be before time `b` (ISO strings; unknown or unreadable: False)."""
+
+    def parse(value: object) -> datetime | None:
+        try:
+            when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+    ta, tb = parse(a) if a else None, parse(b) if b else None
+    return ta is not None and tb is not None and ta < tb
 
 
 def _inside(root: Path, rel: Path, src: Path) -> None:

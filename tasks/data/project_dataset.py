@@ -36,7 +36,14 @@ class ProjectDataset:
 
 
 def is_labelled(folder: str | Path) -> bool:
-    """A labelled dataset: an ImageFolder tree with `manifest.csv` beside it."""
+    """A labelled dataset: an ImageFolder tree with `manifest.csv` beside it.
+
+    A dataset a crash left only as `.previous` (half-swapped) is put back first: otherwise a
+    scheduled run would find no dataset and nothing would ever take its lock to repair it.
+    """
+    from tasks.data.dataset_lock import repair_if_interrupted
+
+    repair_if_interrupted(folder)
     return (Path(folder) / MANIFEST_NAME).is_file()
 
 

@@ -24,6 +24,10 @@ threshold on the parent class covers the time until the second model catches up.
 Evaluation badcases (the images the latest model got wrong) go to Label Studio as well, tagged
 `badcase`, so a later evaluation can tell which of them were fixed (`compare_badcases`).
 
+The auto-labels are written under the dataset's lock (`tasks.data.dataset_lock`), which every
+writer of the dataset holds: an ingest swapping in its staged copy meanwhile would otherwise drop
+them while the pool's state records them as done. The pool's lock is taken first, then the dataset's.
+
 State. Which pool images were already handled is kept beside the pool (`tasks.labeling.pool`).
 An image is recorded only after its auto-label was written or its task imported, so a run that
 fails half-way is retried; images held back by `max_tasks` stay unrecorded and come back next run.
@@ -53,6 +57,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saofu.errors import SaofuError
+from saofu.pixels import to_rgb8
+from tasks.data.dataset_lock import dataset_lock
 from tasks.data.manifest import add_images
 from tasks.labeling.client import LabelingItem, PredictionSpec
 from tasks.labeling.pool import PoolImage, load_state, pool_images, pool_lock, save_state
@@ -194,7 +200,7 @@ def select_batch(
 def _decode(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")  # upright, as the serving app and training see it
+            im = to_rgb8(ImageOps.exif_transpose(im))  # upright and scaled, as the serving app and training see it
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)  # as tasks.data.loading decodes training data
             return np.asarray(im, dtype=np.uint8)
@@ -466,7 +472,10 @@ def _route_locked(
 
     auto_idx = np.flatnonzero(auto)
     rows = [_auto_row(images[i], labels[i], probs_a[i], probs_b[i], champion, second) for i in auto_idx]
-    result.auto, result.auto_added = len(rows), len(add_images(dataset_dir, rows))
+    result.auto = len(rows)
+    if rows:
+        with dataset_lock(dataset_dir):  # no ingest swaps in a copy it staged before these rows
+            result.auto_added = len(add_images(dataset_dir, rows))
     state.auto |= {images[i].sha256 for i in auto_idx}
     save_state(pool_dir, state)  # the auto-labels are in; do not redo them if the sink fails
 

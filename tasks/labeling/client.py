@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +24,12 @@ from typing import Any
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
+import httpx
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 
 from saofu.errors import SaofuError
+from saofu.urls import hide_password
 from services.labeling import labeling_settings, local_files_root
 
 # Names in the labeling config; predictions and annotations refer to them.
@@ -76,6 +80,28 @@ def connect(url: str | None = None, token: str | None = None) -> LabelStudio:
         default_url, default_token = labeling_settings()
         url, token = url or default_url, token or default_token
     return LabelStudio(base_url=url, api_key=token)
+
+
+@contextmanager
+def reaching_label_studio(what: str) -> Iterator[None]:
+    """Label Studio down or failing, as one error naming its URL and what was being done.
+
+    The SDK retries a refused connection or a 5xx itself; what is left after its retries is a
+    transport error or an `ApiError` whose text names neither the server nor a way out. A 4xx
+    (a wrong token, a missing project) is the caller's to explain and passes through.
+    """
+    try:
+        yield
+    except httpx.TransportError as exc:
+        url = hide_password(labeling_settings()[0])
+        raise SaofuError(f"Label Studio at {url} is not reachable while {what} ({type(exc).__name__}: {exc}): "
+                         "start it with `saofu up labeling`, or check LABEL_STUDIO_URL") from exc
+    except ApiError as exc:
+        if (exc.status_code or 0) < 500:
+            raise
+        url = hide_password(labeling_settings()[0])
+        raise SaofuError(f"Label Studio at {url} answered {exc.status_code} (a server error) while {what}: "
+                         "see its log (`saofu status`), then run again") from exc
 
 
 # ------------------------------------------------------------------------------------- projects
@@ -393,7 +419,9 @@ def _annotation_record(ann: Mapping[str, Any], names: Mapping[int, str]) -> dict
         "label": None if ann.get("was_cancelled") else chosen_label(ann.get("result")),
         "was_cancelled": bool(ann.get("was_cancelled")),
         "created_at": _parse_time(ann.get("created_at")),
-        "updated_at": _parse_time(ann.get("updated_at")),
+        # a correction in Label Studio moves `updated_at`, which brings the task back past the cursor;
+        # an annotation that never had one was last changed when it was made
+        "updated_at": _parse_time(ann.get("updated_at")) or _parse_time(ann.get("created_at")),
         "lead_time": ann.get("lead_time"),
     }
 
@@ -427,7 +455,7 @@ def completed_annotations(
         anns = [_annotation_record(a, names) for a in task.get("annotations") or []]
         if not anns:
             continue
-        if since_t is not None and not any(_aware(a["updated_at"]) > since_t for a in anns):
+        if since_t is not None and not any(a["updated_at"] and _aware(a["updated_at"]) > since_t for a in anns):
             continue
         data = task.get("data") or {}
         records.append(

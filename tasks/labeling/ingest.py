@@ -2,9 +2,13 @@
 
 Incremental and idempotent: a cursor (the latest annotation time already ingested) is kept per
 project, and images already in the manifest (same content hash) are never added twice, so running
-the ingest again adds nothing. Each task's label is the majority over its annotators (one vote
-each: an annotator's latest annotation); skipped/cancelled annotations do not vote; a tie is
-reported and left out until someone breaks it.
+the ingest again adds nothing. A label corrected in Label Studio updates the annotation's time, so
+its task comes back past the cursor, and the new majority relabels the image's existing row
+(`tasks.data.manifest.relabel_images`) rather than being skipped as already present.
+
+Each task's label is the majority over its annotators (one vote each: an annotator's latest
+annotation); skipped/cancelled annotations do not vote; a tie is reported and left out until
+someone breaks it.
 
 Task data is untrusted: any labeler can edit a task in Label Studio. A task's image is accepted
 only inside the online pool or the Label Studio files root (after resolving `..` and symlinks),
@@ -26,6 +30,13 @@ from typing import Any
 
 from saofu.settings import get_settings
 from services.labeling import local_files_root
+from tasks.data.dataset_lock import (
+    fsync_dir,
+    previous_dir,
+    recover_interrupted_swap,
+    require_dataset_lock,
+    staging_dir,
+)
 from tasks.data.manifest import SPLITS, plain_name
 
 # Same as tasks.data.loading.IMAGE_SUFFIXES (not imported: that module loads torch).
@@ -52,6 +63,7 @@ class IngestReport:
 
     tasks_seen: int = 0
     added: list[dict] = field(default_factory=list)
+    relabelled: list[dict] = field(default_factory=list)  # rows whose label a correction changed
     already_present: int = 0
     ties: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"task_id", "reason"}: no vote, bad data, image gone
@@ -59,7 +71,8 @@ class IngestReport:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "tasks_seen": self.tasks_seen, "added": len(self.added), "already_present": self.already_present,
+            "tasks_seen": self.tasks_seen, "added": len(self.added), "relabelled": len(self.relabelled),
+            "already_present": self.already_present,
             "ties": len(self.ties), "skipped": len(self.skipped), "cursor": self.cursor,
         }
 
@@ -192,13 +205,39 @@ class IngestState:
 
     @classmethod
     def load(cls, dataset_dir: Path, project_id: int) -> IngestState:
+        """The project's cursor; none when there is no file or it cannot be read.
+
+        An unreadable cursor (cut short by a crash before saves were atomic) costs one full
+        re-fetch, which adds nothing twice, rather than an ingest that fails every run.
+        """
         p = cls.path(dataset_dir, project_id)
-        return cls(**json.loads(p.read_text())) if p.exists() else cls(project_id)
+        if not p.exists():
+            return cls(project_id)
+        try:
+            return cls(**json.loads(p.read_text()))
+        except (ValueError, TypeError) as exc:
+            print(f"ingest: cursor {p} is unreadable ({exc}); fetching every annotation again", flush=True)
+            return cls(project_id)
 
     def save(self, dataset_dir: Path) -> None:
+        """Write the cursor atomically: a crash leaves the old file or the new one, never half of one.
+
+        A temporary file renamed over the old one also never writes into the file's inode, which a
+        staged copy shares with the dataset through a hard link.
+        """
         p = self.path(dataset_dir, self.project_id)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(asdict(self)))
+        tmp = p.with_name(f".{p.name}.tmp")
+        try:
+            with tmp.open("w") as fh:
+                fh.write(json.dumps(asdict(self)))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: the old cursor stands, and no half file beside it
+            raise
+        fsync_dir(p.parent)
 
 
 def staged_copy(dataset_dir: str | Path) -> Path:
@@ -206,12 +245,15 @@ def staged_copy(dataset_dir: str | Path) -> Path:
 
     The accepted dataset is replaced only after validation passes, so a rejected batch loses
     nothing that was stored before. Files are never modified in place (new images are new files,
-    the manifest is rewritten through a rename), which keeps hard links safe.
+    the manifest and the cursor are rewritten through a rename), which keeps hard links safe.
+    The caller holds `dataset_lock` from here to `commit_staged`/`discard_staged`: the staging
+    folder is one per dataset. What a crashed run left is repaired first, so a dataset that a
+    crash left only as `.previous` is restored before it is copied, never copied as empty.
     """
     src = Path(dataset_dir)
-    staging = src.with_name(f".{src.name}.staging")
-    if staging.exists():
-        shutil.rmtree(staging)  # left over from a crashed run; the dataset itself is intact
+    require_dataset_lock(src, "a staged copy")
+    recover_interrupted_swap(src)
+    staging = staging_dir(src)
     if src.exists():
         shutil.copytree(src, staging, copy_function=os.link)
     else:
@@ -220,14 +262,33 @@ def staged_copy(dataset_dir: str | Path) -> Path:
 
 
 def commit_staged(staging: Path, dataset_dir: str | Path) -> None:
-    """Swap the validated working copy in place of the dataset (two renames)."""
+    """Swap the validated working copy in place of the dataset (two renames).
+
+    Every crash point leaves a state the next `dataset_lock` repairs without loss: before the first
+    rename nothing changed; between them the dataset is whole in `.previous` (put back); after the
+    second the new dataset is in place and `.previous` is only deleted. An error on the second
+    rename puts the dataset back at once.
+    """
     target = Path(dataset_dir)
-    old = target.with_name(f".{target.name}.previous")
-    if old.exists():
-        shutil.rmtree(old)
+    require_dataset_lock(target, "a swap")
+    old = previous_dir(target)
+    if old.exists():  # not after staged_copy's repair under the lock; still, never delete the only copy
+        if target.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(target)
     if target.exists():
         target.rename(old)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            try:
+                old.rename(target)
+            except OSError:
+                pass  # left to the next run's `recover_interrupted_swap`
+        raise
+    fsync_dir(target.parent)
     if old.exists():
         shutil.rmtree(old)
 

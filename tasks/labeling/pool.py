@@ -1,7 +1,8 @@
 """The online pool as active learning sees it: its new images, and which ones were handled.
 
-The pool only grows (`tasks.data.stream.write_scans` and the serving app append to `index.jsonl`),
-so which images active learning already handled is kept beside it in `pool_dir/.al_state.json`:
+New requests are appended to `index.jsonl` (by `tasks.data.stream.write_scans` and the serving
+app), and the serving app drops its oldest lines and images past its bounds, so which images
+active learning already handled is kept beside it in `pool_dir/.al_state.json`:
 
     {"format": 1, "auto": [sha256, ...], "human": [sha256, ...], "badcases": [sha256, ...]}
 

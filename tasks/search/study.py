@@ -32,6 +32,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 from saofu.errors import SaofuError
+from saofu.urls import hide_password
 from tasks.search.passwords import find_password, has_password
 from tasks.search.space import SearchSpace
 
@@ -99,7 +100,7 @@ def make_storage(url: str, heartbeat_s: int | None = 10, grace_s: int | None = N
     (`tasks.search.passwords`), handed to the driver beside the URL, never inside it.
     """
     if not url.startswith(("sqlite:", "postgresql")):
-        raise SaofuError(f"study storage must be a sqlite:/// or postgresql:// URL, got {redact(url)!r}")
+        raise SaofuError(f"study storage must be a sqlite:/// or postgresql:// URL, got {hide_password(url)!r}")
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs: dict = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
@@ -118,19 +119,9 @@ def make_storage(url: str, heartbeat_s: int | None = 10, grace_s: int | None = N
             # Workers starting together on an empty database race to create Optuna's tables; the
             # loser sees a duplicate-key error and finds the tables there on the next try.
             if attempt == 2 or "already exists" not in str(exc):
-                raise SaofuError(f"cannot open the study storage {redact(url)}: {exc}") from exc
+                raise SaofuError(f"cannot open the study storage {hide_password(url)}: {exc}") from exc
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
 
 
 @contextmanager

@@ -13,6 +13,7 @@ CUDA) on the same global batches as one process would:
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -119,6 +120,11 @@ def train_one_epoch(
     world, rank = distributed.world_size(), distributed.rank()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in iterate_batches(split, cfg.batch_size, shuffle=True, generator=generator):
+        if len(labels) == 1 < len(split):
+            # BatchNorm cannot normalise one image (a ValueError mid-run): a last batch of one, left
+            # when the split's size is one more than a multiple of the batch size, is dropped; the
+            # order is shuffled every epoch, so another epoch trains on that image.
+            continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         x = normalize(augment(to_float(images), cfg.aug_strength, generator))
         if world > 1:
@@ -200,9 +206,23 @@ def checkpoint_config(state: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in state.get("config", {}).items() if k in known})
 
 
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's state, read with `weights_only=True`.
+
+    Checkpoints travel (MLflow artefacts, a colleague's folder): a full unpickle would run any
+    code a crafted file carries. What `save_checkpoint` writes is tensors, numbers, strings and
+    containers of them, which is all the safe loader reads.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SaofuError(f"checkpoint {path} holds objects other than tensors and plain values; it is not "
+                         f"loaded (it could run code): {str(exc).splitlines()[0]}") from None
+
+
 def checkpoint_arch(path: str | Path) -> str:
     """The architecture string of the model a checkpoint holds (a pruned model's is its own)."""
-    return str(torch.load(path, map_location="cpu", weights_only=False)["model_meta"].get("arch", ""))
+    return str(read_checkpoint(path)["model_meta"].get("arch", ""))
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
@@ -210,7 +230,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     path = Path(path)
     if not path.is_file():
         raise SaofuError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     model = build_from_checkpoint_meta(state["model_meta"])
     model.load_state_dict(state["model"])
     return model.eval(), state
@@ -260,7 +280,7 @@ def fit(
     ckpt = Path(checkpoint_path) if checkpoint_path else None
 
     if resume and ckpt and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = read_checkpoint(ckpt, map_location=device)
         if state["classes"] != train.classes:
             raise SaofuError(f"checkpoint {ckpt} was trained on classes {state['classes']}, not {train.classes}")
         model.load_state_dict(state["model"])

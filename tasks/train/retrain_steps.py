@@ -16,6 +16,7 @@ from pathlib import Path
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks import tracking
+from tasks.data.dataset_lock import dataset_lock
 from tasks.data.loading import prepare_dataset
 from tasks.data.manifest import MANIFEST_NAME, add_images
 from tasks.release import registry
@@ -125,6 +126,17 @@ def labelled_dataset(data_dir: str | Path, out_dir: str | Path, image_size: int,
     out = Path(out_dir)
     if (out / MANIFEST_NAME).is_file():
         return str(out)
+    # Two fast retrains of one model would share the `.importing` folder (one deleting the other's
+    # half-made copy): the copy is made under the copy's dataset lock, by the first to take it.
+    with dataset_lock(out):
+        if (out / MANIFEST_NAME).is_file():
+            return str(out)  # made by the run this one waited for
+        _import_labelled_copy(src, out, image_size, val_share, seed)
+    return str(out)
+
+
+def _import_labelled_copy(src: Path, out: Path, image_size: int, val_share: float, seed: int) -> None:
+    """Make `out` a labelled copy of the plain ImageFolder `src` (the caller holds the lock of `out`)."""
     data = prepare_dataset(src, image_size, val_share, seed, get_settings().cache_dir)
     rows = []
     for split_name, split in (("train", data.train), ("val", data.val), ("test", data.test)):
@@ -138,7 +150,6 @@ def labelled_dataset(data_dir: str | Path, out_dir: str | Path, image_size: int,
     add_images(staging, rows)
     staging.rename(out)
     print(f"made a labelled copy of {src} in {out} ({len(rows)} images)", flush=True)
-    return str(out)
 
 
 @dataclass

@@ -102,6 +102,9 @@ def train_recognizer(
         tags = {"data_fingerprint": data.fingerprint, "classes": json.dumps(data.classes),
                 "data_version": data_version, **(run_tags or {})}
         run_id = tracking.start_run(experiment, f"train-{cfg.model}", params, tags)
+        if data.unreadable:  # the images this run did not see, beside the run
+            tracking.log_dict(run_id, {"unreadable": [{"path": p, "why": why} for p, why in data.unreadable]},
+                              "unreadable_images.json")
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             show(epoch, metrics)

@@ -49,8 +49,9 @@ def broken(tmp_path):
         root = make_shapes_dataset(tmp_path / kind, n_per_class=3)
         if kind == "empty_class":
             (root / "zebra").mkdir()
-        elif kind == "unreadable":
-            (root / "square" / "bad.jpg").write_bytes(b"\x00\x01garbage")
+        elif kind == "unreadable":  # more than the handful loading leaves out
+            for i in range(6):
+                (root / "square" / f"bad{i}.jpg").write_bytes(b"\x00\x01garbage")
         return root
 
     return make
@@ -61,7 +62,7 @@ def broken(tmp_path):
     [
         ("missing", "error: dataset folder not found"),
         ("empty_class", "error: class folder has no images"),
-        ("unreadable", "error: unreadable image"),
+        ("unreadable", "error: 6 of 15 images"),
         ("unknown_model", "error: unknown model 'resnet9000'"),
     ],
 )

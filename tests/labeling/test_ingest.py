@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from PIL import Image
 
+from tasks.data.dataset_lock import dataset_lock
 from tasks.data.manifest import add_images, read_manifest
 from tasks.labeling.ingest import (
     ACCEPTED,
@@ -84,13 +85,14 @@ def test_a_discarded_staging_copy_leaves_the_dataset_untouched(tmp_path):
     ds = tmp_path / "ds"
     add_images(ds, [{"image": str(img), "label": "fu", "source": "human"}])
     before = (ds / "manifest.csv").read_bytes()
-    staging = staged_copy(ds)
     img2 = tmp_path / "b.png"
     Image.new("RGB", (8, 8), (9, 9, 9)).save(img2)
-    add_images(staging, [{"image": str(img2), "label": "cat", "source": "human"}])
-    discard_staged(staging)
-    assert (ds / "manifest.csv").read_bytes() == before and not staging.exists()
-    staging = staged_copy(ds)
-    add_images(staging, [{"image": str(img2), "label": "not_fu", "source": "human"}])
-    commit_staged(staging, ds)
+    with dataset_lock(ds):  # staging is one folder per dataset: its writers hold the dataset's lock
+        staging = staged_copy(ds)
+        add_images(staging, [{"image": str(img2), "label": "cat", "source": "human"}])
+        discard_staged(staging)
+        assert (ds / "manifest.csv").read_bytes() == before and not staging.exists()
+        staging = staged_copy(ds)
+        add_images(staging, [{"image": str(img2), "label": "not_fu", "source": "human"}])
+        commit_staged(staging, ds)
     assert [r["label"] for r in read_manifest(ds)] == ["fu", "not_fu"]
