@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/saofu demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=40
 
 bench: $(STAMP)
 	$(VENV)/bin/saofu bench models

@@ -133,3 +133,19 @@ def bench_fast_retrain(
         result = run_fast_retrain_bench(world_n=n, budget_min=budget_min, seeds=tuple(seeds), epochs=epochs,
                                         full_retrain=full_retrain, out=out)
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
+
+
+@app.command("reliability")
+def bench_reliability(
+    requests: int = typer.Option(20_000, "--requests", help="Requests sent to the serving app under model swaps."),
+    swaps: int = typer.Option(6, "--swaps", help="Champion alias moves during the load (plus one canary rollback)."),
+    clients: int = typer.Option(16, "--clients", help="Concurrent clients of the load."),
+    out: Path = typer.Option(Path("bench/results/reliability.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """Bad input, injected faults, secrets and load under swaps: what broke, what was lost, what leaked."""
+    from bench.reliability.run import run_reliability_bench
+
+    with progress_to_stderr(as_json):
+        result = run_reliability_bench(requests=requests, swaps=swaps, clients=clients, out=out)
+    emit({k: v for k, v in result.items() if k not in ("table", "sections")}, as_json, result["table"])

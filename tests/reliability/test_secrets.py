@@ -5,6 +5,12 @@ or wrote is searched for them: the search storage URL's password (the CLI, the f
 parameters, the workers' job file, the dashboard hint), and Label Studio's admin password and
 token (`start` and `saofu up labeling` output, its state file, log, data folder and database).
 Label Studio itself is replaced by a tiny stand-in server: what is checked is saofu's side.
+
+Then the whole path as a user runs it (bench/reliability/secrets_scan.py): `saofu search` with a
+password in its storage URL and `saofu ingest` with a Label Studio token, both real Prefect flow
+runs, searched afterwards in what they printed, the project's files, the MLflow runs' params, tags
+and artefacts and the flow runs' parameters and API logs; and an MLflow tracking URI with
+user:password in the lines that name the store.
 """
 
 from __future__ import annotations
@@ -184,3 +190,77 @@ def test_label_studio_start_prints_no_password_and_keeps_its_files_private(
         assert summary["services"]["labeling"]["login"] == {"username": handle.username, "file": str(state)}
     finally:
         labeling.stop()
+
+
+# ------------------------------------------------------------------ MLflow runs and Prefect flow runs
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    """bench/reliability/secrets_scan.py at its size: `saofu search` with a password in its storage URL and
+    `saofu ingest` with a Label Studio token, both as Prefect flow runs, then everything searched."""
+    from bench.reliability.secrets_scan import run_secrets_scan
+
+    workdir = tmp_path_factory.mktemp("secrets-scan")
+    return workdir, run_secrets_scan(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_search_and_ingest_leave_no_secret_in_mlflow_runs_flow_runs_output_or_files(scan):
+    from bench.reliability.secrets_scan import DB_SECRET, LS_TOKEN
+
+    workdir, section = scan
+    by_target = {c.target: c for c in section.cases}
+    search, ingest = by_target["search storage password"], by_target["Label Studio API token"]
+    admin = by_target["Label Studio admin password"]
+    # Both really ran as Prefect flow runs and failed where they had to, with a clear error (exit 2, no
+    # traceback): no PostgreSQL, Label Studio 503.
+    assert search.got.startswith("saofu search exit 2; 2 flow run(s) searched"), search.got
+    assert ingest.got.startswith("saofu ingest exit 2, Label Studio started and stopped; 2 flow run(s)"), ingest.got
+    assert "control 'password in ' found in 1 places: ['printed output (1x)']" in admin.got, admin.got
+    assert admin.ok, admin.got
+    # The search is not blind: the password-less URL is found in the search flow run's parameters and
+    # in its MLflow run's params, where the password would have been.
+    assert "flow run" in search.got and "parameters" in search.got and "param storage" in search.got, search.got
+    assert "found in: nowhere" in search.got and "found in: nowhere" in ingest.got, (search.got, ingest.got)
+    assert search.ok and ingest.ok
+    printed = (workdir / "secrets-printed.txt").read_text()
+    assert "cannot open the study storage" in printed  # what the user saw, searched above
+    assert DB_SECRET not in printed and LS_TOKEN not in printed
+    # every leak would be counted, and none is left
+    leaks = [c for c in section.cases if not c.ok]
+    assert section.counts == {"secrets_found": len(leaks)}
+    assert leaks == [], [c.got for c in leaks]
+
+
+@pytest.mark.timeout(60)
+def test_saofu_up_mlflow_names_a_server_uri_without_its_password(saofu_home, monkeypatch):
+    from services.mlflow_server import server_command
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://saofu:{DB_SECRET}@127.0.0.1:5000")
+    with pytest.raises(SaofuError) as caught:
+        server_command(5001)
+    assert DB_SECRET not in str(caught.value) and "http://saofu:***@127.0.0.1:5000" in str(caught.value)
+
+
+@pytest.mark.timeout(60)
+def test_the_mlflow_ui_hint_shows_no_password(saofu_home, monkeypatch):
+    from tasks.tracking import mlflow_ui_hint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://saofu:{DB_SECRET}@127.0.0.1:5000")
+    assert mlflow_ui_hint() == "open http://saofu:***@127.0.0.1:5000"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("url", "shown"), [
+    (f"postgresql+psycopg2://saofu:{DB_SECRET}@127.0.0.1:5433/saofu", "postgresql+psycopg2://saofu:***@127.0.0.1:5433/saofu"),
+    (f"http://u:{DB_SECRET}@[::1]:5000/api?x=1", "http://u:***@[::1]:5000/api?x=1"),
+    ("sqlite:///mlflow/mlflow.db", "sqlite:///mlflow/mlflow.db"),
+    ("postgresql://saofu@127.0.0.1/saofu", "postgresql://saofu@127.0.0.1/saofu"),
+    (f"http://u:{DB_SECRET}@host:notaport/", "host:notaport/"),
+])
+def test_every_printed_url_masks_its_password_and_keeps_the_rest(url, shown):
+    from saofu.urls import hide_password
+
+    assert hide_password(url) == shown
