@@ -8,8 +8,17 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.release import ReleaseParams, release_flow
 from flows.train import TrainFlowParams, train_flow
-from tasks.release import registry
+from tasks.release import registry, report, steps
+from tasks.release.evaluation import LatencyStats
+from tasks.release.gate import GateReport
 from tasks.release.steps import ARTEFACT_TAG
+
+# Timings are pinned: which artefact ships and whether the gate's latency budget holds are decided
+# by the rules on these figures, not by how busy the machine was (speed is bench/'s business).
+# The unpruned FP32 graph measures clearly fastest (half the others' time, IQRs apart, in every
+# round), so `choose_artefact` must ship it: the same candidate released twice ships the same graph.
+FASTEST_FILE, FASTEST_MS, OTHERS_MS = "model.fp32.onnx", 1.0, 2.0
+PROFILE_P50_MS, PROFILE_P95_MS = 0.3, 0.5  # what `runtime_profile` (the gate's latency) reports
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +27,46 @@ def prefect_api():
         yield
 
 
+@pytest.fixture
+def pinned_timings(monkeypatch) -> list[list[str]]:
+    """Fixed latency figures for the artefact choice and the gate; returns the graphs each choice timed."""
+    timed: list[list[str]] = []
+
+    def interleaved(paths, image_size=64, threads=1, rounds=5, runs=200, warmup=50):
+        timed.append([str(p) for p in paths])
+        stats = []
+        for path in paths:
+            p50 = FASTEST_MS if str(path).endswith(FASTEST_FILE) else OTHERS_MS
+            stats.append(LatencyStats(p50_ms=p50, p95_ms=1.2 * p50, p25_ms=0.95 * p50, p75_ms=1.05 * p50,
+                                      mean_ms=p50, round_p50_ms=[p50] * rounds, runs=rounds * runs))
+        return stats
+
+    def profile_latency(path, image_size=64, threads=1, warmup=20, runs=200):
+        return {"latency_p50_ms": PROFILE_P50_MS, "latency_p95_ms": PROFILE_P95_MS, "latency_mean_ms": PROFILE_P50_MS,
+                "threads": threads}
+
+    monkeypatch.setattr(steps, "measure_latency_interleaved", interleaved)
+    monkeypatch.setattr(report, "measure_latency", profile_latency)
+    return timed
+
+
+def assert_refused_on_latency_alone(report_json: str, table: str, budget_ms: float) -> None:
+    """The gate's recorded decision: failed on latency_p95_ms (its figure over `budget_ms`) and on nothing else."""
+    decision = GateReport.model_validate_json(report_json)
+    assert not decision.passed and [c.name for c in decision.failed] == ["latency_p95_ms"], decision.summary
+    latency = next(c for c in decision.checks if c.name == "latency_p95_ms")
+    assert (latency.value, latency.op, latency.limit) == (PROFILE_P95_MS, "<=", budget_ms)
+    assert decision.summary == f"gate failed: 1 of {len(decision.checks)} checks (latency_p95_ms)"
+    # The table says the same: one FAIL row, the latency one, with its numbers.
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:-1]}
+    assert [name for name, cells in rows.items() if "FAIL" in cells] == ["latency_p95_ms"], table
+    assert rows["latency_p95_ms"][:5] == ["latency_p95_ms", f"{PROFILE_P95_MS:.4f}", "<=", f"{budget_ms:.4f}", "FAIL"]
+    assert table.splitlines()[-1] == decision.summary
+
+
 @pytest.mark.slow
-def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls_back(prefect_api, saofu_home):
+def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls_back(prefect_api, saofu_home,
+                                                                                       pinned_timings):
     trained = train_flow(TrainFlowParams(world_n=300, image_size=32, model="saofu_fu_tiny", epochs=6,
                                          registered_model="fu-rel", experiment="t"))
     common = dict(registered_model="fu-rel", fresh_n=60, fine_tune_epochs=1, gate={"max_latency_ms": 50.0})
@@ -28,7 +75,10 @@ def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls
     client = MlflowClient(tracking_uri=trained.tracking_uri, registry_uri=trained.tracking_uri)
     shipped = client.get_model_version("fu-rel", first.challenger_version)
     assert first.candidate_version == trained.version and first.promoted and first.champion_before is None
-    assert shipped.tags[ARTEFACT_TAG] == first.shipped in ("fp32", "int8", "pruned fp32", "pruned+int8")
+    # All four artefacts were timed together, and the one measured clearly fastest ships.
+    assert sorted(p.rsplit("/", 1)[-1] for p in pinned_timings[0]) == [
+        "model.fp32.onnx", "model.int8.onnx", "pruned.fp32.onnx", "pruned.int8.onnx"]
+    assert shipped.tags[ARTEFACT_TAG] == first.shipped == "fp32"
     assert shipped.tags["parent_version"] == trained.version and shipped.tags["arch"]
     assert registry.current_champion("fu-rel") == first.challenger_version
     run = client.get_run(first.run_id)
@@ -40,11 +90,14 @@ def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls
     # A latency budget nothing meets: the gate fails alone on it, and the champion stays.
     refused = release_flow(ReleaseParams(**{**common, "gate": {"max_latency_ms": 1e-4}}))
     assert not refused.promoted and refused.champion_after == first.challenger_version
-    assert "latency_p95_ms" in refused.gate_table and "fail" in refused.gate_table
-    assert client.get_model_version("fu-rel", refused.challenger_version).tags["saofu.gate"] == "failed"
+    refused_tags = client.get_model_version("fu-rel", refused.challenger_version).tags
+    assert refused_tags["saofu.gate"] == "failed" and refused.gate_passed is False
+    assert_refused_on_latency_alone(refused_tags["saofu.gate_report"], refused.gate_table, 1e-4)
 
-    # The same candidate again is not worse than the champion: promoted; rollback restores the first.
+    # The same candidate again ships the same graph, so it is not worse than the champion on any
+    # check: promoted; rollback restores the first.
     second = release_flow(ReleaseParams(**common))
+    assert second.shipped == "fp32" and len(pinned_timings) == 3
     assert second.promoted and second.champion_before == first.challenger_version
     assert registry.current_champion("fu-rel") == second.challenger_version
     record = registry.rollback("fu-rel", reason="test")
@@ -53,7 +106,7 @@ def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls
 
 @pytest.mark.slow
 def test_a_dataset_outside_the_fu_world_goes_through_release_and_serving(prefect_api, saofu_home, shapes_dir,
-                                                                          tmp_path):
+                                                                          tmp_path, pinned_timings):
     """Shapes (no not_fu, no simulator): fresh slice = its own held-out split, then a named plain ImageFolder."""
     from deploy.model_source import ModelSource
     from tests.conftest import SHAPES, make_shapes_dataset
@@ -95,7 +148,8 @@ def _pixels(path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_release_with_a_canary_promotes_only_after_the_serving_apps_verdict(prefect_api, saofu_home, shapes_dir):
+def test_a_release_with_a_canary_promotes_only_after_the_serving_apps_verdict(prefect_api, saofu_home, shapes_dir,
+                                                                             pinned_timings):
     """`canary_share`: the challenger answers live traffic in the app's canary before it becomes champion."""
     import os
     import sys

@@ -10,6 +10,7 @@ import urllib.request
 from itertools import count
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageDraw
@@ -238,6 +239,53 @@ Array.from(document.images)
   .map(i => ({src: i.src, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight}))
 """
 
+# What the labeling interface shows in the viewport: the boxes of the images and canvases big
+# enough to be the image to label (the data manager's thumbnail is not), and the visible elements'
+# own texts (each `<Choice>` renders as a checkbox labelled with its value).
+_INTERFACE_JS = """
+(() => {
+  const shown = e => { const r = e.getBoundingClientRect();
+    return r.width > 0 && r.height > 0 && r.bottom > 0 && r.right > 0 && r.top < innerHeight && r.left < innerWidth; };
+  const own = e => Array.from(e.childNodes).filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
+  return {
+    images: Array.from(document.querySelectorAll('img, canvas')).filter(shown).map(e => {
+      const r = e.getBoundingClientRect();
+      return {tag: e.tagName, src: (e.src || '').slice(0, 80), x: r.x, y: r.y, width: r.width, height: r.height};
+    }).filter(b => b.width >= 100 && b.height >= 100),
+    texts: Array.from(document.querySelectorAll('body *')).filter(shown).map(own).filter(t => t),
+    checkboxes: Array.from(document.querySelectorAll('input[type=checkbox], input[type=radio]')).filter(shown).length,
+  };
+})()
+"""
+
+
+def _pixels_near(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: int = 24) -> np.ndarray:
+    """Mask of the pixels within `tolerance` of `colour` in every channel."""
+    return (np.abs(pixels.astype(np.int16) - np.array(colour, np.int16)).max(axis=-1) <= tolerance)
+
+
+def assert_task_image_painted(shot: Path, image_boxes: list[dict], cls: str) -> None:
+    """The screenshot is a painted page, and the task's image is painted where the interface put it.
+
+    Not blank: many distinct colours and a spread of brightness. The image: its class colour
+    (the rectangle, about half of it) and the yellow disc inside its on-screen box.
+    """
+    with Image.open(shot) as im:
+        assert im.size == (1280, 900)
+        pixels = np.asarray(im.convert("RGB"))
+    distinct = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert distinct >= 64 and pixels.std() > 10, f"a blank screenshot: {distinct} colours, std {pixels.std():.1f}"
+    assert image_boxes, "no image to label in the viewport"
+    box = max(image_boxes, key=lambda b: b["width"] * b["height"])
+    x0, y0 = max(0, int(box["x"])), max(0, int(box["y"]))
+    x1, y1 = min(1280, int(box["x"] + box["width"])), min(900, int(box["y"] + box["height"]))
+    inside = pixels[y0:y1, x0:x1]
+    area = max(1, inside.shape[0] * inside.shape[1])
+    # The 256-px image: a 176-px square of the class colour (47 % of it) with a 64-px disc on top.
+    fill = _pixels_near(inside, COLOURS[cls]).sum() / area
+    disc = _pixels_near(inside, (250, 210, 40)).sum() / area
+    assert area >= 64 * 64 and fill > 0.2 and disc > 0.02, (box, f"{fill:.3f} class colour, {disc:.3f} disc")
+
 
 def _screenshot_task(chromium, label_studio, session, url: str, out: Path) -> dict:
     """Open `url` logged in, wait until the task image has loaded, save a screenshot."""
@@ -256,6 +304,7 @@ def _screenshot_task(chromium, label_studio, session, url: str, out: Path) -> di
             found = tools.call("Runtime.evaluate", expression=_LOADED_IMAGES_JS, returnByValue=True)
             loaded = [i for i in found["result"].get("value") or [] if i["complete"] and i["width"] > 0]
         time.sleep(1.5)  # let the labeling canvas paint the decoded image
+        interface = tools.call("Runtime.evaluate", expression=_INTERFACE_JS, returnByValue=True)["result"]["value"]
         shot = tools.call("Page.captureScreenshot", format="png")
         out.write_bytes(base64.b64decode(shot["data"]))
         responses = [
@@ -263,7 +312,7 @@ def _screenshot_task(chromium, label_studio, session, url: str, out: Path) -> di
             for e in tools.events
             if e.get("method") == "Network.responseReceived" and "/data/local-files/" in e["params"]["response"]["url"]
         ]
-        return {"images": loaded, "responses": responses}
+        return {"images": loaded, "responses": responses, "interface": interface}
     finally:
         tools.close()
         proc.terminate()
@@ -284,4 +333,8 @@ def test_browser_shows_the_task_image(client, label_studio, images, chromium, tm
     seen = _screenshot_task(chromium, label_studio, session, page, shot)
     assert any(r["status"] == 200 for r in seen["responses"]), seen
     assert seen["images"] and seen["images"][0]["width"] == 256, seen
-    assert Image.open(shot).size == (1280, 900)
+    # The labeling interface is on screen: the image to label and one choice per class.
+    interface = seen["interface"]
+    assert set(CLASSES) <= set(interface["texts"]) and interface["checkboxes"] >= len(CLASSES), interface
+    # And the browser painted it: the screenshot shows the task's image where the interface put it.
+    assert_task_image_painted(shot, interface["images"], cls)

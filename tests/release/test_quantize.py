@@ -21,6 +21,7 @@ from tasks.release.quantize import (
 from tasks.train.export import export_onnx
 from tasks.train.loop import TrainConfig, fit
 from tasks.train.onnx_interface import INPUT_NAME, OUTPUT_NAME, read_metadata
+from tests.release.fake_clock import FakeClock, durations
 
 IMAGE_SIZE = 32
 
@@ -84,9 +85,14 @@ def test_int8_graph_stores_int8_weights_and_keeps_interface_and_metadata(quantiz
     assert meta["classes"] == '["circle", "square", "triangle"]'
 
 
-def test_int8_agrees_with_fp32_and_the_change_is_reported(quantized):
+def test_int8_agrees_with_fp32_and_the_change_is_reported(quantized, monkeypatch):
     data, fp32, int8 = quantized
+    # Each graph's 20 timed runs take made-up durations (the graphs still run): the reported
+    # latency must be their percentiles, each graph's own, and the speed-up their ratio.
+    ms = {fp32: durations(20, 1.0, 3.0, seed=1), int8: durations(20, 0.2, 1.0, seed=2)}
+    clock = FakeClock(ms).install(monkeypatch)
     report = compare_fp32_int8(fp32, int8, _all_images(data), latency_runs=20)
+    clock.assert_all_taken()  # exactly 20 timed runs of each, no warm-up timed
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()})
     assert report["n"] == len(data.train) + len(data.val)
     assert report["top1_agreement"] >= 0.95
@@ -94,9 +100,11 @@ def test_int8_agrees_with_fp32_and_the_change_is_reported(quantized):
     assert report["accuracy_delta"] == pytest.approx(report["int8_accuracy"] - report["fp32_accuracy"])
     assert 0 <= report["max_abs_prob_diff"] < 0.5
     assert report["int8_bytes"] < report["fp32_bytes"]
-    for name in ("fp32", "int8"):
-        assert 0 < report[f"{name}_latency_p50_ms"] <= report[f"{name}_latency_p95_ms"]
-    assert report["speedup_p50"] > 0
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        p50, p95 = np.percentile(ms[path], [50, 95])
+        assert report[f"{name}_latency_p50_ms"] == pytest.approx(p50)
+        assert report[f"{name}_latency_p95_ms"] == pytest.approx(p95)
+    assert report["speedup_p50"] == pytest.approx(np.median(ms[fp32]) / np.median(ms[int8]))
 
 
 def test_preparation_is_exact(quantized, tmp_path):

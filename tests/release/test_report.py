@@ -21,6 +21,7 @@ from tasks.release.report import (
 from tasks.train.export import export_onnx
 from tasks.train.loop import TrainConfig, fit
 from tests.deploy.test_canary_classes import BLUE, CHALLENGER_W, CHAMPION_W, GREEN, RED, colour_model
+from tests.release.fake_clock import FakeClock, durations
 
 THRESHOLD = 0.9
 
@@ -124,14 +125,18 @@ def test_pr_curve_and_average_precision_by_hand():
     assert pr_curve(scores, np.zeros(5, bool))[2] is None
 
 
-def test_runtime_profile_and_comparison(tmp_path, exported):
+def test_runtime_profile_and_comparison(tmp_path, exported, monkeypatch):
     _, path, sets = exported
+    ms = durations(30, 0.1, 2.0, seed=3)  # what the 30 timed runs take (the graph still runs)
+    clock = FakeClock({path: ms}).install(monkeypatch)
     profile = runtime_profile(path, runs=30, warmup=5)
     print(profile)
-    for key in ("latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "peak_rss_bytes", "model_rss_bytes",
-                "file_bytes", "image_size"):
-        assert isinstance(profile[key], (int, float)) and profile[key] > 0, key
-    assert profile["latency_p50_ms"] <= profile["latency_p95_ms"]
+    clock.assert_all_taken()
+    assert profile["latency_p50_ms"] == pytest.approx(np.percentile(ms, 50))
+    assert profile["latency_p95_ms"] == pytest.approx(np.percentile(ms, 95))
+    assert profile["latency_mean_ms"] == pytest.approx(ms.mean())
+    for key in ("peak_rss_bytes", "model_rss_bytes", "file_bytes", "image_size"):
+        assert isinstance(profile[key], int) and profile[key] > 0, key
     assert profile["image_size"] == 32 and profile["file_bytes"] == path.stat().st_size
     assert profile["model_rss_bytes"] < profile["peak_rss_bytes"]
 

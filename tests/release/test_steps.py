@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from tasks.release.evaluation import measure_latency_interleaved
 from tasks.release.quantize import quantize_int8
 from tasks.release.steps import Variant, choose_artefact, clearly_faster, measure_variants
 from tasks.train.export import export_onnx
+from tests.release.fake_clock import FakeClock, durations
 
 # Sizes of saofu_fu and its 25 %- and 50 %-pruned copies (README, `saofu bench release`).
 FULL, PRUNED25, PRUNED50 = (34_234, 4.21), (26_514, 3.52), (18_370, 2.63)
@@ -161,23 +163,43 @@ def tiny_variants(tmp_path_factory):
     return variants, fresh
 
 
-def test_interleaved_measurement_of_real_graphs_gives_sane_statistics(tiny_variants):
+def _expected_stats(ms: np.ndarray, rounds: int) -> dict:
+    """What the statistics of one graph's timed runs (in run order) must be, computed here."""
+    p25, p50, p75, p95 = np.percentile(ms, [25, 50, 75, 95])
+    return {"p25_ms": p25, "p50_ms": p50, "p75_ms": p75, "p95_ms": p95, "mean_ms": ms.mean(),
+            "round_p50_ms": [np.median(r) for r in np.split(ms, rounds)], "runs": len(ms)}
+
+
+def _assert_stats(got, expected: dict) -> None:
+    for key, value in expected.items():
+        assert getattr(got, key) == pytest.approx(value), key
+
+
+def test_interleaved_measurement_of_real_graphs_gives_the_statistics_of_each_graphs_runs(tiny_variants,
+                                                                                         monkeypatch):
     variants, fresh = tiny_variants
+    # The real graphs run; each timed run lasts the next made-up duration of the graph that ran.
+    ms = {v.path: durations(120, low, low + 1.0, seed=i) for i, (v, low) in enumerate(zip(variants, (1.0, 0.5)))}
+    clock = FakeClock(ms).install(monkeypatch)
     stats = measure_latency_interleaved([v.path for v in variants], image_size=32, rounds=3, runs=40, warmup=5)
+    clock.assert_all_taken()  # 3 rounds x 40 timed runs of each graph, warm-up untimed
     assert len(stats) == 2
-    for s in stats:
-        assert s.runs == 120 and len(s.round_p50_ms) == 3
-        assert 0 < s.p25_ms <= s.p50_ms <= s.p75_ms <= s.p95_ms < 100
-        assert min(s.round_p50_ms) <= s.p50_ms <= max(s.round_p50_ms)
-        assert s.p25_ms <= s.mean_ms < 100
+    for s, v in zip(stats, variants):  # in the order given, each with its own graph's runs
+        _assert_stats(s, _expected_stats(ms[v.path], rounds=3))
 
 
-def test_measure_variants_fills_accuracy_and_latency_and_one_ships(tiny_variants):
+def test_measure_variants_fills_accuracy_and_latency_and_the_measured_fastest_ships(tiny_variants, monkeypatch):
     variants, fresh = tiny_variants
+    # INT8's runs take about half FP32's, whatever the machine does.
+    ms = {v.path: durations(60, low, low + 0.1, seed=i) for i, (v, low) in enumerate(zip(variants, (1.0, 0.5)))}
+    clock = FakeClock(ms).install(monkeypatch)
     measured = measure_variants(variants, fresh, 0.9, None, rounds=2, runs=30, warmup=5)
+    clock.assert_all_taken()
     assert measured is variants
     for v in variants:
-        assert 0 <= v.accuracy_at_threshold <= v.accuracy <= 1
-        assert 0 < v.latency_p25_ms <= v.latency_p50_ms <= v.latency_p75_ms <= v.latency_p95_ms
-        assert len(v.latency_round_p50_ms) == 2 and v.latency_runs == 60 and v.size_bytes > 0
-    assert choose_artefact(variants, 1.0) in variants  # a bar of 1: both eligible, one ships
+        assert 0 <= v.accuracy_at_threshold <= v.accuracy <= 1 and v.size_bytes == Path(v.path).stat().st_size
+        expected = _expected_stats(ms[v.path], rounds=2)
+        for key in ("p25_ms", "p50_ms", "p75_ms", "p95_ms", "round_p50_ms"):
+            assert getattr(v, f"latency_{key}") == pytest.approx(expected[key]), key
+        assert v.latency_runs == 60
+    assert choose_artefact(variants, 1.0).label == "int8"  # a bar of 1: both eligible, the faster ships
