@@ -335,8 +335,13 @@ def import_tasks(
         items: images with metadata and optional predictions.
         files_root: the server's local-files document root; default `local_files_root()`.
 
+    Idempotent per image: an image (by its sha256) that already has a task in the project is not
+    sent again, and its task's id is returned. An import that failed part-way (the server went
+    away after two of five batches) is simply run again: the batches that got through are not
+    doubled, which labelers would otherwise label twice.
+
     Returns:
-        The new task ids, in the order of `items`.
+        The task ids, in the order of `items` (existing tasks' ids for images sent before).
     """
     root = Path(files_root or local_files_root()).resolve()
     items = [_as_item(i) for i in items]
@@ -345,17 +350,36 @@ def import_tasks(
     project = client.projects.get(id=project_id)
     classes = project_classes(project.label_config)
     payloads = [task_payload(i, root, classes) for i in items]
-    ensure_local_storage(client, project_id, [i.image for i in items], root)
-    ids: list[int] = []
-    for start in range(0, len(payloads), IMPORT_BATCH):
-        batch = payloads[start : start + IMPORT_BATCH]
+    task_of = task_ids_by_image(client, project_id)
+    fresh, seen = [], set(task_of)
+    for payload in payloads:  # the first of each image not in the project yet, in order
+        if payload["data"]["sha256"] not in seen:
+            seen.add(payload["data"]["sha256"])
+            fresh.append(payload)
+    if len(fresh) < len(payloads):
+        print(f"label studio: {len(payloads) - len(fresh)} of {len(payloads)} images already have a task in "
+              f"project {project_id} (sent before, or twice in this batch): not sent again", flush=True)
+    if fresh:
+        ensure_local_storage(client, project_id, [Path(p["data"]["path"]) for p in fresh], root)
+    for start in range(0, len(fresh), IMPORT_BATCH):
+        batch = fresh[start : start + IMPORT_BATCH]
         resp = client.projects.import_tasks(id=project_id, request=batch, return_task_ids=True)
         got = getattr(resp, "task_ids", None)
         if got is None:  # non-Community editions import asynchronously and return no ids
             raise SaofuError(f"Label Studio imported tasks asynchronously (import {resp.import_}); ids unavailable")
-        ids.extend(int(t) for t in got)
+        task_of.update(zip((p["data"]["sha256"] for p in batch), (int(t) for t in got), strict=True))
     _follow_model_version(client, project, items)
-    return ids
+    return [task_of[p["data"]["sha256"]] for p in payloads]
+
+
+def task_ids_by_image(client: LabelStudio, project_id: int) -> dict[str, int]:
+    """sha256 of each task's image -> its task id (the first task, if one image has several)."""
+    found: dict[str, int] = {}
+    for task in client.tasks.list(project=project_id, page_size=1000):
+        sha = (_dump(task).get("data") or {}).get("sha256")
+        if sha and sha not in found:
+            found[sha] = int(task.id)
+    return found
 
 
 def _follow_model_version(client: LabelStudio, project: Any, items: Sequence[LabelingItem]) -> None:

@@ -338,3 +338,34 @@ def test_browser_shows_the_task_image(client, label_studio, images, chromium, tm
     assert set(CLASSES) <= set(interface["texts"]) and interface["checkboxes"] >= len(CLASSES), interface
     # And the browser painted it: the screenshot shows the task's image where the interface put it.
     assert_task_image_painted(shot, interface["images"], cls)
+
+
+@pytest.mark.timeout(300)
+def test_an_import_that_failed_part_way_is_run_again_without_doubling_a_task(client, label_studio, images,
+                                                                             monkeypatch):
+    """Label Studio goes away after the first batch; the rerun sends only what did not get through."""
+    from tasks.labeling import client as client_module
+
+    pid = ensure_project(client, _title("partial-import"), CLASSES)
+    monkeypatch.setattr(client_module, "IMPORT_BATCH", 3)  # eight images: batches of 3, 3, 2
+    real_import, calls = client.projects.import_tasks, []
+
+    def import_then_fail(**kwargs):
+        calls.append(len(kwargs["request"]))
+        if len(calls) == 2:
+            raise requests.ConnectionError("Label Studio went away")
+        return real_import(**kwargs)
+
+    monkeypatch.setattr(client.projects, "import_tasks", import_then_fail)
+    with pytest.raises(requests.ConnectionError):
+        import_tasks(client, pid, _items(images), files_root=label_studio.files_root)
+    assert len(list_tasks(client, pid)) == 3  # the first batch got through
+
+    ids = import_tasks(client, pid, _items(images), files_root=label_studio.files_root)
+    tasks = list_tasks(client, pid)
+    assert calls == [3, 3, 3, 2]  # the rerun sent the five that were missing, not the eight
+    assert len(tasks) == 8 and sorted(ids) == sorted(t["id"] for t in tasks)
+    assert [Path(t["data"]["path"]) for t in sorted(tasks, key=lambda t: ids.index(t["id"]))] == \
+        [p.resolve() for p, _ in images]
+    assert import_tasks(client, pid, _items(images[:2]), files_root=label_studio.files_root) == ids[:2]
+    assert len(list_tasks(client, pid)) == 8 and len(calls) == 4  # nothing new: nothing sent
