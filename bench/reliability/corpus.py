@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from bench.reliability.bad_images import CLASSES, RED, BadImage, encoded, good_images, image_corpus
+from bench.reliability.fault_harness import environment
 from bench.reliability.ingest_attacks import offer_to_ingest
 from bench.reliability.section import Case, Section
 
@@ -297,17 +297,8 @@ def corrupt_graphs(folder: Path) -> dict[str, tuple[bytes, str]]:
 @contextlib.contextmanager
 def project_home(home: Path) -> Iterator[None]:
     """SAOFU_HOME pointed at `home` (the MLflow store, caches), MLFLOW_TRACKING_URI unset, then restored."""
-    saved = {k: os.environ.get(k) for k in ("SAOFU_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["SAOFU_HOME"] = str(home)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
+    with environment(SAOFU_HOME=str(home), MLFLOW_TRACKING_URI=None):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def registry_with_corrupt_versions(home: Path, model: str = "bad-input", kinds: list[str] | None = None,

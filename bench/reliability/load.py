@@ -27,24 +27,22 @@ readable and its image on disk, the pool within its bounds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from bench.reliability.fault_harness import environment, free_port
 from bench.reliability.section import Case, Section
 
 MODEL = "load-recognizer"
@@ -53,31 +51,6 @@ ROTATED = CLASSES[1:] + CLASSES[:1]  # version 3's names: every answer differs f
 SIZE = 32
 REPO = Path(__file__).resolve().parents[2]
 STEP_TIMEOUT_S = 60.0  # a swap or a canary verdict not seen within this is a failed case
-
-
-@contextlib.contextmanager
-def _env(**values: str | None) -> Iterator[None]:
-    """Set (or, with None, unset) environment variables for the block; the old values come back after."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _register_versions(home: Path) -> None:
@@ -199,14 +172,14 @@ async def _client(url: str, bodies: list[bytes], load: _Load, session) -> None:
 def _promote(home: Path, version: str) -> None:
     from tasks.release import registry
 
-    with _env(SAOFU_HOME=str(home), MLFLOW_TRACKING_URI=None):
+    with environment(SAOFU_HOME=str(home), MLFLOW_TRACKING_URI=None):
         registry.promote(MODEL, version, f"load bench: swap to {version} under load")
 
 
 def _set_challenger(home: Path, version: str) -> None:
     from tasks.release import registry
 
-    with _env(SAOFU_HOME=str(home), MLFLOW_TRACKING_URI=None):
+    with environment(SAOFU_HOME=str(home), MLFLOW_TRACKING_URI=None):
         registry.set_challenger(MODEL, version)
 
 
@@ -359,9 +332,9 @@ def run_load(requests: int = 20_000, swaps: int = 6, clients: int = 16, *, canar
     tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="saofu-load-"))
     home, pool, log = tmp / "home", tmp / "pool", tmp / "serve.log"
     home.mkdir(parents=True, exist_ok=True)
-    with _env(SAOFU_HOME=str(home), MLFLOW_TRACKING_URI=None):
+    with environment(SAOFU_HOME=str(home), MLFLOW_TRACKING_URI=None):
         _register_versions(home)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SAOFU_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
