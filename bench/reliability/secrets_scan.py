@@ -126,7 +126,7 @@ def _flow_runs() -> set:
         return {run.id for run in client.read_flow_runs()}
 
 
-_FAKE_LABEL_STUDIO = '''#!{python}
+FAKE_LABEL_STUDIO = '''#!{python}
 """Stands in for `label-studio start`: answers every GET 200 and makes a database in its data folder."""
 import http.server, sys
 args = sys.argv[1:]
@@ -152,7 +152,7 @@ def _start_label_studio(home: Path) -> None:
     venv = home.parent / "ls-venv"
     exe = venv / "bin" / "label-studio"
     exe.parent.mkdir(parents=True, exist_ok=True)
-    exe.write_text(_FAKE_LABEL_STUDIO.format(python=sys.executable))
+    exe.write_text(FAKE_LABEL_STUDIO.format(python=sys.executable))
     exe.chmod(0o755)
     # what `ensure_installed` checks to take the venv as installed
     digest = hashlib.sha256(labeling._requirements_text().encode()).hexdigest()

@@ -206,7 +206,8 @@ def test_ingest_skips_a_project_nobody_created_and_fails_on_an_unreachable_label
     # a Label Studio that is configured but not there is an error worth failing on
     monkeypatch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "token")
-    with pytest.raises(SaofuError, match=r"Label Studio at http://127\.0\.0\.1:\d+ is not reachable.*saofu up labeling"):
+    with pytest.raises(SaofuError,
+                       match=r"Label Studio at http://127\.0\.0\.1:\d+ is not reachable.*saofu up labeling"):
         real_find_project.fn("fu-recognizer", ["fu"])
 
 

@@ -26,6 +26,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from bench.reliability.secrets_scan import FAKE_LABEL_STUDIO
 from saofu.cli import app
 from saofu.errors import SaofuError
 from services import labeling
@@ -121,19 +122,6 @@ def test_saofu_search_keeps_the_password_out_of_output_and_flow_parameters(saofu
 
 # ------------------------------------------------------------------------------------- Label Studio
 
-_FAKE_SERVER = '''#!{python}
-"""Stands in for `label-studio start`: answers every GET 200 and makes a database in its data folder."""
-import http.server, sys
-args = sys.argv[1:]
-port = int(args[args.index("--port") + 1])
-open("label_studio.sqlite3", "w").write("tokens in plain text")
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(b"{{}}")
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
-'''
 
 
 @pytest.fixture
@@ -142,7 +130,7 @@ def fake_label_studio(tmp_path) -> Path:
     venv = tmp_path / "ls-venv"
     exe = venv / "bin" / "label-studio"
     exe.parent.mkdir(parents=True)
-    exe.write_text(_FAKE_SERVER.format(python=sys.executable))
+    exe.write_text(FAKE_LABEL_STUDIO.format(python=sys.executable))
     exe.chmod(0o755)
     digest = hashlib.sha256(labeling._requirements_text().encode()).hexdigest()
     (venv / ".saofu-requirements.sha256").write_text(digest + "\n")
