@@ -5,6 +5,19 @@ auto-label into the dataset manifest (source `auto`) → the rest, and optionall
 evaluation's badcases, become Label Studio tasks with the models' predictions as pre-annotations.
 The counts go to MLflow (experiment `saofu-active-learning`).
 
+Calibrated votes (`tasks/labeling/vote_calibration.py`): before voting, each model's probabilities
+are temperature-scaled with a temperature fitted on the dataset's labelled val split (`calibrate`,
+on by default; a dataset with too few val images votes raw, with a warning). With
+`target_precision` (e.g. 0.995) the threshold is found on that split for the target instead of
+taken from `threshold`; when the split shows the target out of reach, the pass auto-labels only at
+the strictest threshold and says so. Temperatures, ECE before/after, the threshold and its
+estimated precision with its interval go to the result and to MLflow.
+
+Spot checks (`tasks/labeling/spot_checks.py`): a blind random sample of each pass's auto-labels
+(`spot_check_share`, at least `spot_check_minimum`) goes to labelers with no pre-annotation; the
+ingest compares their answers with the auto-labels and logs the measured precision per pass and per
+model version, and a disagreeing answer corrects the auto-label.
+
 With no pool or dataset named (the scheduled deployment), both are resolved at run time (the pool
 `saofu serve` logs into; tasks/data/project_dataset.py). Nothing to work on yet (no champion, no
 second model, no pool, no labelled dataset) is not a failure: the run logs one warning saying what
@@ -24,12 +37,22 @@ from tasks import tracking
 from tasks.data.project_dataset import default_pool_dir, no_store, pool_missing, resolve_project_dataset
 from tasks.labeling.active_learning import (
     SECOND_ALIAS,
+    ModelRef,
     RouteResult,
     label_classes,
     label_studio_sink,
     resolve_models_task,
     route_task,
     send_badcases_task,
+)
+from tasks.labeling.spot_checks import send_spot_checks
+from tasks.labeling.vote_calibration import (
+    MIN_VAL_IMAGES,
+    VAL_LIMIT,
+    VoteCalibration,
+    calibrate_vote_task,
+    describe,
+    has_new_images,
 )
 
 EXPERIMENT = "saofu-active-learning"
@@ -61,10 +84,25 @@ class ActiveLearningParams(BaseModel):
         True, description="The champion votes with probabilities averaged over 5 slightly shifted/zoomed views: "
         "fewer confidently wrong auto-labels for 5x its inference (bench/results/labeling_tta.json).",
     )
+    calibrate: bool = Field(
+        True, description="Temperature-scale each model's probabilities on the dataset's labelled val split before "
+        "they vote, so one threshold means the same for both models and after a retrain.",
+    )
+    target_precision: float = Field(
+        0.0, ge=0.0, lt=1.0, description="0: use `threshold`. E.g. 0.995: find the threshold at which the vote's "
+        "precision (its 95% lower bound) reaches this on the val split; needs labelled val images.",
+    )
+    calibration_images: int = Field(
+        VAL_LIMIT, ge=MIN_VAL_IMAGES, le=20_000, description="At most this many val images to calibrate on.",
+    )
     project: str = Field("fu-recognizer", min_length=1, description="Label Studio project title.")
     max_tasks: int | None = Field(
         None, ge=0, description="At most this many pool tasks per run, most informative first. Empty: all."
     )
+    spot_check_share: float = Field(0.05, ge=0.0, le=1.0, description="Share of this pass's auto-labels sent to "
+                                    "labelers as blind spot checks (ingest measures their precision).")
+    spot_check_minimum: int = Field(5, ge=0, description="At least this many spot checks when there are as many "
+                                                         "auto-labels.")
     include_badcases: bool = Field(False, description="Also send the latest evaluation's badcases to Label Studio.")
     badcase_file: str | None = Field(None, description="badcases.json, written beside every evaluation report.")
     since: str | None = Field(None, description="Only pool images that arrived after this ISO time.")
@@ -88,7 +126,14 @@ class ActiveLearningResult(BaseModel):
     human: int = 0
     deferred: int = 0
     badcases: int = 0
+    spot_checks: int = 0  # auto-labels sent to labelers as blind checks
     reasons: dict[str, int] = {}
+    threshold_used: float = 0.0  # the global threshold the pass voted with (found or given)
+    # temperature and ECE before/after per model, and with a target the threshold's estimate
+    # (`VoteCalibration.metrics`); empty when the votes were not calibrated
+    calibration: dict[str, float] = {}
+    target_met: bool = False  # a target precision was asked and the val split showed it reachable
+    calibration_note: str = ""  # why the votes were not calibrated, or that the target was not met
     skipped: str = ""  # why the pass did nothing (no champion, second model, pool or dataset yet); "" when it ran
 
 
@@ -127,6 +172,50 @@ def _skipped(reason: str) -> ActiveLearningResult:
     return ActiveLearningResult(skipped=reason)
 
 
+def _calibrated_vote(
+    params: ActiveLearningParams, champion: ModelRef, second: ModelRef
+) -> tuple[VoteCalibration | None, float, dict[str, float] | None, str]:
+    """Calibrate the votes and find the threshold, as the parameters ask.
+
+    Returns:
+        (the calibration or None, the global threshold, the per-class thresholds, a note for the
+        result: why the votes are not calibrated, or that the target was not met).
+
+    Raises:
+        SaofuError: a target precision was asked and the dataset has too few labelled val images
+            to estimate it: the pass does not quietly fall back to a hand-set threshold.
+    """
+    threshold, per_class = params.threshold, params.per_class_thresholds
+    if not (params.calibrate or params.target_precision):
+        return None, threshold, per_class, ""
+    if not has_new_images(params.pool_dir, params.since):
+        return None, threshold, per_class, "no new pool images: nothing to calibrate for"
+    log = get_run_logger()
+    try:
+        cal = calibrate_vote_task(
+            params.dataset_dir, champion, second, champion_tta=params.champion_tta,
+            fit_temperatures=params.calibrate, target_precision=params.target_precision,
+            limit=params.calibration_images,
+        )
+    except SaofuError as exc:
+        if params.target_precision:
+            raise SaofuError(f"cannot find a threshold for precision {params.target_precision}: {exc}") from None
+        log.warning("active learning: votes not calibrated (raw probabilities, threshold %s): %s", threshold, exc)
+        return None, threshold, per_class, f"not calibrated: {exc}"
+    log.info("active learning: %s", describe(cal))
+    if (choice := cal.choice) is None:
+        return cal, threshold, per_class, ""
+    # per-class thresholds only ever raise the bar the target set, never lower it
+    per_class = {name: max(value, choice.threshold) for name, value in (per_class or {}).items()} or None
+    note = ""
+    if not choice.met:
+        note = (f"target precision {choice.target} not met on the val split: auto-labelling only at the strictest "
+                f"threshold {choice.threshold:.4f} (estimated {choice.precision:.4f} "
+                f"[{choice.lower:.4f}, {choice.upper:.4f}] on {choice.selected} images)")
+        log.warning("active learning: %s", note)
+    return cal, choice.threshold, per_class, note
+
+
 @flow(name="active-learning", log_prints=True)
 def active_learning_flow(params: ActiveLearningParams) -> ActiveLearningResult:
     """One pass: route the pool's new images, send badcases, log the counts."""
@@ -155,10 +244,15 @@ def active_learning_flow(params: ActiveLearningParams) -> ActiveLearningResult:
          "champion": champion.model_version, "second": second.model_version},
     )
     try:
+        cal, threshold, per_class, note = _calibrated_vote(params, champion, second)
         routed: RouteResult = route_task(
-            params.pool_dir, params.dataset_dir, champion, second, sink, params.threshold,
-            params.per_class_thresholds, params.max_tasks, params.since, champion_tta=params.champion_tta,
+            params.pool_dir, params.dataset_dir, champion, second, sink, threshold, per_class, params.max_tasks,
+            params.since, champion_tta=params.champion_tta,
+            temperatures=cal.temperatures if cal else (1.0, 1.0),
         )
+        # a blind sample of this pass's auto-labels to labelers: ingest measures their precision
+        spot_checks = send_spot_checks(params.dataset_dir, routed.auto_rows, sink, params.spot_check_share,
+                                       params.spot_check_minimum, run_id=run_id) if routed.auto_rows else 0
         sent = (
             send_badcases_task(params.badcase_file, sink, params.pool_dir, params.max_tasks)
             if params.include_badcases else 0
@@ -166,15 +260,20 @@ def active_learning_flow(params: ActiveLearningParams) -> ActiveLearningResult:
     except BaseException:
         tracking.finish_run(run_id, "FAILED")  # not left RUNNING in the UI
         raise
-    tracking.log_metrics(run_id, {**routed.metrics(), "badcases": sent})
+    calibration = cal.metrics() if cal else {}
+    tracking.log_metrics(run_id, {**routed.metrics(), "badcases": sent, "spot_checks": spot_checks,
+                                  "threshold_used": threshold, **calibration})
     tracking.finish_run(run_id)
     get_run_logger().info(
-        "active learning: %d auto, %d to labelers, %d badcases (run %s)", routed.auto, routed.human, sent, run_id
+        "active learning: %d auto at threshold %.4f, %d to labelers, %d badcases (run %s)", routed.auto, threshold,
+        routed.human, sent, run_id,
     )
     return ActiveLearningResult(
         run_id=run_id, champion=champion.model_version, second=second.model_version,
         new_images=routed.new_images, auto=routed.auto, auto_added=routed.auto_added, human=routed.human,
-        deferred=routed.deferred, badcases=sent, reasons=routed.reasons,
+        deferred=routed.deferred, badcases=sent, spot_checks=spot_checks, reasons=routed.reasons,
+        threshold_used=threshold,
+        calibration=calibration, target_met=bool(cal and cal.choice and cal.choice.met), calibration_note=note,
     )
 
 

@@ -40,6 +40,11 @@ def active_learning(
     second: str | None = typer.Option(None, "--second", help="Second model: NAME, NAME@alias or NAME/3."),
     threshold: float = typer.Option(0.9, "--threshold", help="Confidence BOTH models must reach."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="The champion votes over 5 shifted/zoomed views."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
+                                   help="Temperature-scale both models on the dataset's val split before voting."),
+    target_precision: float = typer.Option(
+        0.0, "--target-precision", help="E.g. 0.995: find the threshold for this precision on the val split "
+        "(replaces --threshold); 0: use --threshold."),
     project: str = typer.Option("fu-recognizer", "--project", help="Label Studio project for the rest."),
     badcases: Path | None = typer.Option(None, "--badcases", help="A badcases.json to send to labelers too."),
     as_json: bool = JsonOpt,
@@ -49,12 +54,14 @@ def active_learning(
 
     params = ActiveLearningParams(
         pool_dir=str(pool), dataset_dir=str(dataset), registered_model=registered_model, second_model=second,
-        threshold=threshold, champion_tta=tta, project=project, include_badcases=badcases is not None,
+        threshold=threshold, champion_tta=tta, calibrate=calibrate, target_precision=target_precision,
+        project=project, include_badcases=badcases is not None,
         badcase_file=str(badcases) if badcases else None,
     )
     with progress_to_stderr(as_json):
         result = run_flow(active_learning_flow, params)
     emit(result.model_dump(), as_json,
          f"skipped: {result.skipped}" if result.skipped else
-         f"{result.new_images} new images: {result.auto} auto-labelled, {result.human} to Label Studio, "
-         f"{result.badcases} badcases sent")
+         f"{result.new_images} new images: {result.auto} auto-labelled at threshold {result.threshold_used:.4f}, "
+         f"{result.human} to Label Studio, {result.badcases} badcases sent"
+         + (f"; {result.calibration_note}" if result.calibration_note else ""))

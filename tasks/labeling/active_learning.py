@@ -6,7 +6,8 @@ agree on its class AND both confidences reach the threshold (global, or per clas
 else becomes a Label Studio task carrying both predictions as pre-annotations (champion first,
 so labelers confirm the champion's answer rather than draw from scratch). Different
 architectures make different mistakes, so their agreement is worth more than one model's
-confidence (the campaign's "dual ASR engine" selection strategy).
+confidence (the campaign's "dual ASR engine" selection strategy). Each model's probabilities may be
+temperature-scaled first (`route(temperatures=...)`, fitted by `tasks.labeling.vote_calibration`).
 
 Two models with different classes (after a fast retrain the champion knows `fu_merchant`, the
 second model not yet): an image that either model puts in a class the other lacks goes to
@@ -45,27 +46,25 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from saofu.errors import SaofuError
-from saofu.pixels import to_rgb8
 from tasks.data.dataset_lock import dataset_lock
 from tasks.data.manifest import add_images
+from tasks.labeling.calibration import apply_temperature
 from tasks.labeling.client import LabelingItem, PredictionSpec
 from tasks.labeling.pool import PoolImage, load_state, pool_images, pool_lock, save_state
-from tasks.labeling.tta import tta_probabilities_nhwc
+from tasks.labeling.pool_predict import predict_pool
 from tasks.release.badcases import read_badcases
-from tasks.release.evaluation import align_probs, onnx_classes, session, softmax
-from tasks.train.onnx_interface import INPUT_NAME, OUTPUT_NAME, read_metadata
+from tasks.release.evaluation import align_probs
+from tasks.train.onnx_interface import read_metadata
 
 POOL_SOURCE = "online_pool"
 BADCASE_SOURCE = "evaluation"
@@ -192,50 +191,6 @@ def select_batch(
     ).astype(object)
     labels = np.asarray(classes, dtype=object)[top_a]
     return auto, labels, reasons
-
-
-# ----------------------------------------------------------------------------------- prediction
-
-
-def _decode(path: Path, size: int) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im = to_rgb8(ImageOps.exif_transpose(im))  # upright and scaled, as the serving app and training see it
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)  # as tasks.data.loading decodes training data
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise SaofuError(f"unreadable pool image: {path} ({exc.__class__.__name__})") from None
-
-
-def predict_pool(
-    onnx_path: str | Path, images: Sequence[PoolImage | str | Path], batch_size: int = 256, tta: bool = False,
-) -> np.ndarray:
-    """Class probabilities of an exported graph on pool images.
-
-    Args:
-        onnx_path: a graph from `tasks.train.export.export_onnx` (uint8 NHWC `pixels` in, `logits` out).
-        images: pool images or image paths.
-        batch_size: images decoded and run at once (bounds memory on a large pool).
-        tta: average over the test-time augmented views (`tasks.labeling.tta`; 5x the inference).
-
-    Returns:
-        [N,C] float64 probabilities, columns in the graph's class order.
-    """
-    sess = session(onnx_path, threads=2)
-    size = int(sess.get_modelmeta().custom_metadata_map.get("image_size", 64))
-    paths = [Path(i.path if isinstance(i, PoolImage) else i) for i in images]
-    out = [np.zeros((0, len(onnx_classes(sess))))]
-    # PIL releases the GIL while decoding, so two threads keep both cores busy
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for start in range(0, len(paths), batch_size):
-            pixels = np.stack(list(pool.map(lambda p: _decode(p, size), paths[start : start + batch_size])))
-            if tta:
-                out.append(tta_probabilities_nhwc(
-                    lambda x: softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64)), pixels))
-            else:
-                out.append(softmax(sess.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0].astype(np.float64)))
-    return np.concatenate(out)
 
 
 # ------------------------------------------------------------------------------------ the models
@@ -404,6 +359,7 @@ class RouteResult:
     deferred: int = 0  # would go to labelers but over max_tasks: they come back next run
     reasons: dict[str, int] = field(default_factory=dict)
     task_ids: list[int] = field(default_factory=list)
+    auto_rows: list[dict] = field(default_factory=list)  # this pass's auto-labels (the spot checks' sample)
 
     def metrics(self) -> dict[str, float]:
         counts = {k: v for k, v in asdict(self).items() if isinstance(v, int)}
@@ -422,6 +378,7 @@ def route(
     pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
     threshold: float = 0.9, per_class: Mapping[str, float] | None = None, max_tasks: int | None = None,
     since: datetime | str | None = None, batch_size: int = 256, champion_tta: bool = False,
+    temperatures: tuple[float, float] = (1.0, 1.0),
 ) -> RouteResult:
     """One active-learning pass over the pool's new images.
 
@@ -441,6 +398,9 @@ def route(
         batch_size: inference batch size.
         champion_tta: the champion votes with its probabilities averaged over test-time augmented
             views (`tasks.labeling.tta`), which makes it less often confidently wrong.
+        temperatures: (champion's, second's) temperature applied to each model's probabilities
+            before the vote (`tasks.labeling.vote_calibration`); (1, 1): the raw probabilities.
+            The scores in auto-label rows and pre-annotations are the calibrated ones.
 
     Returns:
         The counts of what went where.
@@ -449,13 +409,13 @@ def route(
         raise SaofuError(f"max_tasks must be >= 0 or None, got {max_tasks}")
     with pool_lock(pool_dir):
         return _route_locked(pool_dir, dataset_dir, champion, second, sink, threshold, per_class, max_tasks, since,
-                             batch_size, champion_tta)
+                             batch_size, champion_tta, temperatures)
 
 
 def _route_locked(
     pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
     threshold: float, per_class: Mapping[str, float] | None, max_tasks: int | None,
-    since: datetime | str | None, batch_size: int, champion_tta: bool,
+    since: datetime | str | None, batch_size: int, champion_tta: bool, temperatures: tuple[float, float],
 ) -> RouteResult:
     state = load_state(pool_dir)
     images = pool_images(pool_dir, since, state)
@@ -463,16 +423,18 @@ def _route_locked(
     if not images:
         return result
     classes = label_classes(champion, second)
-    probs_a = align_probs(predict_pool(champion.onnx_path, images, batch_size, tta=champion_tta), champion.classes,
-                          classes)
-    probs_b = align_probs(predict_pool(second.onnx_path, images, batch_size), second.classes, classes)
+    # calibrated on each model's own columns: a column aligned in as 0 must stay 0
+    raw_a = predict_pool(champion.onnx_path, images, batch_size, tta=champion_tta)
+    probs_a = align_probs(apply_temperature(raw_a, temperatures[0]), champion.classes, classes)
+    raw_b = predict_pool(second.onnx_path, images, batch_size)
+    probs_b = align_probs(apply_temperature(raw_b, temperatures[1]), second.classes, classes)
     auto, labels, reasons = select_batch(probs_a, probs_b, classes, threshold, per_class, champion.classes,
                                          second.classes)
     result.reasons = dict(Counter(reasons.tolist()))
 
     auto_idx = np.flatnonzero(auto)
     rows = [_auto_row(images[i], labels[i], probs_a[i], probs_b[i], champion, second) for i in auto_idx]
-    result.auto = len(rows)
+    result.auto, result.auto_rows = len(rows), rows
     if rows:
         with dataset_lock(dataset_dir):  # no ingest swaps in a copy it staged before these rows
             result.auto_added = len(add_images(dataset_dir, rows))
