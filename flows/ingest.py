@@ -13,6 +13,12 @@ With no dataset named (the scheduled deployment), the dataset is resolved at run
 anybody created, is not a failure: the run logs one warning saying what to run and returns a
 result with `skipped` set. A Label Studio that is not configured or not reachable is a failure,
 reported in one line.
+
+Spot checks (tasks/labeling/spot_checks.py): answers to the blind checks of auto-labels that
+active learning sends are ingested like any answer (a disagreeing one corrects the auto row), and
+are also compared with the auto-labels: the measured precision, cumulative over every spot check
+answered so far, is logged per active-learning run and per model version (`spot_check_*` metrics,
+`spot_checks/audit.json`). Their ledger is written into the staged copy with the cursor.
 """
 
 
@@ -45,6 +51,7 @@ from tasks.labeling.ingest import (
     staged_copy,
     to_manifest_rows,
 )
+from tasks.labeling.spot_checks import SpotCheckAudit, SpotCheckLedger, spot_check_outcomes
 
 
 class IngestParams(BaseModel):
@@ -74,6 +81,16 @@ class IngestResult(BaseModel):
     data_version: str | None = None
     validation_docs: str | None = None
     seconds: float = 0.0  # the flow body's wall time
+    run_id: str = ""  # the MLflow run
+    # spot checks of auto-labels: answers counted in this run, then the figures over every one answered so
+    # far (reported once the project has any)
+    spot_checks_answered: int = 0
+    spot_check_n: int = 0
+    spot_check_agreed: int = 0
+    spot_check_precision: float | None = None
+    spot_check_interval: list[float] = []  # 95 % Wilson interval of the precision
+    spot_check_by_version: dict[str, dict] = {}  # model version -> checked, agreed, precision, low, high
+    spot_check_by_run: dict[str, dict] = {}  # active-learning run id -> the same
     skipped: str = ""  # why the run did nothing (no dataset, no project yet); "" when it ran
 
 
@@ -115,12 +132,14 @@ class DatasetChange(BaseModel):
 
 
 def apply_validated(dataset: Path, rows: list[dict], classes: list[str], run_id: str,
-                    state: IngestState | None = None) -> tuple[DatasetChange, ValidationReport]:
+                    state: IngestState | None = None,
+                    ledger: SpotCheckLedger | None = None) -> tuple[DatasetChange, ValidationReport]:
     """Apply labelled rows to a staged copy of `dataset`, run the validation suite, swap it in if it passes.
 
     New images are added; an image already there whose human label changed is relabelled (moved
     to its new class folder). `state` (the advanced ingest cursor) is written into the staged copy,
-    so the cursor moves exactly when the rows it covers are committed. The whole stage → validate →
+    so the cursor moves exactly when the rows it covers are committed; so is `ledger` (the spot checks'
+    outcomes), which moves with it. The whole stage → validate →
     swap holds the dataset's lock (re-entrant: the ingest flow holds it already).
 
     Returns:
@@ -136,6 +155,8 @@ def apply_validated(dataset: Path, rows: list[dict], classes: list[str], run_id:
             change = DatasetChange(added=add_images(staging, rows), relabelled=relabel_images(staging, rows))
             if state is not None:
                 state.save(staging)
+            if ledger is not None:
+                ledger.save(staging)
             validation = validate(str(staging), classes, str(dataset.parent / f".{dataset.name}.gx-docs"))
             tracking.log_dict(run_id, {"summary": validation.summary(), "success": validation.success},
                               "validation/report.json")
@@ -193,12 +214,18 @@ def ingest_flow(params: IngestParams) -> IngestResult:
         state = IngestState.load(dataset, project_id)
         records = fetch_annotations(project_id, state.cursor)
         rows, report = to_manifest_rows(records, classes=classes)  # a label outside them skips its task
+        checks = spot_check_outcomes(records, classes)
+        ledger = (SpotCheckLedger.load(dataset, project_id)
+                  if checks or SpotCheckLedger.path(dataset, project_id).exists() else None)
+        if ledger is not None:
+            ledger.update(checks)
         newest = latest_update(records)
         advanced = IngestState(project_id, newest.isoformat()) if newest is not None else None
         run_id = tracking.start_run(params.experiment, "ingest", params.model_dump(),
                                     {"prefect_flow_run_id": str(flow_run.get_id() or "")})
         try:
-            change, validation = apply_validated(dataset, rows, classes, run_id, state=advanced)
+            change, validation = apply_validated(dataset, rows, classes, run_id, state=advanced,
+                                                 ledger=ledger if checks else None)
         except BaseException:
             tracking.finish_run(run_id, "FAILED")
             raise
@@ -212,14 +239,41 @@ def ingest_flow(params: IngestParams) -> IngestResult:
     summary = report.summary()
     tracking.log_metrics(run_id, {k: v for k, v in summary.items() if isinstance(v, int)})
     tracking.set_tags(run_id, {"data_version": data_version})
+    measured = _log_spot_checks(run_id, ledger, checks) if ledger is not None else None
     tracking.finish_run(run_id)
     logger.info("ingest: %s; data version %s", summary, data_version)
     return IngestResult(
+        run_id=run_id, **(_spot_check_fields(measured, checks) if measured is not None else {}),
         project_id=project_id, tasks_seen=report.tasks_seen, added=len(change.added),
         relabelled=len(change.relabelled), already_present=report.already_present, ties=report.ties,
         tasks_skipped=len(report.skipped), data_version=data_version,
         validation_docs=str(validation.docs_path or ""), seconds=time.perf_counter() - started,
     )
+
+
+def _log_spot_checks(run_id: str, ledger: SpotCheckLedger, checks: list) -> SpotCheckAudit:
+    """Log the precision measured by every spot check answered so far (this run's answers included)."""
+    measured = ledger.audit()
+    answered = sum(c.agreed is not None for c in checks)
+    tracking.log_metrics(run_id, {**measured.metrics(), "spot_checks_answered": answered,
+                                  "spot_check_not_counted": len(checks) - answered})
+    tracking.log_dict(run_id, {**measured.table(), "answered_this_run": answered,
+                               "not_counted_this_run": len(checks) - answered}, "spot_checks/audit.json")
+    if measured.checked:
+        low, high = measured.overall.interval
+        print(f"spot checks: auto-label precision {measured.precision:.3f} (95 % {low:.3f}-{high:.3f}) over "
+              f"{measured.checked} checks, {answered} answered in this run", flush=True)
+    return measured
+
+
+def _spot_check_fields(measured: SpotCheckAudit, checks: list) -> dict:
+    return {
+        "spot_checks_answered": sum(c.agreed is not None for c in checks),
+        "spot_check_n": measured.checked, "spot_check_agreed": measured.agreed,
+        "spot_check_precision": measured.precision, "spot_check_interval": list(measured.overall.interval or ()),
+        "spot_check_by_version": {k: t.as_dict() for k, t in measured.by_version.items()},
+        "spot_check_by_run": {k: t.as_dict() for k, t in measured.by_run.items()},
+    }
 
 
 def _skipped(logger, reason: str, started: float) -> IngestResult:

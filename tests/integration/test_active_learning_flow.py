@@ -54,13 +54,17 @@ def test_disagreements_become_label_studio_tasks_with_both_predictions(
                                   champion_tta=False)  # steered on these exact pixels only
     result = active_learning_flow(params)
 
-    assert (result.new_images, result.auto, result.human) == (24, 12, 12)
+    assert (result.new_images, result.auto, result.human, result.spot_checks) == (24, 12, 12, 5)
     assert len(read_manifest(tmp_path / "ds")) == 12
     tasks = list_tasks(client, ensure_project(client, "al-real", CLASSES))
-    assert len(tasks) == 12
-    for task in tasks:
+    checks = [t for t in tasks if t["data"].get("spot_check")]
+    routed = [t for t in tasks if not t["data"].get("spot_check")]
+    assert len(routed) == 12
+    for task in routed:
         versions = [p["model_version"] for p in task["predictions"]]
         assert sorted(versions) == ["fu:1", "fu:2"]
+    # the dataset lies outside Label Studio's files root: its blind spot checks are served from under it
+    assert len(checks) == 5 and all(not t["predictions"] for t in checks)
     again = active_learning_flow(params)
     assert (again.new_images, again.auto, again.human) == (0, 0, 0)
-    assert len(list_tasks(client, ensure_project(client, "al-real", CLASSES))) == 12
+    assert len(list_tasks(client, ensure_project(client, "al-real", CLASSES))) == 17

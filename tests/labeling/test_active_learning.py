@@ -529,12 +529,20 @@ def test_the_flow_routes_the_pool_sends_badcases_and_logs_the_counts(
 
     assert (result.champion, result.second) == ("fu:1", "fu:2")
     assert (result.new_images, result.auto, result.human, result.badcases) == (24, 12, 12, 1)
-    assert sum(len(s.items) for s in sinks) == 13
+    # 12 to labelers, 1 badcase, and 5 blind spot checks of the 12 auto-labels (5 % but at least 5)
+    assert result.spot_checks == 5
+    items = [item for s in sinks for item in s.items]
+    assert len(items) == 18
+    checks = [item for item in items if item.source == "spot_check"]
+    auto_shas = {r["sha256"] for r in read_manifest(tmp_path / "ds") if r["source"] == "auto"}
+    assert len(checks) == 5 and {c.sha256 for c in checks} <= auto_shas
+    assert all(not c.predictions for c in checks)  # blind: no pre-annotation to confirm
     assert len(read_manifest(tmp_path / "ds")) == 12
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "saofu-active-learning"
-    assert {k: run.data.metrics[k] for k in ("auto", "human", "badcases")} == {"auto": 12, "human": 12, "badcases": 1}
+    assert {k: run.data.metrics[k] for k in ("auto", "human", "badcases", "spot_checks")} == {
+        "auto": 12, "human": 12, "badcases": 1, "spot_checks": 5}
     assert run.data.params["threshold"] == "0.9"
 
 
