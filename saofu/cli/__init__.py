@@ -19,7 +19,7 @@ import typer
 # typer >= 0.20 vendors click as typer._click: its exceptions, not the `click` package's, reach us.
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-from saofu.cli import bench, data, labeling, release, retrain, search, serve, services, train
+from saofu.cli import bench, data, labeling, labels, release, retrain, search, serve, services, train
 from saofu.errors import SaofuError
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app = typer.Typer(
 for group in (labeling.app, train.app, search.app, release.app, retrain.app, serve.app):
     app.add_typer(group)
 app.add_typer(data.app, name="data")
+app.add_typer(labels.app, name="labels")
 app.add_typer(train.models_app, name="models")
 app.add_typer(bench.app, name="bench")
 app.add_typer(train.step_app, name="step")
