@@ -38,16 +38,24 @@ def bench_labeling(
     model_a: str = typer.Option("saofu_fu", "--model-a", help="The champion: its top class is the auto-label."),
     model_b: str = typer.Option("mobilenet_v2_035", "--model-b", help="The second model, another architecture."),
     thresholds: list[float] = typer.Option([0.8, 0.9, 0.95, 0.98], "--threshold", help="Repeat for several."),
+    seeds: list[int] = typer.Option(
+        [0, 1, 2], "--seed", help="One draw per seed (repeat): its worlds, trainings and random control."
+    ),
+    n_val: int = typer.Option(
+        0, "--n-val", help="Labelled images added to the held-out slice (calibration, target-precision threshold)."
+    ),
     sweep: bool = typer.Option(
         False, "--sweep", help="Retrain every strategy at every threshold: human labels needed within 1 point."
     ),
     retrain: bool = typer.Option(
-        True, "--retrain/--no-retrain", help="Retrain on the auto-labels against a human-labelled reference."
+        True, "--retrain/--no-retrain",
+        help="Retrain on the first draw's auto-labels against a human-labelled reference.",
     ),
     out: Path = typer.Option(Path("bench/results/labeling.json"), "--out"),
     as_json: bool = JsonOpt,
 ):
-    """Dual-model agreement (plain and with TTA) vs single-model confidence vs random, per threshold."""
+    """Auto-labelling strategies (dual agreement plain, with TTA, calibrated, for a target precision; single
+    confidence; random) over several draws: median and worst draw per strategy, ECE per model."""
     from bench.labeling import run_labeling_bench
     from models import list_models
 
@@ -55,8 +63,8 @@ def bench_labeling(
         if name not in list_models():
             raise SaofuError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     with progress_to_stderr(as_json):
-        result = run_labeling_bench(n_seed=n_seed, n_pool=n_pool, epochs=epochs, out=out, thresholds=thresholds,
-                                    model_a=model_a, model_b=model_b, sweep=sweep,
+        result = run_labeling_bench(n_seed=n_seed, n_pool=n_pool, epochs=epochs, seeds=seeds, n_val=n_val, out=out,
+                                    thresholds=thresholds, model_a=model_a, model_b=model_b, sweep=sweep,
                                     **({} if retrain or sweep else {"retrain": ()}))
     emit(result["summary"], as_json, result["table"])
 
