@@ -7,8 +7,10 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
   other weights unchanged, a class that refines an old one starts from its parent's row), or, for
   *changed* classes (corrected labels of classes the model has), keeps the class list as it is;
 * trains on every training image of the new and changed classes plus a replay sample of the other
-  classes (`replay_share` of each epoch, stratified by class, drawn afresh every epoch so the run
-  sees as much of the old data as its epochs allow), so old classes do not regress;
+  classes (`replay_share` of each epoch, drawn afresh every epoch so the run sees as much of the
+  old data as its epochs allow), so old classes do not regress; `hard_replay_share` of it comes
+  from the old images the base model sees as most like the new classes, the rest stratified by
+  class (`tasks/train/replay.py`: a uniform sample under-represents exactly the images at risk);
 * plans its epochs from the training throughput measured on a few real batches of this data and
   model (`measure_throughput`, `plan_epochs`), so the learning-rate schedule ends with the budget;
 * validates after every epoch and keeps the best checkpoint, in `loop.save_checkpoint`'s format
@@ -87,6 +89,7 @@ from tasks.train.loop import (
     seed_everything,
     train_one_epoch,
 )
+from tasks.train.replay import confusable_ranking, replay_count, take, training_set
 
 Clock = Callable[[], float]
 LR_SCALE = 0.5  # fine-tune rate as a share of the base run's peak rate, when `lr` is not given
@@ -106,6 +109,8 @@ class FineTuneConfig:
     changed_classes: list[str] = field(default_factory=list)  # classes it has, with corrected labels
     refines: dict[str, str] = field(default_factory=dict)  # new class -> the old class it refines
     replay_share: float = 0.5  # share of each epoch's training images drawn from the other classes
+    # Share of that replay taken from the old images most like the new classes (`confusable_replay`).
+    hard_replay_share: float = 0.3
     budget_s: float = 600.0  # wall clock for the whole call, loading and evaluation included
     max_epochs: int = 30  # cap on planned epochs
     epochs: int | None = None  # a fixed epoch count instead of a plan (the budget still stops it)
@@ -167,7 +172,7 @@ class FineTuneResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training set: new/changed classes + a stratified replay sample
+# Training set: new/changed classes + a replay sample (tasks/train/replay.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -179,74 +184,6 @@ def align_split(split: TensorSplit, classes: Sequence[str]) -> TensorSplit:
     remap = torch.tensor([list(classes).index(c) for c in split.classes], dtype=torch.int64)
     labels = remap[split.labels] if len(split) else split.labels
     return TensorSplit(split.images, labels, list(classes), list(split.paths))
-
-
-def _take(split: TensorSplit, idx: Tensor) -> TensorSplit:
-    return TensorSplit(split.images[idx], split.labels[idx], split.classes, [split.paths[i] for i in idx.tolist()])
-
-
-def replay_count(n_focus: int, n_available: int, share: float) -> int:
-    """Replay images that make `share` of an epoch of `n_focus` focus images (at most all available)."""
-    if not 0.0 <= share < 1.0:
-        raise SaofuError(f"replay_share must be >= 0 and < 1, got {share!r}")
-    return min(n_available, round(n_focus * share / (1.0 - share)))
-
-
-def _stratified_quota(counts: list[int], n: int) -> list[int]:
-    """Split `n` draws over classes in proportion to `counts`, at least one per non-empty class.
-
-    Proportional, so the old classes keep the mix the base model was trained on; the floor of one
-    keeps a rare class in every epoch. Largest remainders round the shares to whole images.
-    """
-    quota = [0] * len(counts)
-    present = [i for i, c in enumerate(counts) if c > 0]
-    if n <= 0 or not present:
-        return quota
-    if n < len(present):  # fewer draws than classes: the largest classes get one each
-        for i in sorted(present, key=lambda i: -counts[i])[:n]:
-            quota[i] = 1
-        return quota
-    for i in present:
-        quota[i] = 1
-    rest, spare = n - len(present), [max(counts[i] - 1, 0) for i in range(len(counts))]
-    total = sum(spare)
-    if rest and total:
-        exact = [rest * s / total for s in spare]
-        floors = [math.floor(e) for e in exact]
-        left = rest - sum(floors)
-        for i in sorted(range(len(counts)), key=lambda i: floors[i] - exact[i])[:left]:
-            floors[i] += 1
-        quota = [q + f for q, f in zip(quota, floors)]
-    return quota
-
-
-def replay_sample(labels: Tensor, focus: Sequence[int], share: float, generator: torch.Generator) -> Tensor:
-    """Indices of a class-stratified random sample of the images outside the `focus` classes.
-
-    Args:
-        labels: int64 labels of the training split.
-        focus: class indices trained in full (new and changed classes); never sampled.
-        share: the sample's share of focus images + sample, in [0, 1).
-        generator: draws the sample (seeded runs).
-
-    Returns:
-        Sorted int64 indices into `labels`.
-    """
-    focus_mask = torch.isin(labels, torch.tensor(list(focus), dtype=labels.dtype))
-    old_classes = sorted(set(labels[~focus_mask].tolist()))
-    pools = [torch.nonzero(labels == c).flatten() for c in old_classes]
-    n = replay_count(int(focus_mask.sum()), int((~focus_mask).sum()), share)
-    picked = [pool[torch.randperm(len(pool), generator=generator)[:q]]
-              for pool, q in zip(pools, _stratified_quota([len(p) for p in pools], n))]
-    return torch.cat(picked).sort().values if picked else torch.zeros(0, dtype=torch.int64)
-
-
-def training_set(train: TensorSplit, focus_classes: Sequence[str], replay_share: float, seed: int) -> TensorSplit:
-    """Every image of `focus_classes` plus a seeded, stratified replay sample of the other classes."""
-    focus = [train.classes.index(c) for c in focus_classes]
-    in_focus = torch.nonzero(torch.isin(train.labels, torch.tensor(focus, dtype=torch.int64))).flatten()
-    replay = replay_sample(train.labels, focus, replay_share, torch.Generator().manual_seed(seed))
-    return _take(train, torch.cat([in_focus, replay]).sort().values)
 
 
 def prior_correction(train_labels: Tensor, epoch_labels: Tensor, num_classes: int) -> Tensor:
@@ -351,9 +288,9 @@ def measure_throughput(model: nn.Module, split: TensorSplit, cfg: TrainConfig, d
         idx = order[(torch.arange(bs) + b * bs) % len(split)]
         start = clock()
         if step is not None:
-            step(probe, _take(split, idx), optimizer, scheduler, generator)
+            step(probe, take(split, idx), optimizer, scheduler, generator)
         else:
-            train_one_epoch(probe, _take(split, idx), optimizer, scheduler, cfg, device, generator, scaler)
+            train_one_epoch(probe, take(split, idx), optimizer, scheduler, cfg, device, generator, scaler)
         if b >= warmup:
             seconds += clock() - start
             timed += bs
@@ -415,6 +352,8 @@ def _check(cfg: FineTuneConfig, old: list[str], data: PreparedData, image_size: 
     if not (math.isfinite(cfg.head_lr_scale) and cfg.head_lr_scale > 0):
         raise SaofuError(f"head_lr_scale must be > 0, got {cfg.head_lr_scale!r}")
     replay_count(0, 0, cfg.replay_share)  # range check
+    if not 0.0 <= cfg.hard_replay_share <= 1.0:
+        raise SaofuError(f"hard_replay_share must be in [0, 1], got {cfg.hard_replay_share!r}")
     expected = set(old) | set(cfg.new_classes)
     if set(data.classes) != expected:
         extra, missing = sorted(set(data.classes) - expected), sorted(expected - set(data.classes))
@@ -513,7 +452,13 @@ def fine_tune(
     reserve = eval_s + min(save_s)
     best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
 
-    first_epoch = training_set(train, focus_classes, cfg.replay_share, seed)
+    # The old images most like the new classes, by the base model's features: a share of every
+    # epoch's replay comes from them (`confusable_replay`: a uniform sample under-represents them).
+    ranked = None
+    if cfg.hard_replay_share > 0 and cfg.replay_share > 0:
+        ranked = confusable_ranking(teacher, train, [classes.index(c) for c in focus_classes], device,
+                                    torch.Generator().manual_seed(seed))
+    first_epoch = training_set(train, focus_classes, cfg.replay_share, seed, ranked, cfg.hard_replay_share)
     epoch_images = len(first_epoch)
     # Every epoch has the same class counts (all focus images, fixed replay quotas): one correction.
     offset = prior_correction(train.labels, first_epoch.labels, len(classes))
@@ -542,7 +487,7 @@ def fine_tune(
         generator.manual_seed(seed + 1_000_003 * epoch)
         torch.manual_seed(seed + 1_000_003 * epoch)
         # A fresh replay sample every epoch: same size, more of the old data seen over the run.
-        split = training_set(train, focus_classes, cfg.replay_share, seed + epoch)
+        split = training_set(train, focus_classes, cfg.replay_share, seed + epoch, ranked, cfg.hard_replay_share)
         order = torch.randperm(len(split), generator=generator)
         loss_sum, correct, seen = 0.0, 0.0, 0
         # The planned last epoch may be a part of one: the schedule ends at `steps`.
@@ -550,7 +495,7 @@ def fine_tune(
             if clock() + reserve >= deadline:
                 stopped = True
                 break
-            batch = _take(split, order[first:first + tcfg.batch_size])
+            batch = take(split, order[first:first + tcfg.batch_size])
             m = step(model, batch, optimizer, scheduler, generator)
             loss_sum += m["train_loss"] * len(batch)
             correct += m["train_accuracy"] * len(batch)

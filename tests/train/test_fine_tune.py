@@ -21,13 +21,11 @@ from tasks.train.fine_tune import (
     plan_epochs,
     plan_steps,
     prior_correction,
-    replay_count,
-    replay_sample,
-    training_set,
 )
 from tasks.train.forgetting import fine_tune_step, fold_matrix, freeze_leading_stages, train_mode
 from tasks.train.loop import TrainConfig, fit, load_checkpoint, predict_proba, save_checkpoint
 from tasks.train.onnx_interface import read_metadata
+from tasks.train.replay import replay_count, replay_sample, training_set
 
 OLD = ["circle", "square"]
 CPU = torch.device("cpu")
