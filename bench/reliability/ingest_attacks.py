@@ -18,7 +18,7 @@ from bench.reliability.section import Case
 
 
 def _annotated(task_id: int, path: str, label: str = "fu", annotations: int = 1, **data) -> dict:
-    """A task as Label Studio's API returns it (`tasks.list(fields="all")`)."""
+    """A task as Label Studio's API returns it (the project export `completed_annotations` reads)."""
     when = "2026-11-25T10:00:00+00:00"
     result = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
     return {"id": task_id, "data": {"image": "/data/local-files/?d=x.png", "path": path, "source": "online_pool",
@@ -33,7 +33,8 @@ def _export(tasks: list[dict]) -> list[dict]:
 
     client = SimpleNamespace(
         users=SimpleNamespace(list=lambda: [SimpleNamespace(id=1, username="ann", email="")]),
-        tasks=SimpleNamespace(list=lambda **_: tasks),
+        projects=SimpleNamespace(exports=SimpleNamespace(
+            download_sync=lambda *_, **__: iter([json.dumps(tasks).encode()]))),
     )
     return completed_annotations(client, project_id=1)
 

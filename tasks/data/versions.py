@@ -50,6 +50,7 @@ import yaml
 
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
+from tasks.data.file_digests import FileDigests
 
 REMOTE_ENV = "SAOFU_DVC_REMOTE"
 REMOTE_NAME = "storage"
@@ -151,11 +152,13 @@ def _check_remote_plugin(url: str) -> None:
 # --- public API --------------------------------------------------------------------------------
 
 
-def content_fingerprint(dataset_dir: str | Path) -> tuple[str, int]:
+def content_fingerprint(dataset_dir: str | Path, digests: FileDigests | None = None) -> tuple[str, int]:
     """Identity of a folder's content: sha256 over each file's relative path and sha256.
 
     Args:
         dataset_dir: a dataset folder.
+        digests: digests of files read before (`tasks.data.file_digests`); None reads every file
+            (what a check of restored files does).
 
     Returns:
         (hex fingerprint, number of files).
@@ -163,9 +166,14 @@ def content_fingerprint(dataset_dir: str | Path) -> tuple[str, int]:
     root = Path(dataset_dir)
     lines = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = digests.sha256(path) if digests is not None else hashlib.sha256(path.read_bytes()).hexdigest()
         lines.append(f"{path.relative_to(root).as_posix()}\0{digest}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest(), len(lines)
+
+
+def _digests() -> FileDigests:
+    """The registry's cache of file digests: versioning a grown dataset hashes only its new files."""
+    return FileDigests.open(state_dir() / "file-digests.json")
 
 
 def create_version(dataset_dir: str | Path, name: str, message: str = "") -> DataVersion:
@@ -186,7 +194,8 @@ def create_version(dataset_dir: str | Path, name: str, message: str = "") -> Dat
     """
     src = Path(dataset_dir)
     _check_name(name)
-    fingerprint = _fingerprint_dataset(src)
+    digests = _digests()
+    fingerprint = _fingerprint_dataset(src, digests)
     with _registry_lock():
         repo = _ensure_registry()
         _discard_unfinished(repo)
@@ -196,7 +205,9 @@ def create_version(dataset_dir: str | Path, name: str, message: str = "") -> Dat
                 return v
         number = max((v.number for v in versions if v.name == name), default=0) + 1
         _sync_remote(repo, has_versions=bool(versions))
-        return _store(repo, src, name, number, message, fingerprint)
+        version = _store(repo, src, name, number, message, fingerprint, digests)
+        digests.save()
+        return version
 
 
 def list_versions(name: str | None = None) -> list[DataVersion]:
@@ -282,7 +293,9 @@ def version_of(dataset_dir: str | Path) -> str | None:
     versions = list_versions()
     if not versions:
         return None
-    fingerprint, _ = content_fingerprint(dataset_dir)
+    digests = _digests()
+    fingerprint, _ = content_fingerprint(dataset_dir, digests)
+    digests.save()
     return next((v.id for v in versions if v.fingerprint == fingerprint), None)
 
 
@@ -295,10 +308,10 @@ def _check_name(name: str) -> None:
         raise SaofuError(f"dataset name {name!r} must be letters, digits and ._- (e.g. fu_world)")
 
 
-def _fingerprint_dataset(src: Path) -> str:
+def _fingerprint_dataset(src: Path, digests: FileDigests | None = None) -> str:
     if not src.is_dir():
         raise SaofuError(f"dataset folder not found: {src}")
-    fingerprint, n_files = content_fingerprint(src)
+    fingerprint, n_files = content_fingerprint(src, digests)
     if n_files == 0:
         raise SaofuError(f"dataset folder {src} holds no files")
     return fingerprint
@@ -308,14 +321,15 @@ def _dataset_path(name: str) -> str:
     return f"{DATASETS_DIR}/{name}"
 
 
-def _store(repo: Path, src: Path, name: str, number: int, message: str, fingerprint: str) -> DataVersion:
+def _store(repo: Path, src: Path, name: str, number: int, message: str, fingerprint: str,
+           digests: FileDigests | None = None) -> DataVersion:
     """Copy, `dvc add`, push, commit, tag; the tag last, so only complete versions exist."""
     rel = _dataset_path(name)
     workspace = repo / rel
     version_id = f"{name}@v{number}"
     _use_linked_cache(repo)
     _sync_tree(src, workspace)
-    copied, _ = content_fingerprint(workspace)
+    copied, _ = content_fingerprint(workspace, digests)
     if copied != fingerprint:
         # A file changed without its size or time changing, or the source changed under us: copy afresh.
         _remove(workspace)

@@ -122,3 +122,30 @@ def test_a_moved_dataset_reuses_the_cache_but_reads_its_own_paths(saofu_home, tm
                [Path(p).relative_to(root) for p in first.train.paths]
         assert torch.equal(data.train.images, first.train.images)
     assert len(list(cache.glob("*.pt"))) == 2  # one entry per dataset, shared by both copies
+
+
+@pytest.mark.timeout(120)
+def test_a_grown_dataset_decodes_only_its_new_and_changed_images(tmp_path, monkeypatch):
+    """An ingest's new images miss the cache's fingerprint; the unchanged files keep their decoded rows."""
+    from tasks.data import loading
+
+    root = make_shapes_dataset(tmp_path / "ds", n_per_class=6)
+    cache = tmp_path / "cache"
+    prepare_dataset(root, 32, cache_dir=cache)
+    images = sorted(p for p in root.rglob("*.png"))
+    new = images[0].with_name("grown.png")
+    shutil.copyfile(images[1], new)  # a new file (another name, another time)
+    shutil.copyfile(images[3], images[2])  # a file replaced in place: new content, new time
+    decoded = []
+    real = loading._decode
+    monkeypatch.setattr(loading, "_decode", lambda path, size: decoded.append(path) or real(path, size))
+
+    grown = prepare_dataset(root, 32, cache_dir=cache)
+
+    assert sorted(decoded) == sorted([new, images[2]])
+    fresh = prepare_dataset(root, 32, cache_dir=None)  # every image decoded from its file
+    for a, b in ((grown.train, fresh.train), (grown.val, fresh.val)):
+        assert a.paths == b.paths and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    decoded.clear()
+    prepare_dataset(root, 24, cache_dir=cache)  # another image size: nothing to reuse
+    assert len(decoded) == len(images) + 1

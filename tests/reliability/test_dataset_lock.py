@@ -11,7 +11,6 @@ with the dataset's content fingerprint, which is what a DVC version stores).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -46,12 +45,14 @@ def png(path: Path, seed: int) -> Path:
 
 
 class FakeLabelStudio:
-    """The SDK client as `completed_annotations` uses it: users, and tasks as `tasks.list(fields="all")` returns."""
+    """The SDK client as `completed_annotations` uses it: users, and the tasks of the project's JSON export."""
 
     def __init__(self):
         self._tasks: dict[int, dict] = {}
         self.users = SimpleNamespace(list=lambda: [SimpleNamespace(id=1, username="ann", email="")])
-        self.tasks = SimpleNamespace(list=lambda **_: [copy.deepcopy(t) for _, t in sorted(self._tasks.items())])
+        # the project export `completed_annotations` reads: JSON bytes, in chunks, as the SDK yields them
+        self.projects = SimpleNamespace(exports=SimpleNamespace(download_sync=lambda *_, **__: iter(
+            [json.dumps([t for _, t in sorted(self._tasks.items())]).encode()])))
 
     def annotate(self, task_id: int, image: Path, label: str, minutes: float) -> None:
         """Task `task_id` (image `image`) gets, or has changed to, `label` at T0 + `minutes`."""

@@ -7,6 +7,7 @@ skipped, nothing of it written; the good tasks of the same batch still go in.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +30,7 @@ def _png(path: Path, colour: tuple[int, int, int]) -> Path:
 
 
 def _task(task_id: int, path: str, label: str = "fu", **data) -> dict:
-    """A task as Label Studio's API returns it (`tasks.list(fields="all")`), with one annotation."""
+    """A task as Label Studio's project export returns it, with one annotation."""
     result = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
     return {"id": task_id, "data": {"image": "/data/local-files/?d=x.png", "path": path, "source": "online_pool",
                                     "badcase": False, **data},
@@ -41,7 +42,8 @@ def _export(tasks: list[dict]) -> list[dict]:
     """`completed_annotations` over a fake Label Studio holding `tasks`: the records the ingest reads."""
     client = SimpleNamespace(
         users=SimpleNamespace(list=lambda: [SimpleNamespace(id=1, username="ann", email="")]),
-        tasks=SimpleNamespace(list=lambda **_: tasks),
+        projects=SimpleNamespace(exports=SimpleNamespace(
+            download_sync=lambda *_, **__: iter([json.dumps(tasks).encode()]))),
     )
     return completed_annotations(client, project_id=1)
 
