@@ -76,13 +76,18 @@ class ActiveLearningParams(BaseModel):
     require_different_arch: bool = Field(
         False, description="Stop (instead of warning) when both models have the same architecture."
     )
-    threshold: float = Field(0.9, ge=0.5, le=1.0, description="Confidence BOTH models must reach to auto-label.")
+    threshold: float = Field(0.95, ge=0.5, le=1.0, description="Confidence BOTH models must reach to auto-label "
+                                                              "(calibrated, when `calibrate` is on).")
     per_class_thresholds: dict[str, Annotated[float, Field(ge=0.5, le=1.0)]] | None = Field(
         None, description="Class -> threshold replacing the global one for that class (e.g. stricter for a new class)."
     )
     champion_tta: bool = Field(
         True, description="The champion votes with probabilities averaged over 5 slightly shifted/zoomed views: "
         "fewer confidently wrong auto-labels for 5x its inference (bench/results/labeling_tta.json).",
+    )
+    second_tta: bool = Field(
+        True, description="The second model votes over the same 5 views: with both calibrated, the committee "
+        "`saofu bench labeling` kept (bench/results/labeling.json).",
     )
     calibrate: bool = Field(
         True, description="Temperature-scale each model's probabilities on the dataset's labelled val split before "
@@ -193,7 +198,7 @@ def _calibrated_vote(
     log = get_run_logger()
     try:
         cal = calibrate_vote_task(
-            params.dataset_dir, champion, second, champion_tta=params.champion_tta,
+            params.dataset_dir, champion, second, champion_tta=params.champion_tta, second_tta=params.second_tta,
             fit_temperatures=params.calibrate, target_precision=params.target_precision,
             limit=params.calibration_images,
         )
@@ -247,7 +252,7 @@ def active_learning_flow(params: ActiveLearningParams) -> ActiveLearningResult:
         cal, threshold, per_class, note = _calibrated_vote(params, champion, second)
         routed: RouteResult = route_task(
             params.pool_dir, params.dataset_dir, champion, second, sink, threshold, per_class, params.max_tasks,
-            params.since, champion_tta=params.champion_tta,
+            params.since, champion_tta=params.champion_tta, second_tta=params.second_tta,
             temperatures=cal.temperatures if cal else (1.0, 1.0),
         )
         # a blind sample of this pass's auto-labels to labelers: ingest measures their precision

@@ -38,8 +38,10 @@ def active_learning(
     dataset: Path = typer.Option(..., "--dataset", help="The labelled dataset that auto-labels go into."),
     registered_model: str = typer.Option("fu-recognizer", "--registered-model", help="Its @champion predicts."),
     second: str | None = typer.Option(None, "--second", help="Second model: NAME, NAME@alias or NAME/3."),
-    threshold: float = typer.Option(0.9, "--threshold", help="Confidence BOTH models must reach."),
+    threshold: float = typer.Option(0.95, "--threshold", help="Confidence BOTH models must reach (calibrated)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="The champion votes over 5 shifted/zoomed views."),
+    second_tta: bool = typer.Option(True, "--second-tta/--no-second-tta",
+                                    help="The second model votes over the same views too."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                    help="Temperature-scale both models on the dataset's val split before voting."),
     target_precision: float = typer.Option(
@@ -54,7 +56,8 @@ def active_learning(
 
     params = ActiveLearningParams(
         pool_dir=str(pool), dataset_dir=str(dataset), registered_model=registered_model, second_model=second,
-        threshold=threshold, champion_tta=tta, calibrate=calibrate, target_precision=target_precision,
+        threshold=threshold, champion_tta=tta, second_tta=second_tta, calibrate=calibrate,
+        target_precision=target_precision,
         project=project, include_badcases=badcases is not None,
         badcase_file=str(badcases) if badcases else None,
     )

@@ -378,7 +378,7 @@ def route(
     pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
     threshold: float = 0.9, per_class: Mapping[str, float] | None = None, max_tasks: int | None = None,
     since: datetime | str | None = None, batch_size: int = 256, champion_tta: bool = False,
-    temperatures: tuple[float, float] = (1.0, 1.0),
+    temperatures: tuple[float, float] = (1.0, 1.0), second_tta: bool = False,
 ) -> RouteResult:
     """One active-learning pass over the pool's new images.
 
@@ -398,6 +398,7 @@ def route(
         batch_size: inference batch size.
         champion_tta: the champion votes with its probabilities averaged over test-time augmented
             views (`tasks.labeling.tta`), which makes it less often confidently wrong.
+        second_tta: the second model votes under the same augmentation (the committee of views).
         temperatures: (champion's, second's) temperature applied to each model's probabilities
             before the vote (`tasks.labeling.vote_calibration`); (1, 1): the raw probabilities.
             The scores in auto-label rows and pre-annotations are the calibrated ones.
@@ -409,13 +410,14 @@ def route(
         raise SaofuError(f"max_tasks must be >= 0 or None, got {max_tasks}")
     with pool_lock(pool_dir):
         return _route_locked(pool_dir, dataset_dir, champion, second, sink, threshold, per_class, max_tasks, since,
-                             batch_size, champion_tta, temperatures)
+                             batch_size, champion_tta, temperatures, second_tta)
 
 
 def _route_locked(
     pool_dir: str | Path, dataset_dir: str | Path, champion: ModelRef, second: ModelRef, sink: Sink,
     threshold: float, per_class: Mapping[str, float] | None, max_tasks: int | None,
     since: datetime | str | None, batch_size: int, champion_tta: bool, temperatures: tuple[float, float],
+    second_tta: bool = False,
 ) -> RouteResult:
     state = load_state(pool_dir)
     images = pool_images(pool_dir, since, state)
@@ -426,7 +428,7 @@ def _route_locked(
     # calibrated on each model's own columns: a column aligned in as 0 must stay 0
     raw_a = predict_pool(champion.onnx_path, images, batch_size, tta=champion_tta)
     probs_a = align_probs(apply_temperature(raw_a, temperatures[0]), champion.classes, classes)
-    raw_b = predict_pool(second.onnx_path, images, batch_size)
+    raw_b = predict_pool(second.onnx_path, images, batch_size, tta=second_tta)
     probs_b = align_probs(apply_temperature(raw_b, temperatures[1]), second.classes, classes)
     auto, labels, reasons = select_batch(probs_a, probs_b, classes, threshold, per_class, champion.classes,
                                          second.classes)

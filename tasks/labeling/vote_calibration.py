@@ -171,7 +171,7 @@ def vote_scores(
 
 def calibrate_vote(
     dataset_dir: str | Path, champion: ModelRef, second: ModelRef, *, champion_tta: bool = True,
-    fit_temperatures: bool = True, target_precision: float = 0.0, limit: int = VAL_LIMIT,
+    second_tta: bool = False, fit_temperatures: bool = True, target_precision: float = 0.0, limit: int = VAL_LIMIT,
     confidence: float = 0.95, batch_size: int = 256, seed: int = 0,
 ) -> VoteCalibration:
     """Fit both models' temperatures on the dataset's val split; with a target, find the threshold.
@@ -180,6 +180,7 @@ def calibrate_vote(
         dataset_dir: the labelled dataset the auto-labels go into.
         champion, second: the two voting models.
         champion_tta: the champion votes with TTA, so it is calibrated on its TTA probabilities.
+        second_tta: the same for the second model.
         fit_temperatures: False keeps both temperatures at 1 (only measures, and finds the
             threshold on the raw scores).
         target_precision: in (0, 1): find the threshold for it (`threshold_for_precision`); 0: don't.
@@ -204,7 +205,7 @@ def calibrate_vote(
                          f"(human or generated, not auto): calibration needs at least {MIN_VAL_IMAGES}")
     fit, choose = _split_halves(found.labels, seed)
     raw_a = predict_pool(champion.onnx_path, found.paths, batch_size, tta=champion_tta)
-    raw_b = predict_pool(second.onnx_path, found.paths, batch_size)
+    raw_b = predict_pool(second.onnx_path, found.paths, batch_size, tta=second_tta)
     cal_a = _calibrate_one(raw_a, found.labels, champion, fit, choose, fit_temperatures)
     cal_b = _calibrate_one(raw_b, found.labels, second, fit, choose, fit_temperatures)
     choice = None

@@ -51,7 +51,8 @@ def test_disagreements_become_label_studio_tasks_with_both_predictions(
 
     params = ActiveLearningParams(pool_dir=str(pool), dataset_dir=str(tmp_path / "ds"),
                                   registered_model="fu", project="al-real",
-                                  champion_tta=False)  # steered on these exact pixels only
+                                  threshold=0.9, champion_tta=False,  # steered on these exact pixels only
+                                  second_tta=False)
     result = active_learning_flow(params)
 
     assert (result.new_images, result.auto, result.human, result.spot_checks) == (24, 12, 12, 5)

@@ -523,7 +523,7 @@ def test_the_flow_routes_the_pool_sends_badcases_and_logs_the_counts(
         include_badcases=True, badcase_file=str(badcase_file),
         # the steered models give the CASES' confidences on these exact pixels only; moved views
         # give arbitrary ones (TTA itself is tested against files of the views above)
-        champion_tta=False,
+        champion_tta=False, second_tta=False, threshold=0.9,
     )
     result = al_flow.active_learning_flow(params)
 

@@ -255,7 +255,7 @@ def test_an_unreachable_target_auto_labels_only_at_the_strictest_threshold_and_s
 def test_the_flow_without_calibration_votes_raw(flow_env):
     run, warnings, _ = flow_env
     result = run(calibrate=False)
-    assert result.calibration == {} and result.threshold_used == 0.9 and not warnings()
+    assert result.calibration == {} and result.threshold_used == 0.95 and not warnings()  # the default
     assert result.auto > 0
 
 
@@ -272,7 +272,7 @@ def test_a_dataset_without_enough_val_images_votes_raw_with_a_warning_or_refuses
     assert len(read_manifest(small)) == 10  # nothing auto-labelled
     plain = run(dataset_dir=str(small))
     assert plain.calibration == {} and "not calibrated" in plain.calibration_note
-    assert plain.auto > 0 and plain.threshold_used == 0.9
+    assert plain.auto > 0 and plain.threshold_used == 0.95  # the default, uncalibrated
     assert any("votes not calibrated" in w for w in warnings())
     runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("saofu-active-learning")
                                           .experiment_id])
