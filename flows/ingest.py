@@ -18,7 +18,9 @@ Spot checks (tasks/labeling/spot_checks.py): answers to the blind checks of auto
 active learning sends are ingested like any answer (a disagreeing one corrects the auto row), and
 are also compared with the auto-labels: the measured precision, cumulative over every spot check
 answered so far, is logged per active-learning run and per model version (`spot_check_*` metrics,
-`spot_checks/audit.json`). Their ledger is written into the staged copy with the cursor.
+`spot_checks/audit.json`). Their ledger is written into the staged copy with the cursor. With
+`revert_below_precision`, a model version the checks show below it (95 % confidence, at least
+`revert_min_checks` checks) has every auto-label it voted for taken back (`tasks/labeling/revert.py`).
 """
 
 
@@ -51,7 +53,7 @@ from tasks.labeling.ingest import (
     staged_copy,
     to_manifest_rows,
 )
-from tasks.labeling.spot_checks import SpotCheckAudit, SpotCheckLedger, spot_check_outcomes
+from tasks.labeling.spot_checks import SpotCheckAudit, SpotCheckLedger, spot_check_outcomes, versions_below_target
 
 
 class IngestParams(BaseModel):
@@ -67,6 +69,10 @@ class IngestParams(BaseModel):
     classes: list[str] | None = Field(
         None, description="The class set; empty: the classes already in the dataset's manifest."
     )
+    revert_below_precision: float = Field(
+        0.0, ge=0.0, le=1.0, description="0: off. E.g. 0.995: a model version whose spot-checked auto-labels are "
+        "below this precision with 95 % confidence has them all taken back (labels revert, a new data version).")
+    revert_min_checks: int = Field(20, ge=1, description="Spot checks a model version needs before a revert.")
     experiment: str = Field("saofu-ingest", min_length=1)
 
 
@@ -91,6 +97,7 @@ class IngestResult(BaseModel):
     spot_check_interval: list[float] = []  # 95 % Wilson interval of the precision
     spot_check_by_version: dict[str, dict] = {}  # model version -> checked, agreed, precision, low, high
     spot_check_by_run: dict[str, dict] = {}  # active-learning run id -> the same
+    reverted: list[str] = []  # model versions whose auto-labels this run took back (revert_below_precision)
     skipped: str = ""  # why the run did nothing (no dataset, no project yet); "" when it ran
 
 
@@ -240,10 +247,12 @@ def ingest_flow(params: IngestParams) -> IngestResult:
     tracking.log_metrics(run_id, {k: v for k, v in summary.items() if isinstance(v, int)})
     tracking.set_tags(run_id, {"data_version": data_version})
     measured = _log_spot_checks(run_id, ledger, checks) if ledger is not None else None
+    reverted = (_revert_below_target(params, dataset, measured, run_id)
+                if measured is not None and params.revert_below_precision else [])
     tracking.finish_run(run_id)
     logger.info("ingest: %s; data version %s", summary, data_version)
     return IngestResult(
-        run_id=run_id, **(_spot_check_fields(measured, checks) if measured is not None else {}),
+        run_id=run_id, **(_spot_check_fields(measured, checks) if measured is not None else {}), reverted=reverted,
         project_id=project_id, tasks_seen=report.tasks_seen, added=len(change.added),
         relabelled=len(change.relabelled), already_present=report.already_present, ties=report.ties,
         tasks_skipped=len(report.skipped), data_version=data_version,
@@ -264,6 +273,24 @@ def _log_spot_checks(run_id: str, ledger: SpotCheckLedger, checks: list) -> Spot
         print(f"spot checks: auto-label precision {measured.precision:.3f} (95 % {low:.3f}-{high:.3f}) over "
               f"{measured.checked} checks, {answered} answered in this run", flush=True)
     return measured
+
+
+def _revert_below_target(params: IngestParams, dataset: Path, measured: SpotCheckAudit, run_id: str) -> list[str]:
+    """Take back the auto-labels of every model version the spot checks show below the target."""
+    from tasks.labeling.revert import revert_auto_labels
+
+    reverted = []
+    for version, tally in versions_below_target(measured, params.revert_below_precision,
+                                                params.revert_min_checks).items():
+        low, high = tally.interval
+        why = (f"spot checks: precision {tally.precision:.3f} (95 % {low:.3f}-{high:.3f}) over {tally.checked} "
+               f"checks, below the target {params.revert_below_precision:g}")
+        get_run_logger().warning("reverting the auto-labels of %s: %s", version, why)
+        if revert_auto_labels(dataset, version, params.dataset_name, message=why).removed:
+            reverted.append(version)
+    if reverted:
+        tracking.set_tags(run_id, {"reverted_model_versions": ",".join(reverted)})
+    return reverted
 
 
 def _spot_check_fields(measured: SpotCheckAudit, checks: list) -> dict:

@@ -17,19 +17,22 @@ def ingest(
     project: str = typer.Option("fu-recognizer", "--project", help="Label Studio project title."),
     name: str = typer.Option("fu", "--name", help="Name of the dataset's data versions."),
     classes: str | None = typer.Option(None, "--classes", help="Comma-separated class set."),
+    revert_below: float = typer.Option(0.0, "--revert-below-precision", help="E.g. 0.995: take back the "
+                                       "auto-labels of a model version its spot checks show below this."),
     as_json: bool = JsonOpt,
 ):
     """Ingest completed Label Studio annotations: validate, add to the dataset, version it."""
     from flows.ingest import IngestParams, ingest_flow
 
     params = IngestParams(project=project, dataset_dir=str(dataset), dataset_name=name,
-                          classes=classes.split(",") if classes else None)
+                          classes=classes.split(",") if classes else None, revert_below_precision=revert_below)
     with progress_to_stderr(as_json):
         result = run_flow(ingest_flow, params)
     emit(result.model_dump(), as_json,
          f"skipped: {result.skipped}" if result.skipped else
          f"added {result.added} human labels ({len(result.ties)} ties left out); "
-         f"data version {result.data_version}")
+         f"data version {result.data_version}"
+         + (f"; auto-labels of {', '.join(result.reverted)} taken back" if result.reverted else ""))
 
 
 @app.command("active-learning")

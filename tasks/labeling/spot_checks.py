@@ -269,6 +269,21 @@ class Tally:
                 "low": low, "high": high}
 
 
+def versions_below_target(audit: SpotCheckAudit, target: float, min_checks: int = 20) -> dict[str, Tally]:
+    """Model versions whose auto-labels the spot checks show below `target`, with 95 % confidence.
+
+    A version is named only when its interval's upper end is under the target and it has at least
+    `min_checks` checks: a few unlucky answers never take a version's labels back, and a version
+    the checks cannot tell from the target keeps them. What the ingest reverts when asked
+    (`IngestParams.revert_below_precision`).
+    """
+    if not 0.0 < target <= 1.0 or min_checks < 1:
+        raise SaofuError(f"a revert needs a target precision in (0, 1] and min_checks >= 1, got {target}, "
+                         f"{min_checks}")
+    return {v: t for v, t in sorted(audit.by_version.items())
+            if t.checked >= min_checks and t.interval is not None and t.interval[1] < target}
+
+
 def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
     """The Wilson score interval of a proportion (sensible at 0 or n successes, unlike the normal one)."""
     if n <= 0:

@@ -112,3 +112,19 @@ def test_spot_check_answers_are_audited_into_mlflow_and_correct_the_auto_labels(
     assert (again.spot_check_n, again.spot_check_agreed) == (sent, sent - len(wrong))
     kept = SpotCheckLedger.load(dataset, pid).audit()
     assert (kept.checked, kept.agreed) == (sent, sent - len(wrong))
+
+    # An audited precision below the target takes the version's auto-labels back (a new data version);
+    # the human labels, the corrected ones included, stay as they are.
+    humans = {s: r for s, r in after.items() if r["source"] != "auto"}
+    reverting = ingest_flow(IngestParams(project=title, dataset_dir=str(dataset), classes=CLASSES,
+                                         revert_below_precision=0.995, revert_min_checks=sent))
+    # both versions voted for every row: the first reverted takes them all, the second finds none left
+    assert reverting.reverted == ["fu-recognizer:3"]
+    left = {r["sha256"]: r for r in read_manifest(dataset)}
+    assert not any(r["source"] == "auto" and "fu-recognizer:3" in r["model_versions"].split(";")
+                   for r in left.values())
+    assert {s: left.get(s) for s in humans} == humans
+    # a stricter minimum of checks than were answered reverts nothing
+    quiet = ingest_flow(IngestParams(project=title, dataset_dir=str(dataset), classes=CLASSES,
+                                     revert_below_precision=0.995, revert_min_checks=sent + 1))
+    assert quiet.reverted == []

@@ -219,3 +219,17 @@ def test_spot_check_answers_update_the_measured_precision(tmp_path):
     SpotCheckLedger.path(dataset, 3).write_text("{not json")
     with pytest.raises(SaofuError, match="spot-check ledger"):
         SpotCheckLedger.load(dataset, 3)
+
+
+@pytest.mark.timeout(30)
+def test_only_versions_surely_below_the_target_with_enough_checks_are_named_for_a_revert():
+    from tasks.labeling.spot_checks import SpotCheckAudit, Tally, versions_below_target
+
+    audit = SpotCheckAudit(by_version={"m:1": Tally(checked=40, agreed=34),   # 85 %: surely below
+                                       "m:2": Tally(checked=10, agreed=5),    # below, but too few checks
+                                       "m:3": Tally(checked=60, agreed=60),   # all right
+                                       "m:4": Tally(checked=400, agreed=397)})  # 99.25 %: can't tell from 99.5
+    assert list(versions_below_target(audit, 0.995, min_checks=20)) == ["m:1"]
+    assert list(versions_below_target(audit, 0.995, min_checks=5)) == ["m:1", "m:2"]
+    with pytest.raises(SaofuError, match="target precision"):
+        versions_below_target(audit, 0.0)
