@@ -14,9 +14,10 @@ the first fingerprint after an ingest reads the files again; the ones after it d
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
+
+from tasks.data.stat_cache import StatCache
 
 MAX_ENTRIES = 500_000  # past this, a save keeps only the files the last reader saw
 
@@ -25,20 +26,10 @@ def file_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-class FileDigests:
+class FileDigests(StatCache):
     """`sha256(path)` with the digests of files already read, saved in a JSON file."""
 
-    def __init__(self, path: Path | None, entries: dict[str, str] | None = None):
-        self.path, self.entries, self.changed = path, entries or {}, False
-        self.seen: set[str] = set()
-
-    @classmethod
-    def open(cls, path: Path) -> FileDigests:
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):
-            entries = {}  # no cache yet, or a damaged one: hash everything again
-        return cls(path, entries if isinstance(entries, dict) else {})
+    max_entries = MAX_ENTRIES
 
     def sha256(self, path: Path) -> str:
         key = file_key(path.stat())
@@ -48,13 +39,3 @@ class FileDigests:
             digest = self.entries[key] = hashlib.sha256(path.read_bytes()).hexdigest()
             self.changed = True
         return digest
-
-    def save(self) -> None:
-        if self.path is None or not self.changed:
-            return
-        if len(self.entries) > MAX_ENTRIES:  # files deleted since pile up otherwise
-            self.entries = {k: v for k, v in self.entries.items() if k in self.seen}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.entries))
-        tmp.replace(self.path)

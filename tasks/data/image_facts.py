@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from tasks.data.stat_cache import StatCache
 
 MAX_ENTRIES = 200_000  # past this, a save keeps only the files the last reader saw
 
@@ -55,20 +55,10 @@ def _decode(data: bytes) -> dict[str, Any]:
         return {"decodes": False, "width": None, "height": None, "mode": None}
 
 
-class ImageFacts:
+class ImageFacts(StatCache):
     """`read_image_facts` with a cache of the content facts of files already read."""
 
-    def __init__(self, path: Path | None, entries: dict[str, dict[str, Any]]):
-        self.path, self.entries, self.changed = path, entries, False
-        self.seen: set[str] = set()
-
-    @classmethod
-    def open(cls, path: Path) -> ImageFacts:
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):
-            entries = {}  # no cache yet, or a damaged one: read everything again
-        return cls(path, entries if isinstance(entries, dict) else {})
+    max_entries = MAX_ENTRIES
 
     def read(self, path: Path, manifest_sha256: str) -> dict[str, Any]:
         try:
@@ -85,13 +75,3 @@ class ImageFacts:
             known = {k: v for k, v in facts.items() if k != "sha256_ok"}
             self.entries[key], self.changed = known, True
         return {**known, "sha256_ok": known["content_sha256"] == manifest_sha256}
-
-    def save(self) -> None:
-        if self.path is None or not self.changed:
-            return
-        if len(self.entries) > MAX_ENTRIES:  # files deleted since pile up otherwise
-            self.entries = {k: v for k, v in self.entries.items() if k in self.seen}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.entries))
-        tmp.replace(self.path)
