@@ -196,17 +196,18 @@ def relabel_images(dataset_dir: str | Path, new_rows: list[dict]) -> list[dict]:
     return changed
 
 
+def parse_utc(value: object) -> datetime | None:
+    """An ISO time from a manifest column as an aware datetime (naive: UTC); unreadable: None."""
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def _older(a: object, b: object) -> bool:
     """True when time `a` is known to be before time `b` (ISO strings; unknown or unreadable: False)."""
-
-    def parse(value: object) -> datetime | None:
-        try:
-            when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-    ta, tb = parse(a) if a else None, parse(b) if b else None
+    ta, tb = parse_utc(a) if a else None, parse_utc(b) if b else None
     return ta is not None and tb is not None and ta < tb
 
 

@@ -39,14 +39,14 @@ import random
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from saofu.errors import SaofuError
 from services.labeling import local_files_root
 from tasks.data.dataset_lock import fsync_dir
-from tasks.data.manifest import file_sha256, read_manifest
+from tasks.data.manifest import file_sha256, parse_utc, read_manifest
 from tasks.labeling.client import LabelingItem
 from tasks.labeling.ingest import ACCEPTED, resolve
 
@@ -135,25 +135,17 @@ def spot_check_items(rows: Sequence[Mapping[str, Any]], run_id: str) -> list[Lab
     return items
 
 
-def _utc(value: object) -> datetime | None:
-    try:
-        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
 def auto_rows_since(dataset_dir: str | Path, since: datetime | str) -> list[dict]:
     """The dataset's `auto` rows labelled at or after `since`: a run's auto-labels, given the run's start.
 
     Active learning stamps each auto row with the time it was made (`labeled_at`), and only it
     writes `auto` rows, under the dataset's lock.
     """
-    start = _utc(since.isoformat() if isinstance(since, datetime) else since)
+    start = parse_utc(since.isoformat() if isinstance(since, datetime) else since)
     if start is None:
         raise SaofuError(f"not an ISO time: {since!r}")
     return [r for r in read_manifest(dataset_dir)
-            if r.get("source") == "auto" and (t := _utc(r.get("labeled_at"))) is not None and t >= start]
+            if r.get("source") == "auto" and (t := parse_utc(r.get("labeled_at"))) is not None and t >= start]
 
 
 def send_spot_checks(dataset_dir: str | Path, auto_rows: Sequence[Mapping[str, Any]], sink: Sink,
