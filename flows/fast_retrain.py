@@ -258,9 +258,11 @@ def ingest_folder_step(folder: str, dataset_dir: str, dataset_name: str, classes
       persist_result=True)
 def fine_tune_step(base: BaseModelInfo, data_dir: str, data_version: str, new: list[str], changed: list[str],
                    refines: dict[str, str], budget_s: float, replay_share: float, seed: int, experiment: str,
-                   store: str, run_dir: str, tags: dict[str, str], threshold: float = 0.9) -> FineTuneOutcome:
+                   store: str, run_dir: str, tags: dict[str, str], threshold: float = 0.9,
+                   max_old_class_drop: float = 0.005) -> FineTuneOutcome:
     return fine_tune_and_register(base, data_dir, data_version, new, changed, refines, budget_s, replay_share,
-                                  seed, experiment, run_dir, tags, threshold=threshold)
+                                  seed, experiment, run_dir, tags, threshold=threshold,
+                                  max_old_class_drop=max_old_class_drop)
 
 
 @task(name="held-out-set", retries=1)
@@ -334,12 +336,14 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
     fine_tune_args = (base, dataset, data_version, params.new, params.changed, params.refines,
                       params.budget_min * 60, params.replay_share, params.seed, params.experiment,
                       settings.tracking_uri, str(run_dir / "fine-tune"), tags)
-    fine_tune_state = fine_tune_step(*fine_tune_args, threshold=params.threshold, return_state=True)
+    # The fine-tune keeps an epoch that passes the gate's old-class check on its val split.
+    keep = {"threshold": params.threshold, "max_old_class_drop": params.max_old_class_drop_pts / 100}
+    fine_tune_state = fine_tune_step(*fine_tune_args, **keep, return_state=True)
     tuned: FineTuneOutcome = fine_tune_state.result()
     reused = fine_tune_state.name == "Cached"
     if reused and not version_exists(params.registered_model, tuned.version):
         # The store was reset since: the cached version is gone, so train after all.
-        tuned = fine_tune_step.with_options(refresh_cache=True)(*fine_tune_args, threshold=params.threshold)
+        tuned = fine_tune_step.with_options(refresh_cache=True)(*fine_tune_args, **keep)
         reused = False
     if reused:
         print(f"fine-tune: reusing version {tuned.version} from an earlier run of the same change and data "

@@ -143,6 +143,20 @@ def bench_fast_retrain(
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
 
 
+@app.command("retrain-churn")
+def bench_retrain_churn(
+    seeds: list[int] = typer.Option([1, 2], "--seed", help="One champion trained alike per seed (repeat)."),
+    out: Path = typer.Option(Path("bench/results/retrain_churn.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """How far the same model trained and released again moves the old classes (after `bench fast-retrain`)."""
+    from bench.retrain_churn import run_retrain_churn_bench
+
+    with progress_to_stderr(as_json):
+        result = run_retrain_churn_bench(seeds=tuple(seeds), out=out)
+    emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
+
+
 @app.command("reliability")
 def bench_reliability(
     requests: int = typer.Option(20_000, "--requests", help="Requests sent to the serving app under model swaps."),

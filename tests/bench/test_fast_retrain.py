@@ -3,9 +3,11 @@ labels and held-out sets, and the paired old-class drop with its interval."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from bench.fast_retrain import format_table, split_world
+from bench import retrain_churn
+from bench.fast_retrain import format_table, paired_drop, split_world
 from tasks.data.fu_world import WorldConfig, generate_world
 from tasks.data.manifest import read_manifest
 
@@ -35,3 +37,32 @@ def test_the_table_puts_the_three_ways_side_by_side():
     table = format_table(s)
     assert "fast retrain" in table and "full retrain (peer)" in table and "no replay (ablation)" in table
     assert "732" in table and "6.1x" in table and "+12.00" in table and "2.0%" in table
+
+
+def test_the_paired_drop_counts_flips_both_ways_and_its_interval_holds_the_drop():
+    before = np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 1], dtype=float)
+    after = np.array([1, 0, 0, 1, 1, 0, 1, 1, 1, 1], dtype=float)  # two lost, one won back
+    d = paired_drop(before, after)
+    assert d["before"] == pytest.approx(0.8) and d["after"] == pytest.approx(0.7)
+    assert d["drop_pts"] == pytest.approx(10.0) and d["flipped_pts"] == pytest.approx(30.0) and d["n"] == 10
+    low, high = d["ci95_pts"]
+    assert low < 10.0 < high
+    same = paired_drop(before, before.copy())
+    assert same["drop_pts"] == 0.0 and same["flipped_pts"] == 0.0 and same["ci95_pts"] == [0.0, 0.0]
+
+
+def test_the_churn_table_names_each_reference_against_the_champion():
+    row = {"after": 0.9824, "drop_pts": 0.69, "ci95_pts": [0.1, 1.3], "flipped_pts": 1.5}
+    s = {"champion": {"fu": 0.9206, "not_fu": 0.9892}, "device": "CPU",
+         "references": [{"name": "retrained, seed 1", "classes": {"fu": {**row, "drop_pts": -1.47}, "not_fu": row}}]}
+    table = retrain_churn.format_table(s)
+    assert "champion (serving)" in table and "retrained, seed 1" in table
+    assert "+0.69 [+0.10, +1.30] / 1.5" in table and "-1.47" in table and "0.9892" in table
+
+
+@pytest.mark.timeout(60)
+def test_the_churn_bench_refuses_a_folder_without_the_fast_retrain_bench(tmp_path):
+    from saofu.errors import SaofuError
+
+    with pytest.raises(SaofuError, match="saofu bench fast-retrain"):
+        retrain_churn.run_retrain_churn_bench(home=tmp_path)

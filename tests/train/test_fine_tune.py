@@ -365,7 +365,26 @@ def test_class_lists_that_do_not_fit_the_data_are_clear_errors(shapes, base, tmp
         fine_tune(base, shapes, FineTuneConfig(changed_classes=["square"]), out)
     with pytest.raises(SaofuError, match="not classes of the base model"):
         fine_tune(base, shapes, FineTuneConfig(new_classes=["triangle"], changed_classes=["hexagon"]), out)
+    for bad in ({"max_old_class_drop": -0.1}, {"prior_correction_scale": 1.5}):
+        with pytest.raises(SaofuError, match=next(iter(bad))):
+            fine_tune(base, shapes, FineTuneConfig(new_classes=["triangle"], **bad), out)
     with pytest.raises(SaofuError, match="image_size=32"):
         fine_tune(base, prepare_dataset(shapes_dir, image_size=24, val_share=0.2),
                   FineTuneConfig(new_classes=["triangle"]), out)
     assert not out.exists()
+
+
+def test_the_epoch_kept_passes_the_old_class_check_before_it_ranks_by_balanced_recall():
+    from tasks.train.fine_tune import _keep_rank
+
+    before = {"fu": 0.94, "not_fu": 0.99}
+    bal = lambda v: {"val_balanced_recall_at_threshold": v}  # noqa: E731
+    # The new class peaks where an old class fell 1.5 points: it loses to a lesser epoch that held.
+    peaked = _keep_rank(bal(0.96), {"fu": 0.95, "not_fu": 0.975, "new": 0.96}, before, 0.005)
+    held = _keep_rank(bal(0.93), {"fu": 0.94, "not_fu": 0.986, "new": 0.87}, before, 0.005)
+    assert not peaked[0] and held[0] and held[:2] > peaked[:2]
+    assert peaked[2] == pytest.approx(0.015) and held[2] == pytest.approx(0.004)
+    # None passing: the smaller largest drop ranks higher; a gain counts as no drop.
+    worse = _keep_rank(bal(0.99), {"fu": 0.90, "not_fu": 0.99}, before, 0.005)
+    assert peaked[:2] > worse[:2]
+    assert _keep_rank(bal(0.9), {"fu": 0.97, "not_fu": 0.995}, before, 0.005)[2] < 0

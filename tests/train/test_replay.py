@@ -54,3 +54,12 @@ def test_a_hard_share_of_the_replay_comes_from_the_top_of_the_ranking_and_keeps_
     assert len(reddish & set(hard.tolist())) > len(reddish & set(plain.tolist()))
     epoch = training_set(split, ["new"], 0.5, 1, ranked, 0.4)
     assert int((epoch.labels == 2).sum()) == 15 and len(epoch) == 30
+
+
+@pytest.mark.timeout(60)
+def test_an_excluded_class_is_left_out_of_the_ranking():
+    # A refined class's parent: its images are the nearest, and the refinement rule answers them.
+    split = _split()
+    ranked = confusable_ranking(MeanColour(), split, [2], torch.device("cpu"), torch.Generator().manual_seed(0),
+                                exclude=[0])
+    assert sorted(ranked.tolist()) == list(range(30, 60))  # only class 1's images
