@@ -77,9 +77,10 @@ model is validated and saved with the data's class prior put back into its biase
 (`prior_correction`); training goes on without it. Half of it (`prior_correction_scale` 0.5): a
 few epochs from a trained model do not learn the epochs' prior in full, and the whole correction
 (-0.89 on ``fu_merchant``'s logit against ``fu``'s and ``not_fu``'s on the merchant world) held
-the new class under the threshold. Measured on 7 saved fine-tunes of the bench (3 seeds, with and
+the new class under the threshold. Measured on 5 saved fine-tunes of the bench (3 seeds, with and
 without hard replay), new-class recall on held-out fonts at scale 1 / 0.5 / 0: 0.939-0.963 /
-0.943-0.967 / 0.969-0.978, ``not_fu`` 0.0-0.2 points lower at 0.5 than at 1, 0.3-0.4 at 0.
+0.943-0.967 / 0.969-0.978 (+0.4 to +1.8 points at 0.5), ``not_fu`` 0.0-0.3 points lower at 0.5
+than at 1, 0.2-0.7 at 0.
 
 Works for any model `models.create_model` builds and any ImageFolder dataset: the data's classes
 (sorted folder names) are mapped onto the model's order, old classes first, new ones appended.

@@ -99,7 +99,10 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     # Fine-tuned from the weights that served (the pruned champion), not the unpruned model behind it.
     trained_arch = client.get_model_version(MODEL, "1").tags["arch"]
     champion_arch = client.get_model_version(MODEL, champion).tags["arch"]
-    assert client.get_run(tuned["run_id"]).data.params["base_weights"] == "shipped"
+    run_params = client.get_run(tuned["run_id"]).data.params
+    assert run_params["base_weights"] == "shipped"
+    # The epoch kept passed the gate's own old-class check (its --max-old-drop-pts, as a fraction).
+    assert float(run_params["max_old_class_drop"]) == 1.0
     assert champion_arch != trained_arch and tuned["arch"] == champion_arch
     assert json.loads(tuned["saofu.change"]) == {"new": ["triangle"], "changed": [], "refines": {}}
     shipped = client.get_model_version(MODEL, result.challenger_version).tags
