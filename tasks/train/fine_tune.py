@@ -12,7 +12,8 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
   optionally `hard_replay_share` of it from the old images the base model sees as most like the
   new classes (`tasks/train/replay.py`; off by default: no measured gain, see below);
 * plans its epochs from the training throughput measured on a few real batches of this data and
-  model (`measure_throughput`, `plan_epochs`), so the learning-rate schedule ends with the budget;
+  model, and again on the first epoch's own pace (`tasks/train/budget.py`), so the learning-rate
+  schedule ends with the budget;
 * validates after every epoch and keeps the best checkpoint, in `loop.save_checkpoint`'s format
   (export, evaluation and release take it like any other): among the epochs whose old classes
   lost at most `max_old_class_drop` of val recall at the threshold (the gate's own check; the
@@ -91,7 +92,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -104,7 +105,7 @@ from models.head import DEFAULT_REFINE_LOGIT_OFFSET, check_new_classes, classifi
 from saofu.errors import SaofuError
 from tasks.data.loading import PreparedData, TensorSplit
 from tasks.train import distributed
-from tasks.train.config import TrainConfig
+from tasks.train.budget import PLAN_HEADROOM, REPLAN_HEADROOM, Clock, measure_throughput, plan_steps, replan_steps
 from tasks.train.forgetting import fine_tune_step, fold_matrix, freeze_leading_stages
 from tasks.train.loop import (
     EpochCallback,
@@ -114,13 +115,10 @@ from tasks.train.loop import (
     resolve_device,
     save_checkpoint,
     seed_everything,
-    train_one_epoch,
 )
 from tasks.train.replay import confusable_ranking, replay_count, take, training_set
 
-Clock = Callable[[], float]
 LR_SCALE = 0.5  # fine-tune rate as a share of the base run's peak rate, when `lr` is not given
-PLAN_HEADROOM = 0.9  # plan epochs for 90% of the time left: throughput measured on 3 batches is noisy
 
 
 @dataclass
@@ -251,83 +249,6 @@ def _bias_offset(model: nn.Module, offset: Tensor):
     finally:
         with torch.no_grad():
             bias.copy_(kept)
-
-
-# ---------------------------------------------------------------------------------------------
-# Budget: measured throughput -> epochs
-# ---------------------------------------------------------------------------------------------
-
-
-def plan_epochs(images_per_epoch: int, images_per_s: float, budget_s: float, epoch_overhead_s: float = 0.0,
-                max_epochs: int = 30) -> int:
-    """How many epochs fit `budget_s`: floor(budget / (epoch's training time + overhead)), in [1, max_epochs].
-
-    Args:
-        images_per_epoch: training images per epoch (new/changed classes + replay sample), >= 1.
-        images_per_s: measured training throughput, > 0.
-        budget_s: seconds available for the epochs (may be <= 0: then the floor of 1).
-        epoch_overhead_s: fixed cost per epoch (validation, checkpoint), >= 0.
-        max_epochs: the cap, >= 1.
-    """
-    if images_per_epoch < 1 or not images_per_s > 0 or epoch_overhead_s < 0 or max_epochs < 1:
-        raise SaofuError(f"bad plan inputs: {images_per_epoch} images/epoch at {images_per_s} images/s, "
-                         f"overhead {epoch_overhead_s} s, max {max_epochs} epochs")
-    per_epoch = images_per_epoch / images_per_s + epoch_overhead_s
-    fit = math.floor(budget_s / per_epoch) if math.isfinite(budget_s) else max_epochs
-    return max(1, min(max_epochs, fit))
-
-
-def plan_steps(images_per_epoch: int, batch_size: int, images_per_s: float, budget_s: float,
-               epoch_overhead_s: float = 0.0, max_epochs: int = 30) -> int:
-    """Optimiser steps that fit `budget_s`: whole epochs and then part of one, at least one epoch's.
-
-    `plan_epochs` in steps: a budget that holds 5.8 epochs trains 5.8, not 5, so the learning-rate
-    schedule ends with the budget instead of up to an epoch before it. Each epoch started costs
-    `epoch_overhead_s` (validation, checkpoint).
-    """
-    if batch_size < 1:
-        raise SaofuError(f"batch_size must be >= 1, got {batch_size}")
-    epochs = plan_epochs(images_per_epoch, images_per_s, budget_s, epoch_overhead_s, max_epochs)
-    per_epoch = math.ceil(images_per_epoch / batch_size)
-    if epochs >= max_epochs or not math.isfinite(budget_s):
-        return epochs * per_epoch
-    left = budget_s - epochs * (images_per_epoch / images_per_s + epoch_overhead_s) - epoch_overhead_s
-    extra = math.floor(max(left, 0.0) * images_per_s / batch_size)
-    return epochs * per_epoch + min(extra, per_epoch - 1)
-
-
-def _constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def measure_throughput(model: nn.Module, split: TensorSplit, cfg: TrainConfig, device: torch.device,
-                       batches: int = 3, warmup: int = 1, clock: Clock = time.perf_counter,
-                       step: Callable[..., dict] | None = None) -> float:
-    """Training images/s of `model` on real batches of `split`: augmentation, forward, backward, step.
-
-    A throwaway copy of the model trains (so `model`, its BN statistics included, is untouched);
-    the first `warmup` batches (allocation, kernel selection) are not timed. `step(model, batch,
-    optimizer, scheduler, generator)` is the training step when it is not `train_one_epoch`'s.
-    """
-    probe = copy.deepcopy(model).to(device)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = _constant_schedule(optimizer)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(split), generator=generator)
-    bs = min(cfg.batch_size, len(split))
-    timed, seconds = 0, 0.0
-    for b in range(warmup + batches):
-        idx = order[(torch.arange(bs) + b * bs) % len(split)]
-        start = clock()
-        if step is not None:
-            step(probe, take(split, idx), optimizer, scheduler, generator)
-        else:
-            train_one_epoch(probe, take(split, idx), optimizer, scheduler, cfg, device, generator, scaler)
-        if b >= warmup:
-            seconds += clock() - start
-            timed += bs
-    return timed / max(seconds, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,27 +454,33 @@ def fine_tune(
         left = (deadline - clock()) * PLAN_HEADROOM
         if not cfg.epochs:
             steps = plan_steps(epoch_images, tcfg.batch_size, images_per_s, left, reserve, cfg.max_epochs)
-    epochs = math.ceil(steps / per_epoch)
-    tcfg = replace(tcfg, epochs=epochs)
+    tcfg = replace(tcfg, epochs=math.ceil(steps / per_epoch))
 
     head_params = {id(p) for p in classifier_layer(model).parameters()}
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if id(p) not in head_params and p.requires_grad], "lr": lr},
          {"params": list(classifier_layer(model).parameters()), "lr": lr * cfg.head_lr_scale}],
         weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    # A cosine to zero over `plan["steps"]`, read at every step: the plan may change after epoch 1.
+    plan = {"steps": max(steps, 1)}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, plan["steps"]) / plan["steps"])))
     generator = torch.Generator()
     history: list[dict[str, float]] = []
     stopped = False
-    for epoch in range(1, epochs + 1):
+    epoch = 0
+    while epoch < math.ceil(plan["steps"] / per_epoch):
+        epoch += 1
         generator.manual_seed(seed + 1_000_003 * epoch)
         torch.manual_seed(seed + 1_000_003 * epoch)
         # A fresh replay sample every epoch: same size, more of the old data seen over the run.
         split = training_set(train, focus_classes, cfg.replay_share, seed + epoch, ranked, cfg.hard_replay_share)
         order = torch.randperm(len(split), generator=generator)
         loss_sum, correct, seen = 0.0, 0.0, 0
-        # The planned last epoch may be a part of one: the schedule ends at `steps`.
-        for first in range(0, min(len(split), (steps - (epoch - 1) * per_epoch) * tcfg.batch_size), tcfg.batch_size):
+        epoch_start = clock()
+        # The planned last epoch may be a part of one: the schedule ends at the planned steps.
+        for first in range(0, min(len(split), (plan["steps"] - (epoch - 1) * per_epoch) * tcfg.batch_size),
+                           tcfg.batch_size):
             if clock() + reserve >= deadline:
                 stopped = True
                 break
@@ -564,7 +491,12 @@ def fine_tune(
             seen += len(batch)
         if not seen:
             break
-        metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+        if epoch == 1 and not cfg.epochs and not stopped:
+            pace = seen / max(clock() - epoch_start, 1e-9)
+            plan["steps"] = replan_steps(plan["steps"], epoch_images, tcfg.batch_size, pace,
+                                         (deadline - clock()) * REPLAN_HEADROOM, reserve, cfg.max_epochs)
+            tcfg = replace(tcfg, epochs=math.ceil(plan["steps"] / per_epoch))
+        metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen, "epochs_planned": tcfg.epochs}
         # Validated, kept and saved with the data's class prior put back; training goes on without it.
         with _bias_offset(model, offset):
             val_metrics, recall, at_threshold = _val_metrics(predict_proba(model, val, device), val.labels,
@@ -588,7 +520,7 @@ def fine_tune(
     model.eval().cpu()
     return FineTuneResult(
         model=model, classes=classes, checkpoint_path=ckpt, new_classes=list(cfg.new_classes),
-        changed_classes=list(cfg.changed_classes), epochs_planned=epochs, epochs_run=len(history),
+        changed_classes=list(cfg.changed_classes), epochs_planned=tcfg.epochs, epochs_run=len(history),
         stopped_by_budget=stopped, seconds=clock() - t0, budget_s=cfg.budget_s, images_per_s=images_per_s,
         train_images=epoch_images, replay_images=epoch_images - n_focus, best_epoch=best_epoch,
         best_val_accuracy=best_metrics["val_accuracy"],

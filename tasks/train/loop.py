@@ -49,8 +49,10 @@ def epoch_printer(total_epochs: int, prefix: str = "") -> EpochCallback:
     """An `on_epoch` callback that prints one progress line per epoch."""
 
     def show(epoch: int, m: dict[str, float]) -> None:
+        # A budgeted run (the fast retrain's fine-tune) reports its plan, which may change as it runs.
+        total = int(m.get("epochs_planned", total_epochs))
         print(
-            f"{prefix}epoch {epoch:>3}/{total_epochs}  loss {m['train_loss']:.4f}  "
+            f"{prefix}epoch {epoch:>3}/{total}  loss {m['train_loss']:.4f}  "
             f"train acc {m['train_accuracy']:.3f}  val acc {m['val_accuracy']:.3f}",
             flush=True,
         )

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+import tasks.train.fine_tune as fine_tune_module
 from models import build_from_checkpoint_meta, create_model, model_meta
 from models.head import classifier_layer, grow_classifier
 from saofu.errors import SaofuError
 from tasks.data.loading import PreparedData, TensorSplit, prepare_dataset
+from tasks.train.budget import plan_epochs, plan_steps, replan_steps
 from tasks.train.export import export_onnx, parity_max_abs_diff
 from tasks.train.fine_tune import (
     FineTuneConfig,
     FineTuneResult,
     fine_tune,
-    plan_epochs,
-    plan_steps,
     prior_correction,
 )
 from tasks.train.forgetting import fine_tune_step, fold_matrix, freeze_leading_stages, train_mode
@@ -221,6 +221,17 @@ def test_plan_steps_ends_the_schedule_with_the_budget_not_an_epoch_before():
         plan_steps(1000, 0, 500.0, 7.0)
 
 
+def test_replan_steps_fills_what_is_left_at_the_first_epochs_pace():
+    # 1,000 images an epoch in 10 steps; the first epoch ran at 500 images/s: 2 s an epoch.
+    assert replan_steps(300, 1000, 100, 500.0, 7.0, 0.0, 30) == 10 + 3 * 10 + 5  # epoch 1 + 3.5 more
+    assert replan_steps(300, 1000, 100, 500.0, 7.0, 0.5, 30) == 10 + plan_steps(1000, 100, 500.0, 7.0, 0.5)
+    assert replan_steps(10, 1000, 100, 500.0, 60.0, 0.0, 4) == 40  # the cap counts epoch 1
+    # Not one more epoch fits (or no pace, or a cap of one): the plan stays, the budget's clock stops the run.
+    assert replan_steps(300, 1000, 100, 500.0, 1.9, 0.0, 30) == 300
+    assert replan_steps(300, 1000, 100, 0.0, 7.0, 0.0, 30) == 300
+    assert replan_steps(10, 1000, 100, 500.0, 7.0, 0.0, 1) == 10
+
+
 def test_fold_matrix_adds_a_refining_class_to_its_parent_and_drops_an_unrelated_one():
     fold = fold_matrix(["fu", "not_fu", "fu_merchant", "fu_shop", "cat"], ["fu", "not_fu"],
                        {"fu_merchant": "fu", "fu_shop": "fu_merchant"})
@@ -317,6 +328,20 @@ def test_the_budget_stops_a_long_run_mid_epoch_and_within_the_budget(shapes, bas
     assert r.seconds <= 3.0 + 0.3  # the reserve kept validation and checkpoint inside the budget
     _, state = load_checkpoint(tmp_path / "best.pt")
     assert state["epoch"] == r.best_epoch and state["classes"] == r.classes
+
+
+def test_a_plan_from_a_wrong_throughput_is_redone_after_the_first_epoch(shapes, base, tmp_path, monkeypatch):
+    """The 3-batch measurement said far faster than training runs: epoch 1's pace replans the rest,
+    so the run ends on its plan with the learning rate at the end of its schedule, not cut by the budget."""
+    monkeypatch.setattr(fine_tune_module, "measure_throughput", lambda *a, **k: 1e6)  # plans the 30-epoch cap
+    printed = []
+    # One clock reading (0.01 virtual s) a batch and a few an epoch: some 10 of the 30 fit.
+    cfg = FineTuneConfig(new_classes=["triangle"], batch_size=16, budget_s=1.0)
+    r = fine_tune(base, shapes, cfg, tmp_path / "best.pt", clock=_TickClock(0.01),
+                  on_epoch=lambda e, m: printed.append(m["epochs_planned"]))
+    assert 2 <= r.epochs_planned < 30 and r.epochs_run == r.epochs_planned and not r.stopped_by_budget
+    assert r.history[-1]["lr"] < 0.05 * r.history[0]["lr"]  # the cosine ran to its end within the budget
+    assert printed[0] == r.epochs_planned  # progress reports the plan, not the cap
 
 
 def test_the_budget_holds_on_the_real_clock(shapes, base, tmp_path):
