@@ -103,6 +103,9 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     assert run_params["base_weights"] == "shipped"
     # The epoch kept passed the gate's own old-class check (its --max-old-drop-pts, as a fraction).
     assert float(run_params["max_old_class_drop"]) == 1.0
+    # The budget is the step's: reading the base and the data came out of the training's share.
+    training_s = client.get_run(tuned["run_id"]).data.metrics["training_budget_s"]
+    assert float(run_params["budget_s"]) == 15.0 and 0.25 * 15.0 <= training_s < 15.0
     assert champion_arch != trained_arch and tuned["arch"] == champion_arch
     assert json.loads(tuned["saofu.change"]) == {"new": ["triangle"], "changed": [], "refines": {}}
     shipped = client.get_model_version(MODEL, result.challenger_version).tags
