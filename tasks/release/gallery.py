@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from saofu.errors import SaofuError
 from tasks.data.loading import TensorSplit
 from tasks.release.evaluation import ABSTAIN
 
@@ -39,11 +40,15 @@ def _font(size: int, needs_cjk: bool) -> ImageFont.FreeTypeFont | ImageFont.Imag
             faces = discover_fonts()
             if faces:
                 return ImageFont.truetype(str(faces[0].path), size)
-        except Exception:  # no CJK face here: DejaVu draws boxes, the gallery still renders
+        except SaofuError:  # no CJK face here: DejaVu draws boxes, the gallery still renders
             pass
     from matplotlib import font_manager
 
     return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+def _save(canvas: Image.Image, path: Path) -> None:
+    canvas.save(path, compress_level=1)  # zlib level 1: a third of the default level's time, files a little larger
 
 
 def _is_cjk(text: str) -> bool:
@@ -74,7 +79,7 @@ def plot_gallery(split: TensorSplit, classes: list[str], probs: np.ndarray, deci
         draw = ImageDraw.Draw(canvas)
         draw.text((320, PAD_PX), title, fill="black", font=title_font, anchor="ma")
         draw.text((320, 120), "no false positives or negatives", fill="black", font=caption_font, anchor="mm")
-        canvas.save(path, compress_level=1)  # zlib level 1: a third of the default level's time, files a little larger
+        _save(canvas, path)
         return
 
     size = int(split.images.shape[-1])
@@ -100,4 +105,4 @@ def plot_gallery(split: TensorSplit, classes: list[str], probs: np.ndarray, deci
         canvas.paste(tile, (x0 + (cell_w - shown_px) // 2, y0))
         draw.multiline_text((x0 + cell_w // 2, y0 + shown_px + PAD_PX // 2), caption, fill="black",
                             font=caption_font, anchor="ma", align="center", spacing=3)
-    canvas.save(path, compress_level=1)  # zlib level 1: a third of the default level's time, files a little larger
+    _save(canvas, path)

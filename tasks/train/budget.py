@@ -24,7 +24,7 @@ from tasks.train.replay import take
 Clock = Callable[[], float]
 PLAN_HEADROOM = 0.9  # plan epochs for 90% of the time left: throughput measured on 3 batches is noisy
 # After epoch 1 the plan is redone on that epoch's own pace (`replan_steps`), which measured what the
-# 3 batches could not (they read 690 to 1,310 images/s on the bench's draws, one plan left 10 s unused).
+# 3 batches could not (they read 690 to 1,310 images/s on the bench's draws, one plan left 5 s unused).
 REPLAN_HEADROOM = 0.95
 
 

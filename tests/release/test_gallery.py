@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tasks.data.loading import TensorSplit
-from tasks.release.gallery import CELL_IMAGE_PX, GALLERY_COLUMNS, PAD_PX, plot_gallery
+from tasks.release.gallery import CELL_IMAGE_PX, GALLERY_COLUMNS, PAD_PX, _font, plot_gallery
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,6 +45,8 @@ def test_each_shown_image_fills_its_cell_in_the_order_given(tmp_path, classes):
     first = next(y for y in range(canvas.shape[0]) if (np.ptp(canvas[y].astype(int), axis=1) > 100).any())
     band = canvas[first + CELL_IMAGE_PX + PAD_PX // 2:first + CELL_IMAGE_PX + 4 * PAD_PX]
     assert (band.astype(int).sum(axis=2) < 200).any()
+    # A CJK class name is drawn with one of the machine's CJK faces (set-up installs them), not DejaVu's boxes.
+    assert _font(11, True).path != _font(11, False).path
 
 
 def test_a_set_without_errors_still_gets_its_gallery(tmp_path):
