@@ -3,7 +3,10 @@
 A champion trained on `fu`/`not_fu` of the Fu world is serving (`saofu serve`, following the
 `champion` alias). The merchant campaign starts: images of `fu_merchant` (the world's merchant
 frames, train fonts) are imported into a real Label Studio and answered by the simulated labeler.
-From that moment the clock runs, until the serving app answers with the new version:
+From that moment the clock runs, until the flow run ends: with the serving app answering the new
+version when the gate passes it. The issue's gate refuses the draws on this world (README), so one
+more draw, with the gate the README's demo uses, times the path through promotion to the serving
+app answering with the new version:
 
 * fast retrain: `flows/fast_retrain.py`, one flow run (one draw per seed, each on its own copy of
   the dataset and its own Label Studio project, so every draw ingests, versions and ships);
@@ -227,46 +230,52 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
     port = _free_port()
     serve = _serve(home, port)
     url = f"http://127.0.0.1:{port}"
-    draws, ablations, full = [], [], None
+    def campaign_draw(seed: int, name: str, **gate) -> dict:
+        """One campaign on its own copy of the dataset and Label Studio project: labels in, fast retrain run."""
+        dataset = home / "data" / f"fu_{name}"
+        shutil.copytree(base, dataset)
+        # A team's dataset is versioned before a campaign starts: its next version is the increment
+        # (only the new files copied and hashed), as in production, not a first version of 14,000 files.
+        create_version(dataset, dataset.name, "the dataset before the merchant campaign")
+        # ... and was validated when it was last ingested: the suite's facts of its images are
+        # known (keyed by inode), so the campaign's ingest reads only the new images, as a
+        # team's would. Without this, each draw's fresh copy would be read whole inside the clock.
+        validate_dataset(dataset, classes=["fu", "not_fu"])
+        # ... and trained on: its images are decoded in the tensor cache (the fine-tune then
+        # decodes only the campaign's images, `tasks.data.loading._rows_decoded_before`).
+        prepare_dataset(dataset, 64, cache_dir=get_settings().cache_dir)
+        project = f"fu-merchant-{name}"
+        _label_in_label_studio(project, labels, ls.files_root, seed)
+        started = time.perf_counter()  # labels are in Label Studio
+        result = fast_retrain_flow(FastRetrainParams(
+            registered_model=MODEL, changes=[ClassChange(name="fu_merchant", kind="new", refines="fu")],
+            labels=project, labels_kind="label-studio", dataset_dir=str(dataset), base_version=champion,
+            budget_min=budget_min, serve_url=url, seed=seed, experiment="bench-fast-retrain", **gate))
+        wall = time.perf_counter() - started
+        # The flow's own figure counts from its body's first line; Prefect's start of the run (and
+        # the return) lies outside it, so the share here is of the wall time measured around the call.
+        bodies = result.wall_s - result.orchestration_s - result.steps["wait-for-model"]
+        orchestration = max(wall - bodies, 0.0)
+        print(step_table(result), flush=True)
+        shipped = result.challenger_version
+        metrics = measure(_version_onnx(shipped), champion_right, held_out, regression, 64) if shipped else {}
+        print(f"{name}: {wall:.1f} s, promoted {result.promoted}, served {result.served_version}, new-class "
+              f"recall {metrics.get('new_class_recall')}, largest old-class drop "
+              f"{metrics.get('max_old_class_drop_pts')} pts", flush=True)
+        return {"seed": seed, "wall_s": wall, "steps": result.steps, "promoted": result.promoted,
+                "served_version": result.served_version, "orchestration_s": orchestration,
+                "orchestration_share": orchestration / wall, "flow_wall_s": result.wall_s,
+                "gate": result.gate_table,
+                "fine_tune": {k: result.fine_tune[k] for k in ("epochs_planned", "epochs_run",
+                                                                "stopped_by_budget", "images_per_s",
+                                                                "train_images", "best_epoch")},
+                **metrics}
+
+    draws, ablations, full, ship = [], [], None, None
     try:
         for seed in seeds:
+            draws.append(campaign_draw(seed, f"draw{seed}"))
             dataset = home / "data" / f"fu_draw{seed}"
-            shutil.copytree(base, dataset)
-            # A team's dataset is versioned before a campaign starts: its next version is the increment
-            # (only the new files copied and hashed), as in production, not a first version of 14,000 files.
-            create_version(dataset, dataset.name, "the dataset before the merchant campaign")
-            # ... and was validated when it was last ingested: the suite's facts of its images are
-            # known (keyed by inode), so the campaign's ingest reads only the new images, as a
-            # team's would. Without this, each draw's fresh copy would be read whole inside the clock.
-            validate_dataset(dataset, classes=["fu", "not_fu"])
-            # ... and trained on: its images are decoded in the tensor cache (the fine-tune then
-            # decodes only the campaign's images, `tasks.data.loading._rows_decoded_before`).
-            prepare_dataset(dataset, 64, cache_dir=get_settings().cache_dir)
-            project = f"fu-merchant-draw{seed}"
-            _label_in_label_studio(project, labels, ls.files_root, seed)
-            started = time.perf_counter()  # labels are in Label Studio
-            result = fast_retrain_flow(FastRetrainParams(
-                registered_model=MODEL, changes=[ClassChange(name="fu_merchant", kind="new", refines="fu")],
-                labels=project, labels_kind="label-studio", dataset_dir=str(dataset), base_version=champion,
-                budget_min=budget_min, serve_url=url, seed=seed, experiment="bench-fast-retrain"))
-            wall = time.perf_counter() - started
-            # The flow's own figure counts from its body's first line; Prefect's start of the run (and
-            # the return) lies outside it, so the share here is of the wall time measured around the call.
-            bodies = result.wall_s - result.orchestration_s - result.steps["wait-for-model"]
-            orchestration = max(wall - bodies, 0.0)
-            print(step_table(result), flush=True)
-            shipped = result.challenger_version
-            metrics = measure(_version_onnx(shipped), champion_right, held_out, regression, 64) if shipped else {}
-            draws.append({"seed": seed, "wall_s": wall, "steps": result.steps, "promoted": result.promoted,
-                          "served_version": result.served_version, "orchestration_s": orchestration,
-                          "orchestration_share": orchestration / wall, "flow_wall_s": result.wall_s,
-                          "gate": result.gate_table,
-                          "fine_tune": {k: result.fine_tune[k] for k in ("epochs_planned", "epochs_run",
-                                                                          "stopped_by_budget", "images_per_s",
-                                                                          "train_images", "best_epoch")},
-                          **metrics})
-            print(f"draw {seed}: {wall:.1f} s, new-class recall {metrics.get('new_class_recall')}, "
-                  f"largest old-class drop {metrics.get('max_old_class_drop_pts')} pts", flush=True)
             onnx, seconds, info = _no_replay(champion, str(dataset), budget_min, seed,
                                              home / "runs" / f"ablation{seed}")
             ablations.append({"seed": seed, "seconds": seconds, **info,
@@ -288,6 +297,11 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
             full = {"wall_s": wall, "promoted": released.promoted, "release_steps": released.steps,
                     **(measure(_version_onnx(released.challenger_version), champion_right, held_out, regression, 64)
                        if released.challenger_version else {})}
+        # Every draw above is judged by the issue's gate, which refuses them (README): their clock stops
+        # at the gate. The path that ships (promotion, the serving app swapping the model in, answering
+        # with it) is timed on one more draw, the gate set as the README's demo sets it. Last: it moves
+        # the champion alias that the draws and the peer are compared against.
+        ship = campaign_draw(seeds[0], "ship", new_class_recall=0.8, max_old_class_drop_pts=3.0)
     finally:
         serve.terminate()
         try:
@@ -313,6 +327,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
                        "new_class_recall": min(d["new_class_recall"] for d in draws),
                        "max_old_class_drop_pts": max(d["max_old_class_drop_pts"] for d in draws)},
         "full_retrain": full,
+        "ship_draw": ship,
         "no_replay": ablations,
         "no_replay_median": {"new_class_recall": median("new_class_recall", ablations),
                              "max_old_class_drop_pts": median("max_old_class_drop_pts", ablations)},
@@ -354,7 +369,7 @@ def format_table(s: dict) -> str:
     """The three ways side by side (medians over the draws; the full retrain is one draw)."""
     full, abl = s["full_retrain"] or {}, s["no_replay_median"]
     rows = [("", "fast retrain", "full retrain (peer)", "no replay (ablation)", "target"),
-            ("labels in LS -> served, s", f"{s['wall_s']:.0f}", f"{full.get('wall_s', float('nan')):.0f}", "-",
+            ("labels in LS -> end of run, s", f"{s['wall_s']:.0f}", f"{full.get('wall_s', float('nan')):.0f}", "-",
              "<= 300"),
             ("new-class recall @0.9, held-out fonts", f"{s['new_class_recall']:.3f}",
              f"{full.get('new_class_recall', float('nan')):.3f}", f"{abl['new_class_recall']:.3f}", ">= 0.95"),
@@ -363,8 +378,16 @@ def format_table(s: dict) -> str:
              "<= 0.5"),
             ("speed-up vs full retrain", f"{s['speedup_vs_full_retrain'] or float('nan'):.1f}x", "1x", "-", ">= 5x"),
             ("orchestration share", f"{s['orchestration_share']:.1%}", "-", "-", "< 3 %")]
+    ship = s.get("ship_draw")
+    if ship:
+        rows.insert(2, ("labels in LS -> served (ship draw), s", f"{ship['wall_s']:.0f}", "-", "-", "<= 300"))
     steps = ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())
-    return aligned(rows) + f"\nsteps (median s): {steps}\ndevice: {s['device']}"
+    text = aligned(rows) + f"\nsteps (median s): {steps}"
+    if ship:
+        text += ("\nship draw (gate: new-class recall 0.8, old-class drop 3 pts): promoted "
+                 f"{ship['promoted']}, served {ship['served_version']}; steps: "
+                 + ", ".join(f"{k} {v:.1f}" for k, v in ship["steps"].items()))
+    return text + f"\ndevice: {s['device']}"
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from tasks.data.dataset_lock import dataset_lock, repair_if_interrupted
 from tasks.data.manifest import add_images, read_manifest, relabel_images
 from tasks.data.project_dataset import resolve_project_dataset
 from tasks.data.validation import ValidationReport, validate_dataset
-from tasks.data.versions import create_version, version_of
+from tasks.data.versions import ensure_version
 from tasks.labeling.client import (
     completed_annotations,
     connect,
@@ -128,7 +128,7 @@ def validate(dataset_dir: str, classes: list[str], docs_dir: str):
 
 @task(name="create-data-version", retries=1, retry_delay_seconds=3)
 def version_dataset(dataset_dir: str, name: str, message: str) -> str:
-    return version_of(dataset_dir) or create_version(dataset_dir, name, message).id
+    return ensure_version(dataset_dir, name, message)
 
 
 class DatasetChange(BaseModel):

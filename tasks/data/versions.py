@@ -192,7 +192,22 @@ def create_version(dataset_dir: str | Path, name: str, message: str = "") -> Dat
         SaofuError: missing or empty folder, bad name, or a git/DVC command failing (the
             message carries its error; earlier versions are left intact).
     """
-    src = Path(dataset_dir)
+    return _version(Path(dataset_dir), name, message, any_name=False)
+
+
+def ensure_version(dataset_dir: str | Path, name: str, message: str = "") -> str:
+    """The id of the version holding exactly this folder's content under any name, else of a new one.
+
+    `version_of(...) or create_version(...).id` in one pass over the folder: the fingerprint (a
+    stat of every file, 17,000 on the fast retrain's bench) is taken once, not twice.
+
+    Raises:
+        SaofuError: as `create_version`.
+    """
+    return _version(Path(dataset_dir), name, message, any_name=True).id
+
+
+def _version(src: Path, name: str, message: str, any_name: bool) -> DataVersion:
     _check_name(name)
     digests = _digests()
     fingerprint = _fingerprint_dataset(src, digests)
@@ -201,7 +216,8 @@ def create_version(dataset_dir: str | Path, name: str, message: str = "") -> Dat
         _discard_unfinished(repo)
         versions = _read_versions(repo)
         for v in versions:
-            if v.name == name and v.fingerprint == fingerprint:
+            if (any_name or v.name == name) and v.fingerprint == fingerprint:
+                digests.save()
                 return v
         number = max((v.number for v in versions if v.name == name), default=0) + 1
         _sync_remote(repo, has_versions=bool(versions))

@@ -39,6 +39,18 @@ def test_the_table_puts_the_three_ways_side_by_side():
     assert "732" in table and "6.1x" in table and "+12.00" in table and "2.0%" in table
 
 
+def test_the_table_shows_the_ship_draw_to_the_served_version_beside_the_gated_runs():
+    s = {"wall_s": 92.0, "new_class_recall": 0.96, "max_old_class_drop_pts": 1.3, "speedup_vs_full_retrain": 5.1,
+         "orchestration_share": 0.029, "steps": {"fine-tune": 61.0}, "device": "CPU", "full_retrain": None,
+         "no_replay_median": {"new_class_recall": 0.97, "max_old_class_drop_pts": 60.0},
+         "ship_draw": {"wall_s": 97.4, "promoted": True, "served_version": "5",
+                       "steps": {"fine-tune": 61.0, "release/promote": 0.4, "wait-for-model": 2.5}}}
+    table = format_table(s)
+    served = next(line for line in table.splitlines() if "served (ship draw)" in line)
+    assert "97" in served and "<= 300" in served
+    assert "end of run" in table and "served 5" in table and "wait-for-model 2.5" in table
+
+
 def test_the_paired_drop_counts_flips_both_ways_and_its_interval_holds_the_drop():
     before = np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 1], dtype=float)
     after = np.array([1, 0, 0, 1, 1, 0, 1, 1, 1, 1], dtype=float)  # two lost, one won back

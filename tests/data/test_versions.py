@@ -22,6 +22,7 @@ from tasks.data.fu_world import WorldConfig, generate_world
 from tasks.data.versions import (
     checkout_version,
     create_version,
+    ensure_version,
     list_versions,
     registry_dir,
     version_of,
@@ -99,6 +100,22 @@ def test_same_content_twice_is_one_version(home: Path, world: Path, tmp_path: Pa
     assert again == v1
     assert [v.id for v in list_versions()] == ["fu_world@v1"]
     assert version_of(world) == "fu_world@v1"
+
+
+def test_ensure_version_reuses_any_name_and_fingerprints_once(home: Path, world: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = create_version(world, "fu_world", "once")
+    passes = []
+    fingerprint = dv.content_fingerprint
+    monkeypatch.setattr(dv, "content_fingerprint", lambda *a, **k: passes.append(1) or fingerprint(*a, **k))
+
+    # Same content under another name: the version that holds it, nothing new (as version_of finds it).
+    assert ensure_version(world, "campaign_copy", "again") == v1.id
+    assert len(passes) == 1  # the folder read once (version_of, then create_version, read it twice)
+    change_one_image(world)
+    assert ensure_version(world, "campaign_copy", "changed") == "campaign_copy@v1"
+    assert len(passes) == 3  # the folder once, then the stored copy checked against it
+    assert [v.id for v in list_versions()] == ["campaign_copy@v1", "fu_world@v1"]
 
 
 def test_changed_image_makes_v2_and_v1_keeps_its_bytes(home: Path, world: Path, tmp_path: Path) -> None:

@@ -344,6 +344,23 @@ def test_a_plan_from_a_wrong_throughput_is_redone_after_the_first_epoch(shapes, 
     assert printed[0] == r.epochs_planned  # progress reports the plan, not the cap
 
 
+def test_the_replan_counts_the_time_each_epoch_takes_to_draw_its_sample(shapes, base, tmp_path, monkeypatch):
+    """Drawing an epoch's replay sample costs time the reserve does not hold: epoch 1's pace counts it,
+    so the replanned run still ends on its plan rather than cut short by the budget."""
+    monkeypatch.setattr(fine_tune_module, "measure_throughput", lambda *a, **k: 1e6)
+    clock = _TickClock(0.01)
+    draw = fine_tune_module.training_set
+
+    def slow_draw(*args, **kwargs):
+        clock.now += 0.05  # as long as five batches
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(fine_tune_module, "training_set", slow_draw)
+    cfg = FineTuneConfig(new_classes=["triangle"], batch_size=16, budget_s=1.0)
+    r = fine_tune(base, shapes, cfg, tmp_path / "best.pt", clock=clock)
+    assert 2 <= r.epochs_planned < 30 and r.epochs_run == r.epochs_planned and not r.stopped_by_budget
+
+
 def test_the_budget_holds_on_the_real_clock(shapes, base, tmp_path):
     cfg = FineTuneConfig(new_classes=["triangle"], epochs=1000, batch_size=16, budget_s=4.0)
     start = time.perf_counter()
