@@ -341,8 +341,9 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
     fine_tune_state = fine_tune_step(*fine_tune_args, **keep, return_state=True)
     tuned: FineTuneOutcome = fine_tune_state.result()
     reused = fine_tune_state.name == "Cached"
-    if reused and not version_exists(params.registered_model, tuned.version):
-        # The store was reset since: the cached version is gone, so train after all.
+    if reused and not registered_from(params.registered_model, tuned.version, tuned.run_id):
+        # The store was reset since: the cached version is gone (or its number now names another
+        # model, registered after the reset), so train after all.
         tuned = fine_tune_step.with_options(refresh_cache=True)(*fine_tune_args, **keep)
         reused = False
     if reused:
@@ -387,12 +388,18 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
     return result
 
 
-def version_exists(name: str, version: str) -> bool:
+def registered_from(name: str, version: str, run_id: str) -> bool:
+    """Whether version `version` of `name` is in the registry and was registered by the run `run_id`.
+
+    A cached fine-tune names its version by number, and Prefect's result cache outlives a reset
+    tracking store (each `saofu bench fast-retrain` starts a fresh store and finds the previous
+    bench's fine-tunes cached): there the same number can name a different model, registered since.
+    """
     try:
-        tracking.client().get_model_version(name, version)
+        registered = tracking.client().get_model_version(name, version)
     except Exception:  # noqa: BLE001 - any failure to read it means it cannot be reused
         return False
-    return True
+    return (registered.tags or {}).get("run_id") == run_id
 
 
 def step_table(result: FastRetrainResult) -> str:

@@ -1,8 +1,8 @@
 """The fast retrain's time budget: training throughput measured on real batches -> a plan in steps.
 
 Plain functions, no Prefect: `fine_tune` measures `measure_throughput` on a few batches, plans
-with `plan_steps` so the learning-rate schedule ends with the budget, and after its first epoch
-plans again on that epoch's own pace (`replan_steps`).
+with `plan_steps` so the learning-rate schedule ends with the budget, and after every epoch
+plans the rest again on that epoch's own pace (`replan_steps`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from tasks.train.replay import take
 
 Clock = Callable[[], float]
 PLAN_HEADROOM = 0.9  # plan epochs for 90% of the time left: throughput measured on 3 batches is noisy
-# After epoch 1 the plan is redone on that epoch's own pace (`replan_steps`), which measured what the
-# 3 batches could not (they read 690 to 1,310 images/s on the bench's draws, one plan left 5 s unused).
+# After every epoch the rest is planned again on that epoch's own pace (`replan_steps`), which measures
+# what the 3 batches could not (they read 690 to 1,310 images/s on the bench's draws, one plan left 5 s
+# unused). Every epoch, not the first only: epochs' paces vary by a fifth on a 2-core machine, and plans
+# on the first's pace alone left 4.9 of 54 s unused in one bench draw and planned 11 epochs where 9 fitted
+# in another.
 REPLAN_HEADROOM = 0.95
 
 
@@ -66,20 +69,25 @@ def plan_steps(images_per_epoch: int, batch_size: int, images_per_s: float, budg
     return epochs * per_epoch + min(extra, per_epoch - 1)
 
 
-def replan_steps(planned: int, images_per_epoch: int, batch_size: int, images_per_s: float, left_s: float,
-                 epoch_overhead_s: float, max_epochs: int) -> int:
-    """The plan after epoch 1, in steps: that epoch's, plus what `left_s` holds at its measured pace.
+def replan_steps(planned: int, done_epochs: int, images_per_epoch: int, batch_size: int, images_per_s: float,
+                 left_s: float, epoch_overhead_s: float, max_epochs: int) -> int:
+    """The plan after `done_epochs` whole epochs, in steps: theirs, plus what `left_s` holds at `images_per_s`.
 
-    When not one more whole epoch fits, or the cap allows no more, `planned` stays (the budget's
-    clock stops the run); the total never passes `max_epochs` epochs.
+    The rest is whole epochs and then part of one (`plan_steps`), or, where not one more whole epoch
+    fits, the part that does (none: the run ends here), so the schedule ends with the budget; the
+    total never passes `max_epochs` epochs. Without a pace (`images_per_s` 0) `planned` stays.
     """
-    if not images_per_s > 0 or max_epochs <= 1:
-        return planned
-    if left_s < images_per_epoch / images_per_s + epoch_overhead_s:
+    if not images_per_s > 0:
         return planned
     per_epoch = math.ceil(images_per_epoch / batch_size)
-    return per_epoch + plan_steps(images_per_epoch, batch_size, images_per_s, left_s, epoch_overhead_s,
-                                  max_epochs - 1)
+    done = done_epochs * per_epoch
+    if done_epochs >= max_epochs:
+        return done
+    if left_s < images_per_epoch / images_per_s + epoch_overhead_s:
+        part = math.floor(max(left_s - epoch_overhead_s, 0.0) * images_per_s / batch_size)
+        return done + min(part, per_epoch - 1)
+    return done + plan_steps(images_per_epoch, batch_size, images_per_s, left_s, epoch_overhead_s,
+                             max_epochs - done_epochs)
 
 
 def _constant_schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:

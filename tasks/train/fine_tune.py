@@ -12,7 +12,7 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
   optionally `hard_replay_share` of it from the old images the base model sees as most like the
   new classes (`tasks/train/replay.py`; off by default: no measured gain, see below);
 * plans its epochs from the training throughput measured on a few real batches of this data and
-  model, and again on the first epoch's own pace (`tasks/train/budget.py`), so the learning-rate
+  model, and again after every epoch on its own pace (`tasks/train/budget.py`), so the learning-rate
   schedule ends with the budget;
 * validates after every epoch and keeps the best checkpoint, in `loop.save_checkpoint`'s format
   (export, evaluation and release take it like any other): among the epochs whose old classes
@@ -469,16 +469,19 @@ def fine_tune(
     history: list[dict[str, float]] = []
     stopped = False
     epoch = 0
+    # What an epoch costs after its batches (validation, checkpoint, the progress callback's logging),
+    # as the last epoch measured it; with drawing the epoch's sample, the re-plan charges it to every
+    # epoch to come. A fixed cost per epoch, not per image: a last part of an epoch pays it in full.
+    after_batches = reserve
     while epoch < math.ceil(plan["steps"] / per_epoch):
         epoch += 1
         generator.manual_seed(seed + 1_000_003 * epoch)
         torch.manual_seed(seed + 1_000_003 * epoch)
-        # The epoch's pace counts drawing its sample: the re-plan's reserve covers only validation
-        # and the checkpoint (measured: two of three bench draws ran out a few batches before the plan).
         epoch_start = clock()
         # A fresh replay sample every epoch: same size, more of the old data seen over the run.
         split = training_set(train, focus_classes, cfg.replay_share, seed + epoch, ranked, cfg.hard_replay_share)
         order = torch.randperm(len(split), generator=generator)
+        sampled = clock()
         loss_sum, correct, seen = 0.0, 0.0, 0
         # The planned last epoch may be a part of one: the schedule ends at the planned steps.
         for first in range(0, min(len(split), (plan["steps"] - (epoch - 1) * per_epoch) * tcfg.batch_size),
@@ -493,11 +496,13 @@ def fine_tune(
             seen += len(batch)
         if not seen:
             break
-        if epoch == 1 and not cfg.epochs and not stopped:
-            pace = seen / max(clock() - epoch_start, 1e-9)
-            plan["steps"] = replan_steps(plan["steps"], epoch_images, tcfg.batch_size, pace,
-                                         (deadline - clock()) * REPLAN_HEADROOM, reserve, cfg.max_epochs)
-            tcfg = replace(tcfg, epochs=math.ceil(plan["steps"] / per_epoch))
+        trained = clock()
+        if seen == len(split) and not cfg.epochs and not stopped:  # a whole epoch: plan the rest on its pace
+            pace = seen / max(trained - sampled, 1e-9)
+            plan["steps"] = replan_steps(plan["steps"], epoch, epoch_images, tcfg.batch_size, pace,
+                                         (deadline - trained) * REPLAN_HEADROOM, sampled - epoch_start + after_batches,
+                                         cfg.max_epochs)
+            tcfg = replace(tcfg, epochs=max(epoch, math.ceil(plan["steps"] / per_epoch)))
         metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen, "epochs_planned": tcfg.epochs}
         # Validated, kept and saved with the data's class prior put back; training goes on without it.
         with _bias_offset(model, offset):
@@ -515,6 +520,7 @@ def fine_tune(
                                 refines)
         if on_epoch:
             on_epoch(epoch, metrics)
+        after_batches = max(reserve, clock() - trained)
         if stopped:
             break
 

@@ -182,3 +182,22 @@ def test_a_change_that_does_not_fit_the_base_is_refused_before_any_data_is_touch
         check_change(["fu", "not_fu"], [], ["fu_merchant"], {})
     with pytest.raises(SaofuError):
         check_change(["fu", "not_fu"], ["fu_merchant"], [], {"fu_merchant": "lucky"})
+
+
+@pytest.mark.timeout(30)
+def test_a_cached_fine_tune_is_reused_only_while_its_version_is_the_one_it_registered(monkeypatch):
+    """After a reset of the tracking store, the cached result's version number may name another model."""
+    from types import SimpleNamespace
+
+    versions = {"3": SimpleNamespace(tags={"run_id": "run-of-another-model"}),
+                "4": SimpleNamespace(tags={"run_id": "cached-run"})}
+
+    def get_model_version(name, version):
+        if version not in versions:
+            raise RuntimeError(f"RESOURCE_DOES_NOT_EXIST: {name} v{version}")
+        return versions[version]
+
+    monkeypatch.setattr(fast_retrain.tracking, "client", lambda: SimpleNamespace(get_model_version=get_model_version))
+    assert fast_retrain.registered_from(MODEL, "4", "cached-run")
+    assert not fast_retrain.registered_from(MODEL, "3", "cached-run")  # the number, not the model
+    assert not fast_retrain.registered_from(MODEL, "9", "cached-run")  # gone
