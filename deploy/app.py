@@ -418,6 +418,15 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
             state["status"] = "loading"
         return _json(state, 200 if serving.source.loaded else 503)
 
+    async def refresh(request: Request) -> Response:
+        # A nudge, not a command: the app checks the registry's aliases now instead of at its next
+        # poll (the release sends it after promoting), and serves whatever they name, as a poll would.
+        check_soon = getattr(serving.source, "check_soon", None)
+        if check_soon is None:
+            return _json({"error": "this app's model source polls on its own schedule only", "status": 501}, 501)
+        check_soon()
+        return _json({"status": "checking", "poll_seconds": config.poll_seconds}, 202)
+
     async def prometheus(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
@@ -436,6 +445,7 @@ def create_app(config: ServeConfig, source: ModelSource | None = None) -> Starle
         routes=[
             Route("/predict", predict, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/refresh", refresh, methods=["POST"]),
             Route("/metrics", prometheus, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error},

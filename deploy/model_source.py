@@ -140,6 +140,7 @@ class ModelSource:
         self._failed: dict[str, float] = {}  # version -> when it last failed to load
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # `check_soon`: the poller checks at once instead of at its next tick
         self._thread: threading.Thread | None = None
         self._client = None
         self.last_error: str | None = None  # why the champion could not be loaded yet (wait mode)
@@ -512,9 +513,19 @@ class ModelSource:
         self._thread = threading.Thread(target=self._poll, name="saofu-model-poller", daemon=True)
         self._thread.start()
 
+    def check_soon(self) -> None:
+        """Have the polling thread check the aliases now rather than at its next tick.
+
+        The release calls it (through the app's `POST /refresh`) right after it moves an alias, so a
+        promotion is served within a load, not up to `poll_seconds` later. Nudges that arrive while
+        a check runs fold into one more check: a flood of them costs what polling continuously would.
+        """
+        self._wake.set()
+
     def stop(self) -> None:
         """Stop polling and remove this source's downloads (loaded sessions keep running)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -523,7 +534,11 @@ class ModelSource:
             self._remove_downloads = self._downloads = None
 
     def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        while True:
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.refresh()
                 if not self.loaded and self.champion_alias:

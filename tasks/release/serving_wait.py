@@ -20,9 +20,23 @@ def _healthz(url: str) -> dict:
     return httpx.get(url.rstrip("/") + "/healthz", timeout=2).json()
 
 
+def nudge(url: str) -> bool:
+    """Ask the serving app to check the registry's aliases now (`POST /refresh`), not at its next poll.
+
+    Returns:
+        Whether it took the nudge; an app that does not (not up, or without the route) still finds
+        the alias at its next poll, so nothing fails here.
+    """
+    try:
+        return httpx.post(url.rstrip("/") + "/refresh", timeout=2).status_code == 202
+    except httpx.HTTPError:
+        return False
+
+
 def wait_until_served(url: str, version: str, timeout_s: float = 60.0) -> str | None:
-    """Poll the serving app's /healthz until its champion is `version`; the last version seen."""
+    """Nudge the serving app, then poll its /healthz until its champion is `version`; the last version seen."""
     seen, deadline = None, time.monotonic() + timeout_s
+    nudge(url)
     while time.monotonic() < deadline:
         try:
             seen = _healthz(url)["versions"]["champion"]
@@ -30,7 +44,7 @@ def wait_until_served(url: str, version: str, timeout_s: float = 60.0) -> str | 
                 return seen
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             pass  # not up yet, or not a saofu serving app: keep asking until the deadline
-        time.sleep(0.5)
+        time.sleep(0.1)
     return seen
 
 
@@ -68,6 +82,7 @@ def wait_for_canary(url: str, version: str, timeout_s: float = 600.0, poll_s: fl
     """
     deadline = time.monotonic() + timeout_s
     last: dict = {}
+    nudge(url)  # the challenger alias just moved: the canary starts when the app loads it
     while time.monotonic() < deadline:
         try:
             canary = _healthz(url).get("canary") or {}

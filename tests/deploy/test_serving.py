@@ -324,6 +324,28 @@ def test_release_flow_waits_until_the_app_serves_the_promoted_version(store):
     set_aliases(store, champion=GOOD)
 
 
+@pytest.mark.slow
+def test_a_promotion_is_served_at_the_nudge_not_at_the_next_poll(store):
+    """The release nudges the app (`POST /refresh`) after moving the alias: with a poll a minute apart,
+    the new champion is served within seconds of the nudge, and not before it."""
+    from tasks.release.serving_wait import nudge, wait_until_served
+
+    set_aliases(store, champion=GOOD)
+    with running(replace(config(store), poll_seconds=60)) as url:
+        assert wait_until_served(url, GOOD, timeout_s=10) == GOOD
+        set_aliases(store, champion=SAME)
+        time.sleep(1.0)
+        assert httpx.get(f"{url}/healthz").json()["versions"]["champion"] == GOOD  # the poll is a minute away
+        started = time.monotonic()
+        assert wait_until_served(url, SAME, timeout_s=20) == SAME  # it nudges first
+        assert time.monotonic() - started < 10
+        answer = httpx.post(f"{url}/refresh")
+        assert answer.status_code == 202 and answer.json()["poll_seconds"] == 60
+        assert httpx.get(f"{url}/refresh").status_code == 405  # a nudge changes state: POST only
+    set_aliases(store, champion=GOOD)
+    assert not nudge(url)  # the app is gone: no nudge taken, nothing raised
+
+
 # --------------------------------------------------------------------------------- canary
 
 
