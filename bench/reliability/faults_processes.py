@@ -112,8 +112,10 @@ def search_worker_killed(workdir: Path) -> list[Case]:
     home = workdir / "search"
     data = shapes_dataset(home / "data" / "shapes", per_class=8, size=32)
     db = home / "study.db"
+    # 40 epochs: a trial runs for seconds, so the watcher below (reading the study from SQLite) sees it
+    # running; at 2 epochs, on a busy 2-core machine, both trials once ended in 1 s before it looked.
     job = SearchJob(study_name="killed-worker", storage=f"sqlite:///{db}", data_dir=str(data), sampler="random",
-                    pruner="none", n_trials=2, epochs=2, heartbeat_s=1, grace_s=2)
+                    pruner="none", n_trials=2, epochs=40, heartbeat_s=1, grace_s=2)
     job_file = home / "job.json"
     write_job(job, job_file)
     env = {**os.environ, "SAOFU_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
