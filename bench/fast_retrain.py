@@ -268,6 +268,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
         return {"seed": seed, "wall_s": wall, "steps": result.steps, "promoted": result.promoted,
                 "served_version": result.served_version, "orchestration_s": orchestration,
                 "orchestration_share": orchestration / wall, "flow_wall_s": result.wall_s,
+                "orchestration_steps": result.orchestration_steps,
                 "gate": result.gate_table,
                 "fine_tune": {k: result.fine_tune[k] for k in ("epochs_planned", "epochs_run",
                                                                 "stopped_by_budget", "images_per_s",

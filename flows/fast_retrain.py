@@ -203,6 +203,7 @@ class FastRetrainResult(BaseModel):
     wall_s: float
     orchestration_s: float  # wall time outside every task's and subflow's body
     orchestration_share: float
+    orchestration_steps: dict[str, float] = {}  # step -> its part of orchestration_s (the release's as one)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +384,7 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
         served_version=released.served_version, data_version=data_version, labels_added=added,
         fine_tune_reused=reused, fine_tune=tuned.summary, gate_table=released.gate_table, canary=released.canary,
         steps=steps, wall_s=wall, orchestration_s=orchestration, orchestration_share=orchestration / wall,
+        orchestration_steps={name: s for name, s in clock.outside.items() if name != "wait-for-model"},
     )
     print(step_table(result), flush=True)
     return result
@@ -409,6 +411,9 @@ def step_table(result: FastRetrainResult) -> str:
     lines += [f"{name.ljust(width)}  {seconds:7.2f}" for name, seconds in result.steps.items()]
     lines.append(f"{'total'.ljust(width)}  {result.wall_s:7.2f}   orchestration {result.orchestration_s:.2f} s "
                  f"({result.orchestration_share:.1%})")
+    if result.orchestration_steps:
+        lines.append("orchestration by step: " + ", ".join(
+            f"{name} {seconds:.2f}" for name, seconds in result.orchestration_steps.items() if seconds >= 0.005))
     verdict = (f"promoted: version {result.challenger_version} is the champion"
                + (f", served ({result.served_version})" if result.served_version else "")
                if result.promoted else f"not promoted: the champion stays {result.champion_after}")

@@ -13,11 +13,13 @@ import time
 class StepClock:
     def __init__(self) -> None:
         self.steps: dict[str, float] = {}
+        self.outside: dict[str, float] = {}  # step -> its wall time outside its body: where orchestration goes
         self.bodies = 0.0
         self._last = time.perf_counter()
 
     def lap(self, name: str, body_s: float = 0.0) -> None:
         now = time.perf_counter()
         self.steps[name] = self.steps.get(name, 0.0) + now - self._last
+        self.outside[name] = self.outside.get(name, 0.0) + max(now - self._last - body_s, 0.0)
         self.bodies += body_s
         self._last = now

@@ -27,6 +27,7 @@ from torch import nn
 from saofu.errors import SaofuError
 
 from .arch import ArchSpec
+from .expand import DEFAULT_SHARED_STAGES, EXPANDED_MODEL, ExpandedRecognizer
 from .recognizer import Recognizer, TorchvisionRecognizer
 
 DEFAULT_INPUT_SIZE = 64
@@ -150,6 +151,14 @@ def build_from_checkpoint_meta(meta: dict[str, Any]) -> nn.Module:
                          f"got keys {sorted(meta)}")
     name = meta["model_name"]
     kwargs = dict(meta.get("kwargs") or {})
+    if name == EXPANDED_MODEL:  # made by a fast retrain (`models.expand`), not by a factory: no registry name
+        inner = build_from_checkpoint_meta(kwargs["base"])
+        model = ExpandedRecognizer(inner, int(meta["num_classes"]) - inner.num_classes,
+                                   int(kwargs.get("shared_stages", DEFAULT_SHARED_STAGES)))
+        if model.arch_string != meta["arch"]:
+            raise SaofuError(f"checkpoint arch {meta['arch']!r} does not match the expanded model it "
+                             f"describes ({model.arch_string!r})")
+        return model
     if _accepts(_get_factory(name), "arch"):
         kwargs["arch"] = meta["arch"]
     model = create_model(name, meta["num_classes"], **kwargs)

@@ -40,10 +40,12 @@ def fold_matrix(classes: Sequence[str], old: Sequence[str], refines: dict[str, s
 
 def fine_tune_step(model: nn.Module, teacher: nn.Module, batch: TensorSplit, optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, device: torch.device,
-                   generator: torch.Generator, fold: Tensor, weight: float, temperature: float) -> dict[str, float]:
+                   generator: torch.Generator, fold: Tensor, weight: float, temperature: float,
+                   class_weight: Tensor | None = None) -> dict[str, float]:
     """One optimiser step on `batch` (augmented as `loop.train_one_epoch` does): cross-entropy on its
-    labels, plus, with `weight` > 0, on its old-class images the KL divergence from the base model's
-    answer to the model's answer folded onto the old classes (`fold_matrix`).
+    labels (each class weighted by `class_weight`, when given), plus, with `weight` > 0, on its
+    old-class images the KL divergence from the base model's answer to the model's answer folded
+    onto the old classes (`fold_matrix`).
 
     The base model already answers the old classes as the champion does; holding the fine-tuned
     model to its (softened) probabilities on the replayed images keeps those answers from drifting
@@ -55,7 +57,7 @@ def fine_tune_step(model: nn.Module, teacher: nn.Module, batch: TensorSplit, opt
     images, labels = batch.images.to(device), batch.labels.to(device)
     x = normalize(augment(to_float(images), cfg.aug_strength, generator))
     logits = model(x)
-    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    loss = F.cross_entropy(logits, labels, weight=class_weight, label_smoothing=cfg.label_smoothing)
     old = labels < fold.shape[1]
     if weight > 0 and bool(old.any()):
         with torch.no_grad():

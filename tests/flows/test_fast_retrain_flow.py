@@ -122,6 +122,10 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     assert set(result.steps) >= {"resolve-base", "ingest", "fine-tune", "held-out-set", "release/compress",
                                  "release/gate", "release/promote"}
     assert 0 <= result.orchestration_share < 1
+    # where the orchestration went, step by step: its parts add up to it
+    assert {"resolve-base", "ingest", "fine-tune", "release"} <= set(result.orchestration_steps)
+    assert sum(result.orchestration_steps.values()) == pytest.approx(result.orchestration_s, abs=0.05)
+    assert result.fine_tune["method"] == "expand"  # a new class on a saofu recogniser: the frozen base + a branch
     # A plain ImageFolder gets a labelled copy; the user's folder is untouched.
     assert not (shapes / "manifest.csv").exists() and not (shapes / "triangle").exists()
 

@@ -1,0 +1,183 @@
+"""Adding classes to a trained recogniser without moving anything it already answers.
+
+`grow_classifier` (models/head.py) adds rows to the classifier and then fine-tunes the whole upper
+network, so every old answer can move. `expand_recognizer` instead keeps the base recogniser whole
+and frozen, and gives the new classes their own copy of its upper layers (a *branch*: the stages
+after the first `shared_stages`, the head conv and a Linear with one row per new class), fed by the
+base's lower layers, which both share:
+
+    image -> stem, stages[:k] (base, frozen) -+-> stages[k:], conv_head, classifier (base, frozen) -> old logits
+                                              +-> stages[k:], conv_head, classifier (branch, trained) -> new logits
+
+The logits are the base's, bit for bit, followed by the branch's. An old-class answer can change
+only where a new class's logit rises over it, so a fast retrain's effect on the old classes is
+exactly the new classes' false positives, which the training can see and be weighted against.
+This is the expansion of Yan et al. 2021, "DER: Dynamically Expandable Representation for Class
+Incremental Learning" (a frozen old extractor beside a new one), sharing the cheap, generic lower
+layers to keep the cost down: on saofu_fu at 64 px the branch is the low-resolution half (8x8 and
+4x4 maps). The branch starts as a copy of the base's layers and the new rows as `grow_classifier`
+would start them (a refining class from its parent's row, lowered), so before training the expanded
+model predicts exactly what the base did.
+
+Only a saofu `Recognizer` can be expanded (it has named stages); `can_expand` says whether a model can.
+The result rebuilds from its checkpoint like any model: `models.build_from_checkpoint_meta` knows
+``saofu_expanded`` (not a registry name: nothing trains one from scratch) and the base's meta inside.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.head import DEFAULT_REFINE_LOGIT_OFFSET, NEW_ROW_STD, check_new_classes, grow_classifier
+from models.recognizer import Recognizer
+from saofu.errors import SaofuError
+
+EXPANDED_MODEL = "saofu_expanded"  # its `model_name` in checkpoints (no registry factory builds one)
+DEFAULT_SHARED_STAGES = 2  # stem + two stages: the 32x32 and 16x16 maps of saofu_fu at 64 px
+
+
+class ExpandedRecognizer(nn.Module):
+    """A frozen base recogniser plus a branch that answers the classes added after it."""
+
+    def __init__(self, base: Recognizer, new_classes: int, shared_stages: int = DEFAULT_SHARED_STAGES):
+        """Args:
+            base: the trained recogniser (its weights are kept frozen and in eval mode).
+            new_classes: how many classes the branch answers, >= 1.
+            shared_stages: leading stages of `base` the branch reads from (0 .. its stage count - 1).
+        """
+        super().__init__()
+        stages = len(base.stages)
+        if not 0 <= shared_stages < stages:
+            raise SaofuError(f"shared_stages must be between 0 and {stages - 1} for this model, got {shared_stages}")
+        if new_classes < 1:
+            raise SaofuError(f"an expanded recogniser needs at least one new class, got {new_classes}")
+        self.base = base
+        self.shared_stages = shared_stages
+        self.branch_stages = copy.deepcopy(nn.Sequential(*list(base.stages)[shared_stages:]))
+        self.branch_head = copy.deepcopy(base.conv_head)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.dropout = copy.deepcopy(base.dropout)
+        # The new classes' rows: named `classifier` so `models.head.classifier_layer` finds them
+        # (the fine-tune trains the rows a class lives in at the head's own rate).
+        self.classifier = nn.Linear(base.num_features, new_classes)
+        self.num_classes = base.num_classes + new_classes
+        self.in_chans = base.in_chans
+        self.num_features = base.num_features
+        self.arch_string = f"expanded{shared_stages}({base.arch_string})"
+        # What `models.model_meta` saves; `models.build_from_checkpoint_meta` rebuilds from it.
+        self.model_name = EXPANDED_MODEL
+        self.model_kwargs = {"base": _meta_of(base), "shared_stages": shared_stages}
+        self.default_input_size = getattr(base, "default_input_size", None)
+        self.freeze_base()
+
+    def freeze_base(self) -> None:
+        """No gradient into the base, and its BatchNorm kept in eval mode (`forgetting.train_mode`)."""
+        self.base.requires_grad_(False)
+        self.base.saofu_frozen = True  # read by tasks.train.forgetting.train_mode; survives deepcopy
+        self.base.eval()
+
+    def unfreeze_base(self) -> None:
+        """Let the base train too: a correction to one of its own classes has to move its weights."""
+        self.base.requires_grad_(True)
+        self.base.saofu_frozen = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (N, base classes + new classes): the base's, then the branch's."""
+        base = self.base
+        shared = list(base.stages)[:self.shared_stages]
+        h = base.stem(x)
+        for stage in shared:
+            h = stage(h)
+        old = base.stages[self.shared_stages:](h) if self.shared_stages else base.stages(h)
+        old = base.forward_head(base.conv_head(old))
+        new = self.classifier(self.dropout(self.flatten(self.global_pool(self.branch_head(self.branch_stages(h))))))
+        return torch.cat([old, new], 1)
+
+
+def can_expand(model: nn.Module) -> bool:
+    """Whether `expand_recognizer` takes this model: a saofu `Recognizer` with two or more stages, or
+    one expanded already (its branch then takes the new classes too)."""
+    return isinstance(model, ExpandedRecognizer) or (isinstance(model, Recognizer) and len(model.stages) >= 2)
+
+
+def expand_recognizer(
+    model: nn.Module,
+    old_classes: Sequence[str],
+    new_classes: Sequence[str],
+    refines: Mapping[str, str] | None = None,
+    refine_logit_offset: float = DEFAULT_REFINE_LOGIT_OFFSET,
+    generator: torch.Generator | None = None,
+    shared_stages: int = DEFAULT_SHARED_STAGES,
+) -> ExpandedRecognizer:
+    """`model` (copied, frozen) with a branch answering `new_classes`, appended after the old ones.
+
+    The new rows start as `grow_classifier` starts them, and the branch's layers as copies of the
+    base's: the untrained expanded model answers every image as `model` does. A model expanded
+    already keeps its base and branch; the branch's classifier grows by the new rows (`new_classes`
+    may then be empty: a copy).
+
+    Raises:
+        SaofuError: a model that cannot be expanded (`can_expand`), no new classes, or class lists
+            that do not fit (`check_new_classes`).
+    """
+    if not can_expand(model):
+        raise SaofuError(f"only a saofu Recognizer with two or more stages can be expanded, not "
+                         f"{type(model).__name__}")
+    check_new_classes(old_classes, new_classes, refines)
+    if isinstance(model, ExpandedRecognizer):
+        return _grow_branch(model, old_classes, new_classes, refines or {}, refine_logit_offset, generator)
+    grown = grow_classifier(model, old_classes, new_classes, refines, refine_logit_offset, generator)
+    base = copy.deepcopy(model)
+    shared = min(shared_stages, len(base.stages) - 1)
+    expanded = ExpandedRecognizer(base, len(new_classes), shared)
+    with torch.no_grad():
+        rows = grown.classifier
+        expanded.classifier.weight.copy_(rows.weight[len(old_classes):])
+        expanded.classifier.bias.copy_(rows.bias[len(old_classes):])
+    param = next(model.parameters())
+    expanded = expanded.to(param.device, param.dtype)
+    expanded.requires_grad_(True)
+    expanded.freeze_base()  # after requires_grad_(True): the base stays frozen
+    return expanded
+
+
+def _grow_branch(model: ExpandedRecognizer, old_classes: Sequence[str], new_classes: Sequence[str],
+                 refines: Mapping[str, str], refine_logit_offset: float,
+                 generator: torch.Generator | None) -> ExpandedRecognizer:
+    """A copy of an expanded model whose branch answers `new_classes` too (rows as `grow_classifier`'s)."""
+    if len(old_classes) != model.num_classes:
+        raise SaofuError(f"the model has {model.num_classes} outputs but {len(old_classes)} old classes were "
+                         f"given: {list(old_classes)}")
+    grown = copy.deepcopy(model)
+    old = model.classifier
+    # Every class's row, the base's then the branch's: a refining class starts from its parent's.
+    weights = torch.cat([model.base.classifier.weight, old.weight]).detach()
+    biases = torch.cat([model.base.classifier.bias, old.bias]).detach()
+    layer = nn.Linear(old.in_features, old.out_features + len(new_classes)).to(old.weight.device, old.weight.dtype)
+    with torch.no_grad():
+        layer.weight[:old.out_features], layer.bias[:old.out_features] = old.weight, old.bias
+        for i, name in enumerate(new_classes, start=old.out_features):
+            parent = refines.get(name)
+            if parent is None:
+                layer.weight[i] = torch.randn(old.in_features, generator=generator).to(layer.weight) * NEW_ROW_STD
+                layer.bias[i] = 0.0
+            else:
+                p = list(old_classes).index(parent)
+                layer.weight[i], layer.bias[i] = weights[p], biases[p] - refine_logit_offset
+    grown.classifier = layer
+    grown.num_classes = model.num_classes + len(new_classes)
+    grown.freeze_base()
+    return grown
+
+
+def _meta_of(model: nn.Module) -> dict[str, Any]:
+    from models.registry import model_meta  # registry imports this module to register the factory
+
+    return model_meta(model)
+
