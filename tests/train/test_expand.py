@@ -17,41 +17,16 @@ import torch
 from models import build_from_checkpoint_meta, create_model, model_meta
 from models.expand import ExpandedRecognizer, can_expand, expand_recognizer
 from saofu.errors import SaofuError
-from tasks.data.loading import PreparedData, TensorSplit, prepare_dataset
+from tasks.data.loading import PreparedData, TensorSplit
 from tasks.train.export import export_onnx, parity_max_abs_diff
 from tasks.train.fine_tune import FineTuneConfig, fine_tune
-from tasks.train.loop import TrainConfig, fit, load_checkpoint, predict_proba, save_checkpoint
+from tasks.train.loop import TrainConfig, load_checkpoint, predict_proba, save_checkpoint
 from tasks.train.onnx_interface import read_metadata
+from tests.train.two_shapes import OLD
 
 pytestmark = pytest.mark.timeout(300)
 
-OLD = ["circle", "square"]
 CPU = torch.device("cpu")
-
-
-def _only(split: TensorSplit, classes: list[str]) -> TensorSplit:
-    keep = torch.tensor([split.classes.index(c) for c in classes])
-    idx = torch.nonzero(torch.isin(split.labels, keep)).flatten()
-    labels = torch.tensor([classes.index(split.classes[y]) for y in split.labels[idx].tolist()])
-    return TensorSplit(split.images[idx], labels, list(classes), [split.paths[i] for i in idx.tolist()])
-
-
-def _logits(model: torch.nn.Module, split: TensorSplit) -> torch.Tensor:
-    probs = predict_proba(model, split, CPU)  # softmax of the logits; compare the old columns' ratios
-    return probs.clamp_min(1e-30).log()
-
-
-@pytest.fixture(scope="module")
-def shapes(shapes_dir) -> PreparedData:
-    return prepare_dataset(shapes_dir, image_size=32, val_share=0.2)
-
-
-@pytest.fixture(scope="module")
-def base(shapes, tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "base.pt"
-    cfg = TrainConfig(model="saofu_fu_tiny", epochs=10, batch_size=16, lr=1e-2, image_size=32)
-    fit(cfg, _only(shapes.train, OLD), _only(shapes.val, OLD), path)
-    return path
 
 
 @pytest.fixture(scope="module")

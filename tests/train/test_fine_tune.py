@@ -23,34 +23,12 @@ from tasks.train.fine_tune import (
     prior_correction,
 )
 from tasks.train.forgetting import fine_tune_step, fold_matrix, freeze_leading_stages, train_mode
-from tasks.train.loop import TrainConfig, fit, load_checkpoint, predict_proba, save_checkpoint
+from tasks.train.loop import TrainConfig, load_checkpoint, predict_proba, save_checkpoint
 from tasks.train.onnx_interface import read_metadata
 from tasks.train.replay import replay_count, replay_sample, training_set
+from tests.train.two_shapes import OLD, only
 
-OLD = ["circle", "square"]
 CPU = torch.device("cpu")
-
-
-def _only(split: TensorSplit, classes: list[str]) -> TensorSplit:
-    """The images of `classes`, relabelled onto that list: a dataset as it was before a class existed."""
-    keep = torch.tensor([split.classes.index(c) for c in classes])
-    idx = torch.nonzero(torch.isin(split.labels, keep)).flatten()
-    labels = torch.tensor([classes.index(split.classes[y]) for y in split.labels[idx].tolist()])
-    return TensorSplit(split.images[idx], labels, list(classes), [split.paths[i] for i in idx.tolist()])
-
-
-@pytest.fixture(scope="module")
-def shapes(shapes_dir) -> PreparedData:
-    return prepare_dataset(shapes_dir, image_size=32, val_share=0.2)
-
-
-@pytest.fixture(scope="module")
-def base(shapes, tmp_path_factory):
-    """A 2-class base (circle, square) trained with loop.fit, as the champion of a fast retrain would be."""
-    path = tmp_path_factory.mktemp("base") / "base.pt"
-    cfg = TrainConfig(model="saofu_fu_tiny", epochs=12, batch_size=16, lr=1e-2, image_size=32)
-    fit(cfg, _only(shapes.train, OLD), _only(shapes.val, OLD), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +370,7 @@ def test_the_budget_is_checked_between_epochs(shapes, base, tmp_path):
 
 
 def test_a_changed_class_keeps_the_class_list(shapes, base, tmp_path):
-    data = PreparedData(OLD, _only(shapes.train, OLD), _only(shapes.val, OLD), None, "x", "")
+    data = PreparedData(OLD, only(shapes.train, OLD), only(shapes.val, OLD), None, "x", "")
     cfg = FineTuneConfig(changed_classes=["square"], epochs=2, batch_size=16, budget_s=120)
     r = fine_tune(base, data, cfg, tmp_path / "best.pt")
     assert r.classes == OLD and r.model.num_classes == 2 and r.epochs_run == 2
