@@ -1,6 +1,6 @@
 """Adding classes to a trained recogniser without moving anything it already answers.
 
-`grow_classifier` (models/head.py) adds rows to the classifier and then fine-tunes the whole upper
+`models.head.grow_classifier` adds rows to the classifier and then fine-tunes the whole upper
 network, so every old answer can move. `expand_recognizer` instead keeps the base recogniser whole
 and frozen, and gives the new classes their own copy of its upper layers (a *branch*: the stages
 after the first `shared_stages`, the head conv and a Linear with one row per new class), fed by the
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.head import DEFAULT_REFINE_LOGIT_OFFSET, NEW_ROW_STD, check_new_classes, grow_classifier
+from models.head import DEFAULT_REFINE_LOGIT_OFFSET, check_new_classes, new_class_rows
 from models.recognizer import Recognizer
 from saofu.errors import SaofuError
 
@@ -90,12 +90,8 @@ class ExpandedRecognizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, base classes + new classes): the base's, then the branch's."""
         base = self.base
-        shared = list(base.stages)[:self.shared_stages]
-        h = base.stem(x)
-        for stage in shared:
-            h = stage(h)
-        old = base.stages[self.shared_stages:](h) if self.shared_stages else base.stages(h)
-        old = base.forward_head(base.conv_head(old))
+        h = base.stages[:self.shared_stages](base.stem(x))
+        old = base.forward_head(base.conv_head(base.stages[self.shared_stages:](h)))
         new = self.classifier(self.dropout(self.flatten(self.global_pool(self.branch_head(self.branch_stages(h))))))
         return torch.cat([old, new], 1)
 
@@ -132,14 +128,15 @@ def expand_recognizer(
     check_new_classes(old_classes, new_classes, refines)
     if isinstance(model, ExpandedRecognizer):
         return _grow_branch(model, old_classes, new_classes, refines or {}, refine_logit_offset, generator)
-    grown = grow_classifier(model, old_classes, new_classes, refines, refine_logit_offset, generator)
     base = copy.deepcopy(model)
     shared = min(shared_stages, len(base.stages) - 1)
     expanded = ExpandedRecognizer(base, len(new_classes), shared)
+    head = base.classifier
+    rows, biases = new_class_rows(head.weight.detach(), head.bias.detach() if head.bias is not None else None,
+                                  old_classes, new_classes, refines, refine_logit_offset, generator)
     with torch.no_grad():
-        rows = grown.classifier
-        expanded.classifier.weight.copy_(rows.weight[len(old_classes):])
-        expanded.classifier.bias.copy_(rows.bias[len(old_classes):])
+        expanded.classifier.weight.copy_(rows)
+        expanded.classifier.bias.copy_(biases)
     param = next(model.parameters())
     expanded = expanded.to(param.device, param.dtype)
     expanded.requires_grad_(True)
@@ -159,17 +156,12 @@ def _grow_branch(model: ExpandedRecognizer, old_classes: Sequence[str], new_clas
     # Every class's row, the base's then the branch's: a refining class starts from its parent's.
     weights = torch.cat([model.base.classifier.weight, old.weight]).detach()
     biases = torch.cat([model.base.classifier.bias, old.bias]).detach()
+    rows, row_biases = new_class_rows(weights, biases, old_classes, new_classes, refines, refine_logit_offset,
+                                      generator)
     layer = nn.Linear(old.in_features, old.out_features + len(new_classes)).to(old.weight.device, old.weight.dtype)
     with torch.no_grad():
-        layer.weight[:old.out_features], layer.bias[:old.out_features] = old.weight, old.bias
-        for i, name in enumerate(new_classes, start=old.out_features):
-            parent = refines.get(name)
-            if parent is None:
-                layer.weight[i] = torch.randn(old.in_features, generator=generator).to(layer.weight) * NEW_ROW_STD
-                layer.bias[i] = 0.0
-            else:
-                p = list(old_classes).index(parent)
-                layer.weight[i], layer.bias[i] = weights[p], biases[p] - refine_logit_offset
+        layer.weight.copy_(torch.cat([old.weight, rows]))
+        layer.bias.copy_(torch.cat([old.bias, row_biases]))
     grown.classifier = layer
     grown.num_classes = model.num_classes + len(new_classes)
     grown.freeze_base()
@@ -177,7 +169,7 @@ def _grow_branch(model: ExpandedRecognizer, old_classes: Sequence[str], new_clas
 
 
 def _meta_of(model: nn.Module) -> dict[str, Any]:
-    from models.registry import model_meta  # registry imports this module to register the factory
+    from models.registry import model_meta  # registry imports this module (to rebuild expanded checkpoints)
 
     return model_meta(model)
 

@@ -89,6 +89,39 @@ def check_new_classes(old_classes: Sequence[str], new_classes: Sequence[str],
                              f"{list(old_classes)}")
 
 
+def _check_offset(refine_logit_offset: float) -> None:
+    if not (math.isfinite(refine_logit_offset) and refine_logit_offset >= 0):
+        raise SaofuError(f"refine_logit_offset must be a finite number >= 0, got {refine_logit_offset!r}")
+
+
+def new_class_rows(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    old_classes: Sequence[str],
+    new_classes: Sequence[str],
+    refines: Mapping[str, str] | None,
+    refine_logit_offset: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starting classifier rows and biases for `new_classes`, given the old classes' `weight` rows and `bias`.
+
+    A class refining an old one starts as its parent's row with the bias lowered by
+    `refine_logit_offset`; any other as a fresh row (N(0, `NEW_ROW_STD`), bias 0). Shared by
+    `grow_classifier` and `models.expand`, so a new class starts alike whichever way it is added.
+    """
+    _check_offset(refine_logit_offset)
+    refines = refines or {}
+    rows = (torch.randn(len(new_classes), weight.shape[1], generator=generator) * NEW_ROW_STD).to(weight)
+    biases = torch.zeros(len(new_classes), device=weight.device, dtype=weight.dtype)
+    for i, name in enumerate(new_classes):
+        parent = refines.get(name)
+        if parent is not None:
+            p = list(old_classes).index(parent)
+            rows[i] = weight[p]
+            biases[i] = (bias[p] if bias is not None else 0.0) - refine_logit_offset
+    return rows, biases
+
+
 def grow_classifier(
     model: nn.Module,
     old_classes: Sequence[str],
@@ -119,8 +152,7 @@ def grow_classifier(
             classifier Linear layer.
     """
     check_new_classes(old_classes, new_classes, refines)
-    if not (math.isfinite(refine_logit_offset) and refine_logit_offset >= 0):
-        raise SaofuError(f"refine_logit_offset must be a finite number >= 0, got {refine_logit_offset!r}")
+    _check_offset(refine_logit_offset)
     old = classifier_layer(model)
     if old.out_features != len(old_classes) or getattr(model, "num_classes", len(old_classes)) != len(old_classes):
         raise SaofuError(f"the model has {old.out_features} outputs but {len(old_classes)} old classes were "
@@ -128,26 +160,15 @@ def grow_classifier(
     grown = copy.deepcopy(model)
     if not new_classes:
         return grown
-    refines = refines or {}
     n_old, n_new = len(old_classes), len(new_classes)
     weight, bias = old.weight.detach(), old.bias.detach() if old.bias is not None else None
     layer = nn.Linear(old.in_features, n_old + n_new, bias=bias is not None,
                       device=weight.device, dtype=weight.dtype)
+    rows, row_biases = new_class_rows(weight, bias, old_classes, new_classes, refines, refine_logit_offset, generator)
     with torch.no_grad():
-        rows = torch.randn(n_new, old.in_features, generator=generator) * NEW_ROW_STD
-        layer.weight[:n_old] = weight
-        layer.weight[n_old:] = rows.to(weight.device, weight.dtype)
+        layer.weight[:n_old], layer.weight[n_old:] = weight, rows
         if bias is not None:
-            layer.bias[:n_old] = bias
-            layer.bias[n_old:] = 0.0
-        for i, name in enumerate(new_classes):
-            parent = refines.get(name)
-            if parent is None:
-                continue
-            p = list(old_classes).index(parent)
-            layer.weight[n_old + i] = weight[p]
-            if bias is not None:
-                layer.bias[n_old + i] = bias[p] - refine_logit_offset
+            layer.bias[:n_old], layer.bias[n_old:] = bias, row_biases
     layer.weight.requires_grad_(old.weight.requires_grad)
     if bias is not None:
         layer.bias.requires_grad_(old.bias.requires_grad)
