@@ -35,6 +35,7 @@ from prefect.cache_policies import INPUTS
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flows.heartbeat import without_heartbeat
 from flows.ingest import IngestParams, add_validated, ingest_flow, version_dataset
 from flows.locks import model_lock
 from flows.release import ReleaseParams, release_flow
@@ -324,8 +325,10 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
                                                        params.experiment)
         source = f"the folder {folder}"
     else:
-        ingested = ingest_flow(IngestParams(project=params.labels, dataset_dir=dataset, dataset_name=dataset_name,
-                                            classes=classes, experiment=params.experiment))
+        with without_heartbeat():  # a subflow: this run's own heartbeat covers the process
+            ingested = ingest_flow(IngestParams(project=params.labels, dataset_dir=dataset,
+                                                dataset_name=dataset_name, classes=classes,
+                                                experiment=params.experiment))
         if ingested.skipped:  # a project nobody created: the labels the run was started for are not there
             raise SaofuError(f"fast retrain: no labels to ingest: {ingested.skipped}")
         data_version, added, body = ingested.data_version or "", ingested.added, ingested.seconds
@@ -357,7 +360,7 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
     lap("held-out-set", body)
 
     drop = params.max_old_class_drop_pts / 100
-    released = release_flow(ReleaseParams(
+    release = ReleaseParams(
         registered_model=params.registered_model, candidate_version=tuned.version, labelled_dir=judge_dir,
         fresh_n=params.fresh_n, prune_amount=params.prune_amount, fine_tune_epochs=1 if params.prune_amount else 0,
         threshold=params.threshold,
@@ -368,7 +371,9 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
         canary_timeout_min=params.canary_timeout_min, seed=params.seed,
         version_tags={CHANGE_TAG: params.change_record(), "fast_retrain_flow_run_id": run_id,
                       "base_version": base.version},
-    ))
+    )
+    with without_heartbeat():
+        released = release_flow(release)
     clock.lap("release", released.seconds)
     release_wall = clock.steps.pop("release")
     clock.steps.update({f"release/{name}": seconds for name, seconds in released.steps.items()})

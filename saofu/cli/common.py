@@ -35,12 +35,9 @@ def emit(summary: dict, as_json: bool, human: str) -> None:
 
 
 def run_flow(flow_fn, params):
-    """Run a flow on the configured Prefect API (an ephemeral one when none is set).
+    """Run a flow on the configured Prefect API (an ephemeral one when none is set), without a
+    heartbeat thread (`flows.heartbeat`): the command that started the run watches it."""
+    from flows.heartbeat import without_heartbeat
 
-    No heartbeat thread: joining it costs ~1 s per flow run, and these runs are supervised by
-    the command that started them.
-    """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with without_heartbeat():
         return flow_fn(params)
