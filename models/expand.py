@@ -116,7 +116,8 @@ def expand_recognizer(
     The new rows start as `grow_classifier` starts them, and the branch's layers as copies of the
     base's: the untrained expanded model answers every image as `model` does. A model expanded
     already keeps its base and branch; the branch's classifier grows by the new rows (`new_classes`
-    may then be empty: a copy).
+    may then be empty: a copy). `shared_stages` is capped at the model's stage count minus one, so
+    the default (2) still leaves a two-stage model a branch of its last stage.
 
     Raises:
         SaofuError: a model that cannot be expanded (`can_expand`), no new classes, or class lists
