@@ -78,3 +78,16 @@ def test_the_churn_bench_refuses_a_folder_without_the_fast_retrain_bench(tmp_pat
 
     with pytest.raises(SaofuError, match="saofu bench fast-retrain"):
         retrain_churn.run_retrain_churn_bench(home=tmp_path)
+
+
+def test_the_selection_table_names_each_config_with_its_medians_and_every_seed():
+    from bench.fine_tune_selection import format_table
+
+    draw = [{"new_class_recall": r, "max_old_class_drop_pts": d} for r, d in [(0.95, 0.49), (0.96, 1.08), (0.94, 0.59)]]
+    table = format_table({"results": [
+        {"config": {}, "draws": draw, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.59},
+        {"config": {"expand": False}, "draws": draw[:1], "new_class_recall": 0.95, "max_old_class_drop_pts": 0.49}]})
+    lines = table.splitlines()
+    assert lines[2].startswith("defaults") and "0.950" in lines[2] and "0.59" in lines[2]
+    assert "(0.960, 1.08)" in lines[2] and "(0.940, 0.59)" in lines[2]
+    assert lines[3].startswith('{"expand": false}') and "(0.960" not in lines[3]
