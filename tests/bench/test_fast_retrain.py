@@ -86,8 +86,17 @@ def test_the_selection_table_names_each_config_with_its_medians_and_every_seed()
     draw = [{"new_class_recall": r, "max_old_class_drop_pts": d} for r, d in [(0.95, 0.49), (0.96, 1.08), (0.94, 0.59)]]
     table = format_table({"results": [
         {"config": {}, "draws": draw, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.59},
-        {"config": {"expand": False}, "draws": draw[:1], "new_class_recall": 0.95, "max_old_class_drop_pts": 0.49}]})
+        {"config": {"expand": False}, "draws": draw[:1], "new_class_recall": 0.95, "max_old_class_drop_pts": 0.49},
+        {"config": {}, "settings": {"expand": True, "old_class_weight": 1.0, "hard_replay_share": 0.5},
+         "draws": draw, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.59},
+        {"config": {"old_class_weight": 3.0}, "settings": {"expand": True, "old_class_weight": 3.0,
+                                                           "hard_replay_share": 0.5},
+         "draws": draw, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.59}]})
     lines = table.splitlines()
+    # Results written before the settings were recorded are named by their overrides.
     assert lines[2].startswith("defaults") and "0.950" in lines[2] and "0.59" in lines[2]
     assert "(0.960, 1.08)" in lines[2] and "(0.940, 0.59)" in lines[2]
     assert lines[3].startswith('{"expand": false}') and "(0.960" not in lines[3]
+    # Recorded settings name the method and both weightings whatever the defaults were.
+    assert lines[4].startswith("expand, old weight 1, hard replay 0.5 (defaults)")
+    assert lines[5].startswith("expand, old weight 3, hard replay 0.5 ") and "(defaults)" not in lines[5]
