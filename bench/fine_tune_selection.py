@@ -14,26 +14,37 @@ rule) on the held-out merchant images and the held-out `fu`/`not_fu` images, aga
 Differences from the bench: the champion is the trained checkpoint (not released: unpruned) and
 the labels go straight into the dataset (no Label Studio, no ingest).
 
+`--world bench` runs the same loop on the fast-retrain bench's own world instead, as its last run
+left it in bench/work/fast_retrain/ (run `saofu bench fast-retrain` first): its released champion
+(pruned, the weights the bench's fast retrain starts from), the ship draw's dataset (the merchant
+labels ingested from Label Studio), the base run's split; scored on the images the bench reports.
+That is where a setting is tried on the bench's figures without the 42-minute bench (the figures
+move like the bench's fast-retrain step, not its Label Studio or release steps); the selection
+world is where it is chosen.
+
 Run it alone (two torch processes on 2 cores slow each other):
-    python -m bench.fine_tune_selection [CONFIG_JSON ...]
+    python -m bench.fine_tune_selection [--world selection|bench] [CONFIG_JSON ...]
 each CONFIG_JSON a dict of `FineTuneConfig` fields (none: `CANDIDATES`). About 8 minutes for the
-world and its champion (kept in bench/work/fine_tune_selection/ for the next run), then under 3
-minutes per candidate on 2 CPU cores. Writes bench/results/fine_tune_selection.json.
+selection world and its champion (kept in bench/work/fine_tune_selection/ for the next run), then
+under 3 minutes per candidate on 2 CPU cores. Writes bench/results/fine_tune_selection.json
+(`--world bench`: bench/results/fine_tune_bench_world.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.fast_retrain import THRESHOLD, aligned, split_world
+from bench.fast_retrain import MODEL, THRESHOLD, aligned, split_world
 
 # Old-class weight 1 or 3, with and without half the replay hard, and growing instead of expanding.
 CANDIDATES = [{}, {"hard_replay_share": 0.0}, {"old_class_weight": 3.0},
@@ -42,7 +53,25 @@ CANDIDATES = [{}, {"hard_replay_share": 0.0}, {"old_class_weight": 3.0},
 SETTINGS = ("expand", "old_class_weight", "hard_replay_share")
 REFINES = {"fu_merchant": "fu"}
 HOME = Path("bench/work/fine_tune_selection")
-OUT = Path("bench/results/fine_tune_selection.json")
+BENCH_HOME = Path("bench/work/fast_retrain")  # where `saofu bench fast-retrain` leaves its world
+BENCH_RESULTS = Path("bench/results/fast_retrain.json")  # ... and the champion version it started from
+OUT = {"selection": Path("bench/results/fine_tune_selection.json"),
+       "bench": Path("bench/results/fine_tune_bench_world.json")}
+
+
+@dataclass
+class ProbeWorld:
+    """What the candidates fine-tune from and are scored on."""
+
+    description: str
+    champion: Path  # checkpoint the fine-tunes start from (and the "before" of the old classes)
+    data_dir: Path  # the campaign's dataset: old classes plus the merchant labels
+    val_share: float
+    split_seed: int
+    cache_dir: Path
+    held_out: list[Path]  # merchant images of held-out fonts
+    regression: list[tuple[Path, str]]  # old-class images of held-out fonts, with their class
+    work: Path  # where the fine-tunes write
 
 
 def prepare(home: Path) -> Path:
@@ -72,6 +101,50 @@ def prepare(home: Path) -> Path:
     return champion
 
 
+def selection_world(home: Path = HOME) -> ProbeWorld:
+    """The selection world (seed 1, arphic-kai fonts held out), built and trained on first use."""
+    from tasks.data.manifest import read_manifest
+
+    home = home.resolve()
+    champion = prepare(home)
+    rows = [r for r in read_manifest(home / "world") if r["split"] == "test"]
+    return ProbeWorld("Fu world, seed 1, held-out fonts gkai/ukai (arphic-kai)", champion, home / "campaign",
+                      0.15, 0, home / "cache", *_held_out_sets(home / "world", rows), home / "fine-tune")
+
+
+def bench_world(bench_home: Path = BENCH_HOME, results: Path = BENCH_RESULTS,
+                work: Path = HOME / "bench-world") -> ProbeWorld:
+    """The fast-retrain bench's world as its last run left it (module docstring).
+
+    Its files are read, not changed (the fine-tunes write under `work`); only its tensor cache may
+    gain what it lacked."""
+    from saofu.errors import SaofuError
+    from saofu.settings import get_settings
+    from tasks.data.manifest import read_manifest
+    from tasks.train.retrain_steps import base_checkpoint, resolve_base
+
+    bench_home = bench_home.resolve()
+    dataset = bench_home / "data" / "fu_ship"
+    if not results.exists() or not dataset.is_dir():
+        raise SaofuError(f"--world bench needs a finished `saofu bench fast-retrain` run: {results} and {dataset}")
+    version = json.loads(results.read_text())["setup"]["champion_version"]
+    os.environ["SAOFU_HOME"] = str(bench_home)  # its MLflow registry holds the champion
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    work = work.resolve()
+    base = resolve_base(MODEL, version, work / "base")
+    champion = Path(base_checkpoint(base, work / "base"))
+    rows = [r for r in read_manifest(bench_home / "world") if r["split"] == "test"]
+    return ProbeWorld(f"the fast-retrain bench's world (Fu world, seed 0, held-out fonts bsmi/gbsn/uming), "
+                      f"from its released champion, version {version}", champion, dataset, base.val_share,
+                      base.split_seed, get_settings().cache_dir, *_held_out_sets(bench_home / "world", rows),
+                      work / "fine-tune")
+
+
+def _held_out_sets(world: Path, test_rows: list[dict]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    held = [world / r["path"] for r in test_rows if r["label"] == "fu_merchant"]
+    return held, [(world / r["path"], r["label"]) for r in test_rows if r["label"] != "fu_merchant"]
+
+
 def _right(model: torch.nn.Module, classes: list[str], paths: list[Path], labels: list[str]) -> np.ndarray:
     """1/0 per image: decided right at the serving threshold (as `bench.fast_retrain._recalls`)."""
     from saofu.refines import refinement_roots
@@ -85,28 +158,23 @@ def _right(model: torch.nn.Module, classes: list[str], paths: list[Path], labels
     return decide(probs, THRESHOLD, classes.index("not_fu"), roots) == split.labels.numpy()
 
 
-def run(configs: list[dict], home: Path = HOME, seeds: tuple[int, ...] = (0, 1, 2), budget_s: float = 52.0) -> dict:
+def run(configs: list[dict], world: ProbeWorld, seeds: tuple[int, ...] = (0, 1, 2), budget_s: float = 52.0) -> dict:
     from bench.models import _device_name
     from tasks.data.loading import prepare_dataset
-    from tasks.data.manifest import read_manifest
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
     from tasks.train.loop import load_checkpoint
 
-    home = home.resolve()
-    champion = prepare(home)
-    rows = [r for r in read_manifest(home / "world") if r["split"] == "test"]
-    held = [home / "world" / r["path"] for r in rows if r["label"] == "fu_merchant"]
-    reg = [(home / "world" / r["path"], r["label"]) for r in rows if r["label"] != "fu_merchant"]
+    held, reg = world.held_out, world.regression
     old = np.array([c for _, c in reg])
-    base, state = load_checkpoint(champion)
+    base, state = load_checkpoint(world.champion)
     before = _right(base, state["classes"], [p for p, _ in reg], list(old))
-    data = prepare_dataset(home / "campaign", 64, 0.15, 0, home / "cache")
+    data = prepare_dataset(world.data_dir, 64, world.val_share, world.split_seed, world.cache_dir)
     results = []
     for over in configs:
         draws = []
         for seed in seeds:
             cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed, **over)
-            r = fine_tune(champion, data, cfg, home / "fine-tune" / f"seed{seed}.pt")
+            r = fine_tune(world.champion, data, cfg, world.work / f"seed{seed}.pt")
             model = r.model.eval()
             after = _right(model, r.classes, [p for p, _ in reg], list(old))
             drops = {c: float(100 * (before[old == c].mean() - after[old == c].mean())) for c in ("fu", "not_fu")}
@@ -118,7 +186,7 @@ def run(configs: list[dict], home: Path = HOME, seeds: tuple[int, ...] = (0, 1, 
         results.append({"config": over, "settings": {k: getattr(cfg, k) for k in SETTINGS}, "draws": draws,
                         **{k: statistics.median(d[k] for d in draws)
                            for k in ("new_class_recall", "max_old_class_drop_pts")}})
-    return {"world": "Fu world, seed 1, held-out fonts gkai/ukai (arphic-kai)", "budget_s": budget_s,
+    return {"world": world.description, "budget_s": budget_s,
             "seeds": list(seeds), "held_out_merchant": len(held), "regression_images": len(reg),
             "device": _device_name(), "results": results}
 
@@ -129,8 +197,10 @@ def _label(result: dict) -> str:
     if not settings:
         return json.dumps(result["config"]) if result["config"] else "defaults"
     method = "expand" if settings["expand"] else "grow"
+    others = "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}"
+                     for k, v in result["config"].items() if k not in SETTINGS)
     return (f"{method}, old weight {settings['old_class_weight']:g}, hard replay {settings['hard_replay_share']:g}"
-            + (" (defaults)" if not result["config"] else ""))
+            + others + (" (defaults)" if not result["config"] else ""))
 
 
 def format_table(summary: dict) -> str:
@@ -143,14 +213,40 @@ def format_table(summary: dict) -> str:
     return aligned(rows)
 
 
-def main(argv: list[str]) -> None:
+def _check_configs(configs: list, parser: argparse.ArgumentParser) -> None:
+    """Refuse a config that is not a dict of `FineTuneConfig` fields before minutes of preparation."""
+    from tasks.train.fine_tune import FineTuneConfig
+
+    for over in configs:
+        try:
+            FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, **over)
+        except TypeError as e:
+            parser.error(f"CONFIG_JSON {json.dumps(over)}: {e}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.fine_tune_selection", description=__doc__.split("\n")[0])
+    parser.add_argument("--world", choices=sorted(OUT), default="selection",
+                        help="the selection world (default) or the fast-retrain bench's own")
+    parser.add_argument("configs", nargs="*", metavar="CONFIG_JSON",
+                        help="FineTuneConfig fields (none: the candidates)")
+    args = parser.parse_args(argv)
+    try:
+        configs = [json.loads(a) for a in args.configs] or CANDIDATES
+    except json.JSONDecodeError as e:
+        parser.error(f"a CONFIG_JSON is not JSON ({e}): give dicts of FineTuneConfig fields, "
+                     "e.g. '{\"expand\": false}'")
+    _check_configs(configs, parser)
     started = time.perf_counter()
-    summary = run([json.loads(a) for a in argv] or CANDIDATES)
+    world = bench_world() if args.world == "bench" else selection_world()
+    summary = run(configs, world)
     summary["seconds"] = time.perf_counter() - started
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(summary, indent=2))
+    out = OUT[args.world]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
     print(format_table(summary))
+    print(f"written: {out}")
 
 
 if __name__ == "__main__":  # generate_world spawns workers: the guard keeps them from running this
-    main(sys.argv[1:])
+    main()

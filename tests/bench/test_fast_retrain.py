@@ -91,6 +91,9 @@ def test_the_selection_table_names_each_config_with_its_medians_and_every_seed()
          "draws": draw, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.59},
         {"config": {"old_class_weight": 3.0}, "settings": {"expand": True, "old_class_weight": 3.0,
                                                            "hard_replay_share": 0.5},
+         "draws": draw, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.59},
+        {"config": {"shared_stages": 3}, "settings": {"expand": True, "old_class_weight": 1.0,
+                                                      "hard_replay_share": 0.5},
          "draws": draw, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.59}]})
     lines = table.splitlines()
     # Results written before the settings were recorded are named by their overrides.
@@ -100,3 +103,29 @@ def test_the_selection_table_names_each_config_with_its_medians_and_every_seed()
     # Recorded settings name the method and both weightings whatever the defaults were.
     assert lines[4].startswith("expand, old weight 1, hard replay 0.5 (defaults)")
     assert lines[5].startswith("expand, old weight 3, hard replay 0.5 ") and "(defaults)" not in lines[5]
+    # Overrides of other fields are named too: the row does not read as the defaults.
+    assert lines[6].startswith("expand, old weight 1, hard replay 0.5, shared_stages 3 ")
+    assert "(defaults)" not in lines[6]
+
+
+@pytest.mark.timeout(60)
+def test_the_bench_world_probe_refuses_a_folder_without_the_fast_retrain_bench(tmp_path):
+    from bench.fine_tune_selection import bench_world
+    from saofu.errors import SaofuError
+
+    with pytest.raises(SaofuError, match="saofu bench fast-retrain"):
+        bench_world(bench_home=tmp_path, results=tmp_path / "fast_retrain.json", work=tmp_path / "probe")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arg, named", [("{oops", "is not JSON"), ('{"old_weight": 3}', "old_weight"), ("3", "3")])
+def test_the_selection_bench_refuses_a_bad_config_before_preparing_anything(arg, named, capsys, monkeypatch):
+    import bench.fine_tune_selection as selection
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a world was prepared for a bad config")
+
+    monkeypatch.setattr(selection, "selection_world", must_not_run)
+    with pytest.raises(SystemExit) as exit_:
+        selection.main([arg])
+    assert exit_.value.code == 2 and named in capsys.readouterr().err
