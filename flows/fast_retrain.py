@@ -39,6 +39,7 @@ from flows.heartbeat import without_heartbeat
 from flows.ingest import IngestParams, add_validated, ingest_flow, version_dataset
 from flows.locks import model_lock
 from flows.release import ReleaseParams, release_flow
+from flows.run_summary import artifact_key, publish, text_block
 from flows.step_clock import StepClock
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
@@ -392,6 +393,8 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
         orchestration_steps={name: s for name, s in clock.outside.items() if name != "wait-for-model"},
     )
     print(step_table(result), flush=True)
+    publish(summary_markdown(result, params, source), artifact_key("fast-retrain", params.registered_model),
+            f"fast retrain of {params.registered_model}: {verdict(result)}")
     return result
 
 
@@ -419,10 +422,37 @@ def step_table(result: FastRetrainResult) -> str:
     if result.orchestration_steps:
         lines.append("orchestration by step: " + ", ".join(
             f"{name} {seconds:.2f}" for name, seconds in result.orchestration_steps.items() if seconds >= 0.005))
-    verdict = (f"promoted: version {result.challenger_version} is the champion"
-               + (f", served ({result.served_version})" if result.served_version else "")
-               if result.promoted else f"not promoted: the champion stays {result.champion_after}")
-    return "\n".join(lines) + "\n" + verdict
+    return "\n".join(lines) + "\n" + verdict(result)
+
+
+def verdict(result: FastRetrainResult) -> str:
+    """Promoted or not, in one line."""
+    if not result.promoted:
+        return f"not promoted: the champion stays {result.champion_after}"
+    return (f"promoted: version {result.challenger_version} is the champion"
+            + (f", served ({result.served_version})" if result.served_version else ""))
+
+
+def summary_markdown(result: FastRetrainResult, params: FastRetrainParams, source: str) -> str:
+    """The run's outcome for its page in the Prefect UI: what changed, the gate, the steps.
+
+    `source` names where the labels came from, as the run's log does."""
+    change = ", ".join(f"{c.kind} `{c.name}`" + (f" (refines `{c.refines}`)" if c.refines else "")
+                       for c in params.changes)
+    tuned = result.fine_tune
+    fine_tune = (f"version {result.fine_tuned_version}: "
+                 + ("reused from an earlier run of the same change and data" if result.fine_tune_reused else
+                    f"{tuned.get('method', '?')}, {tuned.get('epochs_run', '?')} epochs in "
+                    f"{tuned.get('seconds', 0):.0f} s, epoch {tuned.get('best_epoch', '?')} kept"))
+    rows = [("change", change), ("base", f"version {result.base_version}"), ("fine-tuned", fine_tune),
+            ("challenger", f"version {result.challenger_version or '-'}"),
+            ("labels", f"{result.labels_added} added from {source}, data version `{result.data_version or '-'}`"),
+            ("wall time", f"{result.wall_s:.0f} s, orchestration {result.orchestration_share:.1%}")]
+    if result.canary:
+        rows.append(("canary", result.canary))
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows])
+    return (f"# Fast retrain of `{result.registered_model}`: {verdict(result)}\n\n{table}\n\n"
+            f"## Gate\n\n{text_block(result.gate_table)}\n\n## Steps (seconds)\n\n{text_block(step_table(result))}\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.fast_retrain as fast_retrain
@@ -112,6 +114,17 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     assert shipped["parent_version"] == result.fine_tuned_version and shipped["base_version"] == champion
     assert shipped["prefect_flow_run_id"]
 
+    # The run's summary is on its page in the Prefect UI: a markdown artifact keyed by the model.
+    with get_client(sync_client=True) as prefect:
+        stored = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["fast-retrain-shapes-fast"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[shipped["fast_retrain_flow_run_id"]])))
+    assert len(stored) == 1 and stored[0].type == "markdown"
+    summary = stored[0].data
+    assert summary.startswith(f"# Fast retrain of `{MODEL}`: promoted: version {result.challenger_version}")
+    assert "new `triangle`" in summary and f"version {result.fine_tuned_version}: reused" in summary
+    assert result.gate_table.splitlines()[0] in summary and "release/compress" in summary
+
     # The grown model: the base's classes in their order, then the new one; old ones not regressed much.
     onnx_dir = tracking.download_model_version(MODEL, result.challenger_version)
     meta = read_metadata(next(onnx_dir.rglob("*.onnx")))
@@ -205,3 +218,33 @@ def test_a_cached_fine_tune_is_reused_only_while_its_version_is_the_one_it_regis
     assert fast_retrain.registered_from(MODEL, "4", "cached-run")
     assert not fast_retrain.registered_from(MODEL, "3", "cached-run")  # the number, not the model
     assert not fast_retrain.registered_from(MODEL, "9", "cached-run")  # gone
+
+
+def test_summary_keys_fold_a_model_name_into_what_prefect_takes():
+    from flows.run_summary import artifact_key
+
+    assert artifact_key("fast-retrain", "Fu_Recognizer v2") == "fast-retrain-fu-recognizer-v2"
+    assert artifact_key("fast-retrain", "shapes-fast") == "fast-retrain-shapes-fast"
+
+
+@pytest.mark.timeout(120)
+def test_a_summary_that_cannot_be_stored_is_a_warning_not_a_failed_run(prefect_api, monkeypatch):
+    from prefect import flow
+
+    import flows.run_summary as run_summary
+
+    def refused(**kwargs):
+        raise RuntimeError("injected: the API refused the artifact")
+
+    warnings = []
+    monkeypatch.setattr(run_summary, "create_markdown_artifact", refused)
+    monkeypatch.setattr(run_summary, "get_run_logger",
+                        lambda: type("Log", (), {"warning": lambda self, *a: warnings.append(a[0] % a[1:])})())
+
+    @flow
+    def shipped() -> str:
+        run_summary.publish("# done", "fast-retrain-x", "a model already serving")
+        return "shipped"
+
+    assert shipped() == "shipped"
+    assert len(warnings) == 1 and "fast-retrain-x" in warnings[0] and "injected" in warnings[0]

@@ -5,8 +5,8 @@ The project is set up with the README's commands (`saofu train`, `saofu release`
 saofu/MLflow/Prefect variable set. Then:
 
 1. Prefect UI: Deployments → fast-retrain → Run → Custom run, the new class typed into the form,
-   Submit; the run, executed by `saofu up`'s executor, completes; the serving app answers with
-   the version it shipped.
+   Submit; the run, executed by `saofu up`'s executor, completes; its summary is on its page
+   (Artifacts tab, then the summary's card); the serving app answers with the version it shipped.
 2. MLflow UI: the new version's page shows its lineage tags; the `champion` alias is added to the
    previous champion by hand (the UI's alias editor moves it). The serving app follows, and
    `saofu history` records the move as `manual`.
@@ -212,6 +212,16 @@ def test_custom_run_of_fast_retrain_clicked_in_the_prefect_ui_is_served(stack, p
     assert health["versions"]["champion"] == shipped, health
     answer = post_png(serving, next((stack["labels"] / "triangle").glob("*.png")))
     assert answer["version"] == shipped and answer["top_class"] in SHAPES, answer
+
+    # Its summary is a click away on the run's page: the Artifacts tab, then the summary's card.
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.locator("a[href*='/artifacts/artifact/']").first.click()
+    page.wait_for_url(re.compile(r".*/artifacts/artifact/[0-9a-f-]{36}.*"))
+    # (the model's name is set as code: the heading's accessible name spaces it)
+    heading = re.compile(rf"Fast retrain of\s*{MODEL}\s*: promoted: version {shipped} is the champion")
+    page.get_by_role("heading", name=heading).wait_for()
+    page.get_by_text("release/compress").first.wait_for()
+    page.screenshot(path=str(ARTEFACTS / "prefect-run-summary.png"), full_page=True)
     SHIPPED.update(version=shipped, previous=stack["first_champion"])
 
 
