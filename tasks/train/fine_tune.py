@@ -52,9 +52,10 @@ beats growing by 11-18 points of recall, and weight 3 instead of 1 trades 4-10 p
 for 0.1-0.3 point of old-class drop: there, weight 1 with half the replay hard is the pick (the
 most recall within the half-point drop in every run), so it is the default since 2026-12-05. On
 the bench's world the switch moves along the same trade: fine-tunes from its shipped champion
-(`python -m bench.fine_tune_selection --world bench`, 52 s, seeds 0-2, medians) went from
-(0.947, 0.49) to (0.969, 0.88), and the bench itself from (0.941, 0.59) to (0.969, 0.88); the
-branch after three stages instead of two gave (0.971, 0.98). An average of the branch's weights
+(`python -m bench.fine_tune_selection --world bench`, 52 s, seeds 0-2, medians, two runs) went
+from (0.947, 0.49) / (0.961, 0.88) to (0.969, 0.88) / (0.967, 0.88), weight 3's drop 0.49-1.18
+from seed to seed, and the bench itself from (0.941, 0.59) to (0.969, 0.88); the branch after
+three stages instead of two gave (0.971, 0.98) / (0.969, 0.98). An average of the branch's weights
 (EMA over an epoch; not kept) was no gain that held on both worlds: (0.951, 0.59) at weight 3 and
 (0.967, 0.88) at weight 1 on the bench's, 2.5 points less recall at weight 3 on the selection world.
 Growing (the method before expansion; the notes below are its), measured on the same world,
