@@ -11,7 +11,7 @@ Each candidate: `tasks.train.fine_tune.fine_tune` from the champion with the mer
 (refining `fu`), 52 s of training (what the bench's one-minute step leaves after reading the data),
 seeds 0, 1, 2; scored as the bench scores (threshold 0.9, `not_fu` the fallback, the refinement
 rule) on the held-out merchant images and the held-out `fu`/`not_fu` images, against the champion.
-Differences from the bench: the champion is the trained checkpoint (not released: unpruned) and
+Differences from the bench (on this world): the champion is the trained checkpoint (not released: unpruned) and
 the labels go straight into the dataset (no Label Studio, no ingest).
 
 `--world bench` runs the same loop on the fast-retrain bench's own world instead, as its last run
@@ -215,12 +215,13 @@ def format_table(summary: dict) -> str:
 
 def _check_configs(configs: list, parser: argparse.ArgumentParser) -> None:
     """Refuse a config that is not a dict of `FineTuneConfig` fields before minutes of preparation."""
+    from saofu.errors import SaofuError
     from tasks.train.fine_tune import FineTuneConfig
 
     for over in configs:
         try:
             FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, **over)
-        except TypeError as e:
+        except (TypeError, SaofuError) as e:
             parser.error(f"CONFIG_JSON {json.dumps(over)}: {e}")
 
 
