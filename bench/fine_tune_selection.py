@@ -117,7 +117,8 @@ def bench_world(bench_home: Path = BENCH_HOME, results: Path = BENCH_RESULTS,
     """The fast-retrain bench's world as its last run left it (module docstring).
 
     Its files are read, not changed (the fine-tunes write under `work`); only its tensor cache may
-    gain what it lacked."""
+    gain what it lacked. Points this process at the bench's folder (SAOFU_HOME), whose registry
+    holds the champion."""
     from saofu.errors import SaofuError
     from saofu.settings import get_settings
     from tasks.data.manifest import read_manifest
@@ -215,13 +216,12 @@ def format_table(summary: dict) -> str:
 
 def _check_configs(configs: list, parser: argparse.ArgumentParser) -> None:
     """Refuse a config that is not a dict of `FineTuneConfig` fields before minutes of preparation."""
-    from saofu.errors import SaofuError
     from tasks.train.fine_tune import FineTuneConfig
 
     for over in configs:
         try:
             FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, **over)
-        except (TypeError, SaofuError) as e:
+        except TypeError as e:  # an unknown field, or not a dict
             parser.error(f"CONFIG_JSON {json.dumps(over)}: {e}")
 
 
