@@ -4,15 +4,16 @@ A champion trained on `fu`/`not_fu` of the Fu world is serving (`saofu serve`, f
 `champion` alias). The merchant campaign starts: images of `fu_merchant` (the world's merchant
 frames, train fonts) are imported into a real Label Studio and answered by the simulated labeler.
 From that moment the clock runs, until the flow run ends: with the serving app answering the new
-version when the gate passes it. The issue's gate refuses the draws on this world (README), so one
+version when the gate passes it. The issue's gate mostly refuses the draws on this world (README), so one
 more draw, with the gate the README's demo uses, times the path through promotion to the serving
 app answering with the new version:
 
 * fast retrain: `flows/fast_retrain.py`, one flow run (one draw per seed, each on its own copy of
   the dataset and its own Label Studio project, so every draw ingests and versions its labels);
 * naive peer: a full retrain from scratch on all the data (the base data plus the same merchant
-  labels) through the training and release flows, waited on the serving app too (one draw: it is
-  the slow one);
+  labels) through the training and release flows, waited on the serving app too (three draws by
+  default, seeds 0, 1, 2, the median compared: its wall moved 441-554 s over
+  eleven single-draw benches, enough to move the speed-up across its target);
 * ablation: the same fine-tune without replay of old data (one per seed; measured, not shipped).
 
 Measured on images none of them trained on: new-class recall at the serving threshold on the
@@ -186,7 +187,7 @@ def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, ou
 
 
 def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds: tuple[int, ...] = (0, 1, 2),
-                           epochs: int = 20, full_retrain: bool = True, home: Path | None = None,
+                           epochs: int = 20, full_retrain_draws: int = 3, home: Path | None = None,
                            out: Path = Path("bench/results/fast_retrain.json")) -> dict:
     from services import labeling as labeling_service
 
@@ -212,6 +213,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
     from tasks.data.loading import prepare_dataset
     from tasks.data.validation import validate_dataset
     from tasks.data.versions import create_version
+    from tasks.release.registry import current_champion, promote
 
     t_bench = time.perf_counter()
     world = home / "world"
@@ -281,6 +283,31 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
                                                                 "train_images", "best_epoch")},
                 **metrics}
 
+    def median(key: str, rows: list[dict]) -> float:
+        return float(statistics.median(r[key] for r in rows))
+
+    def full_retrain_draw(seed: int) -> dict:
+        """The naive peer: train from scratch on all the data (the first draw's dataset), release, wait for serving."""
+        from tasks.release.sets import held_out_folder
+
+        started = time.perf_counter()
+        dataset = home / "data" / f"fu_draw{seeds[0]}"
+        with without_heartbeat():
+            peer = train_flow(TrainFlowParams(data_dir=str(dataset), epochs=epochs, seed=seed,
+                                              registered_model=MODEL, experiment="bench-full-retrain"))
+        # Judged like the fast retrain: held-out images of every class (its release's fresh slice).
+        judge, _ = held_out_folder(dataset, 64, home / "runs" / f"full-retrain{seed}-held-out")
+        with without_heartbeat():
+            released = release_flow(ReleaseParams(
+                registered_model=MODEL, candidate_version=peer.version, labelled_dir=str(judge),
+                fresh_n=5000, serve_url=url, experiment="bench-full-retrain",
+                gate={"new_class": "fu_merchant", "new_class_recall": 0.95}))
+        wall = time.perf_counter() - started
+        print(f"full retrain, seed {seed}: {wall:.1f} s, promoted {released.promoted}", flush=True)
+        return {"seed": seed, "wall_s": wall, "promoted": released.promoted, "release_steps": released.steps,
+                **(measure(_version_onnx(released.challenger_version), champion_right, held_out, regression, 64)
+                   if released.challenger_version else {})}
+
     draws, ablations, full, ship = [], [], None, None
     try:
         for seed in seeds:
@@ -290,29 +317,19 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
                                              home / "runs" / f"ablation{seed}")
             ablations.append({"seed": seed, "seconds": seconds, **info,
                               **measure(onnx, champion_right, held_out, regression, 64)})
-        if full_retrain:
-            from tasks.release.sets import held_out_folder
-
-            started = time.perf_counter()
-            dataset = home / "data" / f"fu_draw{seeds[0]}"
-            with without_heartbeat():
-                peer = train_flow(TrainFlowParams(data_dir=str(dataset), epochs=epochs,
-                                                  registered_model=MODEL, experiment="bench-full-retrain"))
-            # Judged like the fast retrain: held-out images of every class (its release's fresh slice).
-            judge, _ = held_out_folder(dataset, 64, home / "runs" / "full-retrain-held-out")
-            with without_heartbeat():
-                released = release_flow(ReleaseParams(
-                    registered_model=MODEL, candidate_version=peer.version, labelled_dir=str(judge),
-                    fresh_n=5000, serve_url=url, experiment="bench-full-retrain",
-                    gate={"new_class": "fu_merchant", "new_class_recall": 0.95}))
-            wall = time.perf_counter() - started
-            full = {"wall_s": wall, "promoted": released.promoted, "release_steps": released.steps,
-                    **(measure(_version_onnx(released.challenger_version), champion_right, held_out, regression, 64)
-                       if released.challenger_version else {})}
-        # Every draw above is judged by the issue's gate, which refuses them (README): their clock stops
-        # at the gate. The path that ships (promotion, the serving app swapping the model in, answering
+        if full_retrain_draws:
+            peers = [full_retrain_draw(seed) for seed in range(full_retrain_draws)]
+            # The median draw, as the fast retrain's: one draw of the peer moved the speed-up by 4.9-6.2x
+            # (441-554 s over eleven benches).
+            full = {key: median(key, [p for p in peers if key in p])
+                    for key in ("wall_s", "new_class_recall", "max_old_class_drop_pts") if any(key in p for p in peers)}
+            full["draws"] = peers
+        # Every draw above is judged by the issue's gate, which mostly refuses them (README): their clock
+        # stops at its verdict. The path that ships (promotion, the serving app swapping the model in, answering
         # with it) is timed on one more draw, the gate set as the README's demo sets it. Last: it moves
         # the champion alias that the draws and the peer are compared against.
+        if current_champion(MODEL) != champion:  # a draw or a peer passed its gate: put the campaign's champion
+            promote(MODEL, champion, "bench: the campaign's champion again, for the ship draw")  # back
         ship = campaign_draw(seeds[0], "ship", **SHIP_GATE)
     finally:
         serve.terminate()
@@ -321,9 +338,6 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
         except subprocess.TimeoutExpired:
             serve.kill()
         labeling_service.stop()
-
-    def median(key: str, rows: list[dict]) -> float:
-        return float(statistics.median(r[key] for r in rows))
 
     step_names = list(draws[0]["steps"])
     summary = {
@@ -345,6 +359,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
                              "max_old_class_drop_pts": median("max_old_class_drop_pts", ablations)},
         "targets": TARGETS,
         "setup": {"world_n": world_n, "budget_min": budget_min, "seeds": list(seeds), "epochs": epochs,
+                  "full_retrain_draws": full_retrain_draws,
                   "merchant_labels": len(labels), "held_out_merchant": len(held_out),
                   "regression_images": len(regression), "threshold": THRESHOLD, "champion_version": champion,
                   "bench_seconds": time.perf_counter() - t_bench, "date": time.strftime("%Y-%m-%d")},
@@ -378,7 +393,7 @@ def aligned(rows: list[list[str]] | list[tuple[str, ...]]) -> str:
 
 
 def format_table(s: dict) -> str:
-    """The three ways side by side (medians over the draws; the full retrain is one draw)."""
+    """The three ways side by side (medians over the draws of each), the peer's draws under it."""
     full, abl = s["full_retrain"] or {}, s["no_replay_median"]
     rows = [("", "fast retrain", "full retrain (peer)", "no replay (ablation)", "target"),
             ("labels in LS -> end of run, s", f"{s['wall_s']:.0f}", f"{full.get('wall_s', float('nan')):.0f}", "-",
@@ -395,6 +410,10 @@ def format_table(s: dict) -> str:
         rows.insert(2, ("labels in LS -> served (ship draw), s", f"{ship['wall_s']:.0f}", "-", "-", "<= 300"))
     steps = ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())
     text = aligned(rows) + f"\nsteps (median s): {steps}"
+    if full.get("draws"):
+        text += "\nfull retrain draws: " + ", ".join(f"seed {d['seed']} {d['wall_s']:.0f} s"
+                                                    + ("" if d["promoted"] else " (gate refused)")
+                                                    for d in full["draws"])
     if ship:
         text += (f"\nship draw (gate: new-class recall {SHIP_GATE['new_class_recall']:g}, old-class drop "
                  f"{SHIP_GATE['max_old_class_drop_pts']:g} pts): promoted "
@@ -411,7 +430,7 @@ if __name__ == "__main__":
     parser.add_argument("--budget-min", type=float, default=2.0)
     parser.add_argument("--seed", type=int, action="append")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--no-full-retrain", action="store_true")
+    parser.add_argument("--full-retrain-draws", type=int, default=3, help="0: no peer")
     args = parser.parse_args()
     run_fast_retrain_bench(args.world_n, args.budget_min, tuple(args.seed or (0, 1, 2)), args.epochs,
-                           not args.no_full_retrain)
+                           args.full_retrain_draws)

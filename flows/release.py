@@ -8,7 +8,8 @@ three sets (fresh online slice, regression set, open badcases) with plots and a 
 the gate compares them on the fresh slice. A passing gate moves `champion` (recorded, so `saofu
 rollback` undoes it): that is the deployment, since the serving app follows the alias and swaps
 models without failing a request; with `serve_url` the flow waits until the app answers with the
-new version. A failing gate is recorded on the version and changes nothing.
+new version. A failing gate is recorded on the version and changes nothing. Either way the run's
+page in the Prefect UI carries its summary (a markdown artifact keyed `release-MODEL`).
 
 With `canary_share` > 0 a passing challenger goes through the serving app's canary first: the
 app (started with the same `--canary-share`) sends that share of traffic to `@challenger` with the
@@ -29,6 +30,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.locks import model_lock
+from flows.release_summary import release_summary, release_verdict
+from flows.run_summary import artifact_key, publish
 from flows.step_clock import StepClock
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
@@ -153,6 +156,8 @@ def release_flow(params: ReleaseParams = ReleaseParams()) -> ReleaseResult:
     with model_lock(params.registered_model):
         result = _release(params)
     result.seconds = time.perf_counter() - started
+    publish(release_summary(result, params), artifact_key("release", params.registered_model),
+            f"release of {params.registered_model}: {release_verdict(result)}")
     return result
 
 

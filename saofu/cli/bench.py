@@ -130,7 +130,8 @@ def bench_fast_retrain(
     budget_min: float = typer.Option(1.0, "--budget-min", help="The fine-tune budget (the flow's default)."),
     seeds: list[int] = typer.Option([0, 1, 2], "--seed", help="One fast-retrain draw per seed (repeat)."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Epochs of the champion and of the full retrain."),
-    full_retrain: bool = typer.Option(True, "--full-retrain/--no-full-retrain", help="Also the naive peer."),
+    full_retrain_draws: int = typer.Option(3, "--full-retrain-draws", min=0,
+                                           help="Naive-peer draws (seeds 0, 1, ...; median compared); 0: none."),
     out: Path = typer.Option(Path("bench/results/fast_retrain.json"), "--out"),
     as_json: bool = JsonOpt,
 ):
@@ -139,7 +140,7 @@ def bench_fast_retrain(
 
     with progress_to_stderr(as_json):
         result = run_fast_retrain_bench(world_n=n, budget_min=budget_min, seeds=tuple(seeds), epochs=epochs,
-                                        full_retrain=full_retrain, out=out)
+                                        full_retrain_draws=full_retrain_draws, out=out)
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
 
 

@@ -31,8 +31,9 @@ class FileDigests(StatCache):
 
     max_entries = MAX_ENTRIES
 
-    def sha256(self, path: Path) -> str:
-        key = file_key(path.stat())
+    def sha256(self, path: Path, st: os.stat_result | None = None) -> str:
+        """`path`'s digest; `st`: its stat, where the caller has it from walking the folder."""
+        key = file_key(st if st is not None else path.stat())
         self.seen.add(key)
         digest = self.entries.get(key)
         if digest is None:

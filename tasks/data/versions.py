@@ -51,6 +51,7 @@ import yaml
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks.data.file_digests import FileDigests
+from tasks.data.file_walk import path_order, walk_files
 
 REMOTE_ENV = "SAOFU_DVC_REMOTE"
 REMOTE_NAME = "storage"
@@ -164,10 +165,13 @@ def content_fingerprint(dataset_dir: str | Path, digests: FileDigests | None = N
         (hex fingerprint, number of files).
     """
     root = Path(dataset_dir)
+    files = walk_files(root)
     lines = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest = digests.sha256(path) if digests is not None else hashlib.sha256(path.read_bytes()).hexdigest()
-        lines.append(f"{path.relative_to(root).as_posix()}\0{digest}\n")
+    for rel in sorted(files, key=path_order):
+        path = root / rel
+        digest = (digests.sha256(path, files[rel]) if digests is not None
+                  else hashlib.sha256(path.read_bytes()).hexdigest())
+        lines.append(f"{rel}\0{digest}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest(), len(lines)
 
 
@@ -385,14 +389,11 @@ def _sync_tree(src: Path, dst: Path) -> None:
     A differing file is replaced through a new file and a rename, never written in place: the one
     in `dst` may be a hard link into the DVC cache.
     """
-    def files(root: Path) -> dict[str, os.stat_result]:
-        return {p.relative_to(root).as_posix(): p.stat() for p in root.rglob("*") if p.is_file()} \
-            if root.is_dir() else {}
-
     if dst.exists() and not dst.is_dir():
         _remove(dst)
-    have, want = files(dst), files(src)
-    for rel in have.keys() - want.keys():
+    have, want = walk_files(dst), walk_files(src)
+    gone = have.keys() - want.keys()
+    for rel in gone:
         (dst / rel).unlink()
     for rel, st in want.items():
         old = have.get(rel)
@@ -403,9 +404,10 @@ def _sync_tree(src: Path, dst: Path) -> None:
         tmp = target.with_name(f".{target.name}.saofu-new")
         shutil.copy2(src / rel, tmp)
         os.replace(tmp, target)
-    for folder in sorted((p for p in dst.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        if not any(folder.iterdir()):
-            folder.rmdir()
+    if gone:  # folders emptied by the deletions go too
+        for folder in sorted((p for p in dst.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _use_linked_cache(repo: Path) -> None:

@@ -129,3 +129,19 @@ def test_the_selection_bench_refuses_a_bad_config_before_preparing_anything(arg,
     with pytest.raises(SystemExit) as exit_:
         selection.main([arg])
     assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_table_lists_the_full_retrain_draws_whose_median_it_compares():
+    s = {"wall_s": 90.0, "new_class_recall": 0.97, "max_old_class_drop_pts": 0.9, "speedup_vs_full_retrain": 5.2,
+         "orchestration_share": 0.01, "steps": {"fine-tune": 61.0}, "device": "CPU",
+         "full_retrain": {"wall_s": 470.0, "new_class_recall": 0.97, "max_old_class_drop_pts": 1.2,
+                          "draws": [{"seed": 0, "wall_s": 441.2, "promoted": False},
+                                    {"seed": 1, "wall_s": 470.0, "promoted": True},
+                                    {"seed": 2, "wall_s": 554.4, "promoted": False}]},
+         "no_replay_median": {"new_class_recall": 0.74, "max_old_class_drop_pts": 14.0}}
+    table = format_table(s)
+    peer_cell = next(line for line in table.splitlines() if line.startswith("labels in LS -> end of run"))
+    assert "470" in peer_cell
+    draws = next(line for line in table.splitlines() if line.startswith("full retrain draws"))
+    assert "seed 0 441 s (gate refused)" in draws and "seed 1 470 s," in draws
+    assert "seed 2 554 s (gate refused)" in draws

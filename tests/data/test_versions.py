@@ -18,6 +18,7 @@ from PIL import Image
 
 import tasks.data.versions as dv
 from saofu.errors import SaofuError
+from tasks.data.file_walk import path_order, walk_files
 from tasks.data.fu_world import WorldConfig, generate_world
 from tasks.data.versions import (
     checkout_version,
@@ -257,3 +258,33 @@ def test_bad_input(home: Path, world: Path, tmp_path: Path) -> None:
     with pytest.raises(SaofuError, match="not empty"):
         checkout_version(v1.id, world)
     assert checkout_version(v1.id, world, force=True) == world
+
+
+def _fingerprint_as_first_recorded(root: Path) -> str:
+    """The fingerprint as versions before the scandir walk recorded it (rglob, Path order)."""
+    lines = [f"{p.relative_to(root).as_posix()}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n"
+             for p in sorted(p for p in root.rglob("*") if p.is_file())]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+@pytest.mark.timeout(60)
+def test_the_walk_finds_what_rglob_finds_and_fingerprints_as_versions_were_recorded(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    # Names whose string order differs from their Path order ("a-b/…" < "a/…" as strings, not as parts),
+    # a hidden file, non-ASCII names, and links: a linked file counts, a linked folder is not entered.
+    for rel in ("a/b.png", "a-b/c.png", "a.png", "A/z.png", ".manifest.swp", "福/図.png", "x/y/z/deep.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode() * 3)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.png").write_bytes(b"o")
+    (root / "linked-folder").symlink_to(outside, target_is_directory=True)
+    (root / "linked.png").symlink_to(root / "a.png")
+
+    found = walk_files(root)
+    assert set(found) == {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert "linked.png" in found and not any(rel.startswith("linked-folder/") for rel in found)
+    assert sorted(found, key=path_order) == [p.relative_to(root).as_posix() for p in sorted(
+        p for p in root.rglob("*") if p.is_file())]
+    assert dv.content_fingerprint(root) == (_fingerprint_as_first_recorded(root), len(found))
+    assert walk_files(tmp_path / "missing") == {}

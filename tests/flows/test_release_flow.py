@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.release import ReleaseParams, release_flow
+from flows.release import ReleaseParams, ReleaseResult, release_flow
+from flows.release_summary import release_verdict
 from flows.train import TrainFlowParams, train_flow
 from tasks.release import registry, report, steps
 from tasks.release.evaluation import LatencyStats
@@ -102,6 +106,37 @@ def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls
     assert registry.current_champion("fu-rel") == second.challenger_version
     record = registry.rollback("fu-rel", reason="test")
     assert record.version == first.challenger_version == registry.current_champion("fu-rel")
+
+    # Each run's summary is on its page in the Prefect UI, the verdict as its heading.
+    with get_client(sync_client=True) as prefect:
+        stored = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["release-fu-rel"])),
+                                        sort=ArtifactSort.CREATED_DESC)[::-1]  # oldest first
+    assert [a.type for a in stored] == ["markdown"] * 3
+    headings = [a.data.splitlines()[0] for a in stored]
+    assert headings[0] == f"# Release of `fu-rel`: promoted: version {first.challenger_version} is the champion"
+    assert headings[1] == (f"# Release of `fu-rel`: version {refused.challenger_version} refused (gate failed: 1 of "
+                           f"{len(refused.gate_table.splitlines()) - 2} checks (latency_p95_ms)): the champion stays "
+                           f"version {first.challenger_version}")
+    assert refused.gate_table.splitlines()[1] in stored[1].data
+    assert refused.variants_table.splitlines()[0] in stored[1].data
+    assert f"| champion | {first.challenger_version} -> {first.challenger_version} |" in stored[1].data
+
+
+def test_the_release_verdict_says_what_changed_and_why_not():
+    def result(**changes) -> ReleaseResult:
+        base = dict(run_id="r", candidate_version="4", shipped="fp32", challenger_version="5", champion_before="3",
+                    champion_after="3", promoted=False, gate_passed=False, gate_table="check\ngate failed: 1 of 7 "
+                    "checks (accuracy)", variants_table="", compare_table="", fresh_source="held-out")
+        return ReleaseResult(**{**base, **changes})
+
+    assert release_verdict(result()) == (
+        "version 5 refused (gate failed: 1 of 7 checks (accuracy)): the champion stays version 3")
+    assert release_verdict(result(gate_passed=True)) == "the canary refused version 5: the champion stays version 3"
+    assert release_verdict(result(promoted=True, gate_passed=True, champion_after="5", served_version="5")) == (
+        "promoted: version 5 is the champion, served (5)")
+    assert release_verdict(result(shipped=None, challenger_version=None, gate_passed=None, gate_table="")) == (
+        "nothing registered: no artefact met the accuracy bar")
+    assert release_verdict(result(champion_before=None, champion_after=None)).endswith("the champion stays unset")
 
 
 @pytest.mark.slow
