@@ -8,11 +8,14 @@ trained exactly as it was (same data, split and settings) with other seeds, each
 champion's answers, image by image.
 
 It reads the folder `saofu bench fast-retrain` leaves (`bench/work/fast_retrain`: its world, base
-dataset and MLflow store with the champion) and trains nothing else there.
+dataset and MLflow store with the champion) and trains nothing else there. The champion is the one
+that bench's campaign started from (`setup.champion_version` in its results): by the end of that
+bench the `champion` alias names the ship draw's model, which knows the new class.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -24,13 +27,17 @@ HOME = Path("bench/work/fast_retrain")
 
 
 def run_retrain_churn_bench(seeds: tuple[int, ...] = (1, 2), home: Path = HOME,
-                            out: Path = Path("bench/results/retrain_churn.json")) -> dict:
+                            out: Path = Path("bench/results/retrain_churn.json"),
+                            bench_results: Path = Path("bench/results/fast_retrain.json")) -> dict:
+    from saofu.errors import SaofuError
+
     home = home.resolve()
     if not (home / "world").is_dir() or not (home / "data" / "fu_base").is_dir():
-        from saofu.errors import SaofuError
-
         raise SaofuError(f"{home} holds no fast-retrain bench (world/, data/fu_base/): run `saofu bench "
                          "fast-retrain` first; this bench measures against its champion")
+    if not bench_results.is_file():
+        raise SaofuError(f"no {bench_results}: run `saofu bench fast-retrain` first; it names the champion")
+    champion = str(json.loads(bench_results.read_text())["setup"]["champion_version"])
     os.environ["SAOFU_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -39,7 +46,6 @@ def run_retrain_churn_bench(seeds: tuple[int, ...] = (1, 2), home: Path = HOME,
     from saofu.settings import get_settings
     from tasks.data.loading import prepare_dataset
     from tasks.data.manifest import read_manifest
-    from tasks.release.registry import current_champion
     from tasks.release.steps import load_candidate
     from tasks.train.export import export_onnx
     from tasks.train.loop import checkpoint_config, fit, load_checkpoint
@@ -52,7 +58,6 @@ def run_retrain_churn_bench(seeds: tuple[int, ...] = (1, 2), home: Path = HOME,
     paths, labels = [p for p, _ in regression], [c for _, c in regression]
     work = home / "runs" / "retrain-churn"
     work.mkdir(parents=True, exist_ok=True)
-    champion = current_champion(MODEL)
     base = resolve_base(MODEL, champion, work / "base")
     champion_right = _recalls(_version_onnx(champion), paths, labels, base.image_size)
     parent_model, state = load_checkpoint(load_candidate(MODEL, base.trained_version, work / "parent").checkpoint)
@@ -88,7 +93,7 @@ def run_retrain_churn_bench(seeds: tuple[int, ...] = (1, 2), home: Path = HOME,
 def format_table(s: dict) -> str:
     classes = list(s["champion"])
     head = ["reference"] + [f"{c}: recall / drop pts [95 %] / flipped %" for c in classes]
-    rows = [["champion (serving)"] + [f"{s['champion'][c]:.4f}" for c in classes]]
+    rows = [[f"champion (version {s['champion_version']})"] + [f"{s['champion'][c]:.4f}" for c in classes]]
     for r in s["references"]:
         rows.append([r["name"]] + [
             f"{v['after']:.4f} / {v['drop_pts']:+.2f} [{v['ci95_pts'][0]:+.2f}, {v['ci95_pts'][1]:+.2f}] / "

@@ -65,10 +65,10 @@ def test_the_paired_drop_counts_flips_both_ways_and_its_interval_holds_the_drop(
 
 def test_the_churn_table_names_each_reference_against_the_champion():
     row = {"after": 0.9824, "drop_pts": 0.69, "ci95_pts": [0.1, 1.3], "flipped_pts": 1.5}
-    s = {"champion": {"fu": 0.9206, "not_fu": 0.9892}, "device": "CPU",
+    s = {"champion": {"fu": 0.9206, "not_fu": 0.9892}, "champion_version": "2", "device": "CPU",
          "references": [{"name": "retrained, seed 1", "classes": {"fu": {**row, "drop_pts": -1.47}, "not_fu": row}}]}
     table = retrain_churn.format_table(s)
-    assert "champion (serving)" in table and "retrained, seed 1" in table
+    assert "champion (version 2)" in table and "retrained, seed 1" in table
     assert "+0.69 [+0.10, +1.30] / 1.5" in table and "-1.47" in table and "0.9892" in table
 
 
@@ -78,6 +78,12 @@ def test_the_churn_bench_refuses_a_folder_without_the_fast_retrain_bench(tmp_pat
 
     with pytest.raises(SaofuError, match="saofu bench fast-retrain"):
         retrain_churn.run_retrain_churn_bench(home=tmp_path)
+    # A bench folder without the results that name its campaign's champion (the `champion` alias
+    # names the ship draw's model by the end of that bench): refused, nothing trained.
+    (tmp_path / "world").mkdir()
+    (tmp_path / "data" / "fu_base").mkdir(parents=True)
+    with pytest.raises(SaofuError, match="names the champion"):
+        retrain_churn.run_retrain_churn_bench(home=tmp_path, bench_results=tmp_path / "missing.json")
 
 
 def test_the_selection_table_names_each_config_with_its_medians_and_every_seed():
