@@ -4,16 +4,16 @@ A champion trained on `fu`/`not_fu` of the Fu world is serving (`saofu serve`, f
 `champion` alias). The merchant campaign starts: images of `fu_merchant` (the world's merchant
 frames, train fonts) are imported into a real Label Studio and answered by the simulated labeler.
 From that moment the clock runs, until the flow run ends: with the serving app answering the new
-version when the gate passes it. The issue's gate mostly refuses the draws on this world (README), so one
-more draw, with the gate the README's demo uses, times the path through promotion to the serving
-app answering with the new version:
+version when the gate passes it. The issue's gate mostly refuses the draws on this world (README),
+so one more draw, with the gate the README's demo uses, times the path through promotion to the
+serving app answering with the new version:
 
 * fast retrain: `flows/fast_retrain.py`, one flow run (one draw per seed, each on its own copy of
   the dataset and its own Label Studio project, so every draw ingests and versions its labels);
 * naive peer: a full retrain from scratch on all the data (the base data plus the same merchant
   labels) through the training and release flows, waited on the serving app too (three draws by
-  default, seeds 0, 1, 2, the median compared: its wall moved 441-554 s over
-  eleven single-draw benches, enough to move the speed-up across its target);
+  default, seeds 0, 1, 2, the median compared: as one draw its wall moved 441-554 s over eleven
+  benches, enough to move the speed-up across its target);
 * ablation: the same fine-tune without replay of old data (one per seed; measured, not shipped).
 
 Measured on images none of them trained on: new-class recall at the serving threshold on the
@@ -325,9 +325,9 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = 1.0, seeds:
                     for key in ("wall_s", "new_class_recall", "max_old_class_drop_pts") if any(key in p for p in peers)}
             full["draws"] = peers
         # Every draw above is judged by the gate, which mostly refuses them (README): their clock
-        # stops at its verdict. The path that ships (promotion, the serving app swapping the model in, answering
-        # with it) is timed on one more draw, the gate set as the README's demo sets it. Last: it moves
-        # the champion alias that the draws and the peer are compared against.
+        # stops at its verdict. The path that ships (promotion, the serving app swapping the model in,
+        # answering with it) is timed on one more draw, the gate set as the README's demo sets it, from
+        # the campaign's champion. Last: it moves the champion alias.
         if current_champion(MODEL) != champion:  # a draw or a peer passed its gate: put the campaign's champion
             promote(MODEL, champion, "bench: the campaign's champion again, for the ship draw")  # back
         ship = campaign_draw(seeds[0], "ship", **SHIP_GATE)
