@@ -39,7 +39,7 @@ from flows.heartbeat import without_heartbeat
 from flows.ingest import IngestParams, add_validated, ingest_flow, version_dataset
 from flows.locks import model_lock
 from flows.release import ReleaseParams, release_flow
-from flows.run_summary import artifact_key, publish, text_block
+from flows.run_summary import artifact_key, key_value_table, promoted_verdict, publish, text_block
 from flows.step_clock import StepClock
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
@@ -429,8 +429,7 @@ def verdict(result: FastRetrainResult) -> str:
     """Promoted or not, in one line."""
     if not result.promoted:
         return f"not promoted: the champion stays {result.champion_after}"
-    return (f"promoted: version {result.challenger_version} is the champion"
-            + (f", served ({result.served_version})" if result.served_version else ""))
+    return promoted_verdict(result.challenger_version, result.served_version)
 
 
 def summary_markdown(result: FastRetrainResult, params: FastRetrainParams, source: str) -> str:
@@ -450,7 +449,7 @@ def summary_markdown(result: FastRetrainResult, params: FastRetrainParams, sourc
             ("wall time", f"{result.wall_s:.0f} s, orchestration {result.orchestration_share:.1%}")]
     if result.canary:
         rows.append(("canary", result.canary))
-    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows])
+    table = key_value_table(rows)
     return (f"# Fast retrain of `{result.registered_model}`: {verdict(result)}\n\n{table}\n\n"
             f"## Gate\n\n{text_block(result.gate_table)}\n\n## Steps (seconds)\n\n{text_block(step_table(result))}\n")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flows.run_summary import text_block
+from flows.run_summary import key_value_table, promoted_verdict, text_block
 
 if TYPE_CHECKING:  # flows.release imports this module
     from flows.release import ReleaseParams, ReleaseResult
@@ -21,8 +21,7 @@ def release_verdict(result: ReleaseResult) -> str:
         return "nothing registered: no artefact met the accuracy bar"
     stays = f"the champion stays {'version ' + result.champion_after if result.champion_after else 'unset'}"
     if result.promoted:
-        return (f"promoted: version {result.challenger_version} is the champion"
-                + (f", served ({result.served_version})" if result.served_version else ""))
+        return promoted_verdict(result.challenger_version, result.served_version)
     if result.gate_passed:
         return f"the canary refused version {result.challenger_version}: {stays}"
     failed = result.gate_table.strip().splitlines()[-1] if result.gate_table.strip() else "gate failed"
@@ -41,8 +40,7 @@ def release_summary(result: ReleaseResult, params: ReleaseParams) -> str:
         rows.append(("canary", result.canary))
     if params.serve_url:
         rows.append(("serving app", f"{params.serve_url}: answers version {result.served_version or '-'}"))
-    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows])
-    sections = [f"# Release of `{params.registered_model}`: {release_verdict(result)}", table]
+    sections = [f"# Release of `{params.registered_model}`: {release_verdict(result)}", key_value_table(rows)]
     for title, text in (("Gate", result.gate_table), ("Compression: the artefacts weighed", result.variants_table),
                         ("Challenger and champion", result.compare_table)):
         if text.strip():

@@ -23,6 +23,16 @@ def text_block(text: str) -> str:
     return f"```text\n{text.rstrip()}\n```"
 
 
+def key_value_table(rows: list[tuple[str, str]]) -> str:
+    """(name, value) rows as a two-column markdown table (a `|` in a value would end its cell)."""
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows])
+
+
+def promoted_verdict(version: str, served: str | None) -> str:
+    """The verdict of a run that moved the champion, as the fast retrain's and the release's summaries say it."""
+    return f"promoted: version {version} is the champion" + (f", served ({served})" if served else "")
+
+
 def publish(markdown: str, key: str, description: str) -> None:
     """Store `markdown` on the current flow run; a failure to store it is logged, not raised.
 

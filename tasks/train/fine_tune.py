@@ -55,7 +55,9 @@ the bench's world the switch moves along the same trade: fine-tunes from its shi
 (`python -m bench.fine_tune_selection --world bench`, 52 s, seeds 0-2, medians, two runs) went
 from (0.947, 0.49) / (0.961, 0.88) to (0.969, 0.88) / (0.967, 0.88), weight 3's drop 0.49-1.18
 from seed to seed, and the bench itself from (0.941, 0.59) to (0.969, 0.88); the branch after
-three stages instead of two gave (0.971, 0.98) / (0.969, 0.98). An average of the branch's
+three stages instead of two gave (0.971, 0.98) / (0.969, 0.98) (all from the 2026-12-05 afternoon's
+champion; from the evening's, trained alike but different: (0.949, 0.49), weight 3 (0.924, 0.39),
+three stages (0.949, 0.49), README). An average of the branch's
 weights (EMA over an epoch; an ad-hoc run from the unpruned version, not kept) was no gain that
 held on both worlds: (0.951, 0.59) at weight 3 and (0.967, 0.88) at weight 1 on the bench's, 2.5
 points less recall at weight 3 on the selection world.
