@@ -131,6 +131,7 @@ def serve_all(webhook_url: str = "", **kwargs: Any) -> None:
     runner = Runner(name="saofu", pause_on_shutdown=False)
     for f, kw in deployment_specs(**kwargs):
         runner.add_flow(f, **kw)
+    # every deployment is registered now: `saofu up` waits for this line (services.prefect_server.SERVING_LINE)
     print(f"saofu executor: serving {', '.join(NAMES)}", flush=True)
     try:
         asyncio.run(runner.start())

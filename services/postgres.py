@@ -634,6 +634,25 @@ def _start_new(state_dir: Path, port: int, database: str, user: str, fsync: bool
     return handle
 
 
+def ensure_database(database: str, state_dir: Path | None = None, user: str = DEFAULT_USER) -> str:
+    """A database owned by `user` on the running server, created when missing; its asyncpg URL.
+
+    For a second user of the cluster beside the study (the Prefect server's database): the state
+    file keeps naming the study's database. No password in the URL: asyncpg reads `passfile()`
+    when PGPASSFILE names it.
+
+    Raises:
+        SaofuError: no server runs on `state_dir`, or a bad database name.
+    """
+    _check_name("database", database)
+    state_dir = _resolve_state_dir(state_dir)
+    running = postgres_status(state_dir)
+    if running is None:
+        raise SaofuError(f"PostgreSQL does not run on {state_dir}: start it first (`saofu up postgres`)")
+    _ensure_role_and_database(state_dir, running.port, database, user, reload=False)
+    return f"postgresql+asyncpg://{user}@{HOST}:{running.port}/{database}"
+
+
 def stop_postgres(state_dir: Path | None = None) -> bool:
     """Stop the server on `state_dir`'s cluster (`pg_ctl stop -m fast`: open sessions are rolled back).
 

@@ -1,6 +1,6 @@
 """The services `saofu up` runs, in order, and `up` / `down` / `status` over them.
 
-    prefect   the Prefect server (API + UI, SQLite under .saofu/prefect)     :4200
+    prefect   the Prefect server (API + UI; SQLite or PostgreSQL, below)     :4200
     executor  `python -m flows.deployments`: executes the deployments        (no port)
     mlflow    the MLflow tracking server and UI on the project's store       :5000
     labeling  Label Studio (services.labeling)                               :8080
@@ -10,7 +10,9 @@
 healthy. One already running (our pid file, process alive, healthy) is reported as already up,
 not restarted. The first one that cannot start (busy port, missing dependency, not healthy in
 time) stops `up` with a one-line SaofuError naming it; those already up keep running.
-PostgreSQL (services.postgres) is started only when named.
+PostgreSQL (services.postgres) is started only when named, or when the Prefect server keeps its
+database there (`--prefect-db postgres`, remembered like the ports): then `up` starts it first,
+creates the `prefect` database beside the search studies, and `down` (all) stops it last.
 
 Ports and the registered model (`--model`: what the serving app follows and the deployments'
 forms default to): an explicit value wins, else the one remembered in `.saofu/stack.json` from
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from saofu.errors import SaofuError
@@ -73,6 +75,14 @@ def resolve_model(explicit: str | None) -> str:
     return str(model)
 
 
+def resolve_prefect_db(explicit: str | None) -> str:
+    """Where the Prefect server keeps its database: explicit, else remembered from the last `up`, else SQLite."""
+    if explicit is not None and explicit not in prefect_server.DATABASES:
+        raise SaofuError(f"--prefect-db must be one of {', '.join(prefect_server.DATABASES)}, not {explicit!r}")
+    chosen = explicit or _remembered().get("prefect_db")
+    return chosen if chosen in prefect_server.DATABASES else prefect_server.DEFAULT_DATABASE
+
+
 def resolve_ports(explicit: dict[str, int | None]) -> dict[str, int]:
     remembered = remembered_ports()
     return {name: explicit.get(name) or remembered.get(name) or default for name, default in DEFAULT_PORTS.items()}
@@ -100,6 +110,7 @@ class _ProcessService:
     command: Callable[[int], tuple[list[str], dict[str, str], str | None]]
     healthy: Callable[[dict], bool]
     timeout: float
+    extra: dict = field(default_factory=dict)  # kept in the service's state file (what `status` reports)
 
 
 def _prefect_url() -> str:
@@ -109,15 +120,29 @@ def _prefect_url() -> str:
     return state["url"]
 
 
-def _services(model: str = serving.DEFAULT_MODEL) -> dict[str, _ProcessService]:
+def _prefect_command(port: int, database: str):
+    if database == "sqlite":
+        return prefect_server.server_command(port, HOST)
+    from services import postgres
+
+    if postgres.postgres_status() is None:
+        raise SaofuError("prefect: its database is on PostgreSQL, which does not run; start it first "
+                         "(saofu up postgres prefect --prefect-db postgres)")
+    url = postgres.ensure_database(prefect_server.POSTGRES_DATABASE)
+    return prefect_server.server_command(port, HOST, database_url=url, passfile=postgres.passfile())
+
+
+def _services(model: str = serving.DEFAULT_MODEL, prefect_db: str = prefect_server.DEFAULT_DATABASE
+              ) -> dict[str, _ProcessService]:
     def executor_command(_port: int):
         url = _prefect_url()
         cmd, env = prefect_server.executor_command(url, model)
         return cmd, env, url
 
     return {
-        "prefect": _ProcessService("prefect", lambda p: prefect_server.server_command(p, HOST),
-                                   lambda s: prefect_server.server_healthy(s["url"]), prefect_server.START_TIMEOUT_S),
+        "prefect": _ProcessService("prefect", lambda p: _prefect_command(p, prefect_db),
+                                   lambda s: prefect_server.server_healthy(s["url"]), prefect_server.START_TIMEOUT_S,
+                                   extra={"database": prefect_db}),
         "executor": _ProcessService("executor", executor_command,
                                     lambda s: prefect_server.executor_healthy(
                                         s["url"], Path(s["log"]) if s.get("log") else None, s.get("started_epoch")),
@@ -132,7 +157,8 @@ def _services(model: str = serving.DEFAULT_MODEL) -> dict[str, _ProcessService]:
 
 def _public(state: dict, **more) -> dict:
     keep = ("url", "pid", "log", "port", "started_at")
-    return {**{k: state.get(k) for k in keep}, **more}
+    optional = ("database",)  # the Prefect server's
+    return {**{k: state.get(k) for k in keep}, **{k: state[k] for k in optional if k in state}, **more}
 
 
 # ------------------------------------------------------------------------------------- up
@@ -155,7 +181,7 @@ def _up_process(svc: _ProcessService, port: int | None, timeout: float | None) -
     cmd, env, url = svc.command(port)
     progress(f"starting {svc.name}" + (f" at {url}" if url else "") + f" (log: {process.log_file(svc.name)})")
     state = process.start_detached(svc.name, cmd, url=url, host=HOST, port=port, env=env,
-                                   cwd=process.state_dir().parent)
+                                   cwd=process.state_dir().parent, extra=svc.extra)
     try:
         process.wait_healthy(svc.name, state["pid"], lambda: svc.healthy(state), timeout, Path(state["log"]))
     except SaofuError:
@@ -212,7 +238,7 @@ def _up_postgres(port: int) -> dict:
 
 def up(names: list[str] | None = None, ports: dict[str, int | None] | None = None, *,
        files_root: Path | None = None, timeout: float | None = None, model: str | None = None,
-       on_up: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+       prefect_db: str | None = None, on_up: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Start `names` (all five by default) in order, each waited for until healthy.
 
     Args:
@@ -222,6 +248,8 @@ def up(names: list[str] | None = None, ports: dict[str, int | None] | None = Non
         timeout: seconds each service gets to become healthy (default: its own).
         model: the registered model the serving app follows and the deployments default to
             (default: the one of the last `up`, else fu-recognizer).
+        prefect_db: "sqlite" or "postgres": where a Prefect server started now keeps its database
+            (default: the last `up`'s, else sqlite); with postgres, PostgreSQL is started first.
         on_up: called as on_up(name, info) after each service is up (progress for callers).
 
     Returns:
@@ -235,8 +263,11 @@ def up(names: list[str] | None = None, ports: dict[str, int | None] | None = Non
     chosen = check_names(names)
     port_of = resolve_ports(ports or {})
     model = resolve_model(model)
-    _remember(model=model)
-    specs = _services(model)
+    prefect_db = resolve_prefect_db(prefect_db)
+    _remember(model=model, prefect_db=prefect_db)
+    if "prefect" in chosen and prefect_db == "postgres":  # its database must be up before it
+        chosen = ["postgres"] + [n for n in chosen if n != "postgres"]
+    specs = _services(model, prefect_db)
     result: dict[str, dict] = {}
     for name in chosen:
         if name == "labeling":
@@ -247,6 +278,10 @@ def up(names: list[str] | None = None, ports: dict[str, int | None] | None = Non
             info = _up_process(specs[name], None if name == "executor" else port_of[name], timeout)
         if name == "prefect":
             info["ui"] = info["url"]
+            running_on = info.get("database") or "sqlite"  # a server started before the choice: SQLite
+            if info.get("already_up") and running_on != prefect_db:
+                progress(f"prefect keeps the {running_on} database it was started with; "
+                         f"`saofu down prefect` first to move it to {prefect_db}")
         result[name] = info
         if on_up is not None:
             on_up(name, info)
@@ -257,12 +292,15 @@ def up(names: list[str] | None = None, ports: dict[str, int | None] | None = Non
 
 
 def down(names: list[str] | None = None) -> dict[str, bool]:
-    """Stop `names` (all five by default), serving first and the Prefect server last.
+    """Stop `names` (all five by default), serving first and the Prefect server last; then the
+    PostgreSQL it keeps its database on, if it does (`up(prefect_db="postgres")`).
 
     Returns:
         {name: whether a running process was stopped}.
     """
     chosen = list(reversed(check_names(names)))
+    if not names and resolve_prefect_db(None) == "postgres":
+        chosen.append("postgres")
     stopped: dict[str, bool] = {}
     for name in chosen:
         if name == "labeling":
@@ -289,7 +327,8 @@ def _mtime(path: Path) -> str | None:
 
 
 def status(names: list[str] | None = None) -> dict[str, dict]:
-    """What runs: {name: {running, healthy, url, pid, since, log}} for the five services."""
+    """What runs: {name: {running, healthy, url, pid, since, log}} for the five services; the
+    Prefect server's also says which database it keeps (`database`: sqlite or postgres)."""
     chosen = [n for n in check_names(names) if n in SERVICES]  # postgres: `saofu up postgres` prints its URL
     specs = _services()
     out: dict[str, dict] = {}
@@ -315,4 +354,19 @@ def status(names: list[str] | None = None) -> dict[str, dict]:
             out[name] = {"running": True, "healthy": specs[name].healthy(state), "url": state.get("url"),
                          "pid": state["pid"], "since": state.get("started_at"), "port": state.get("port"),
                          "log": state.get("log")}
+            if name == "prefect":
+                out[name]["database"] = state.get("database", "sqlite")  # started before the choice: SQLite
+    if not names and resolve_prefect_db(None) == "postgres":
+        out["postgres"] = _postgres_status()
     return out
+
+
+def _postgres_status() -> dict:
+    from services import postgres
+
+    handle = postgres.postgres_status()
+    if handle is None:
+        return {"running": False, "healthy": False, "url": None, "pid": None, "since": None}
+    return {"running": True, "healthy": not process.port_free(HOST, handle.port), "url": handle.url,
+            "pid": handle.pid, "since": _mtime(handle.data_dir / "postmaster.pid"), "port": handle.port,
+            "log": str(handle.log_path)}

@@ -158,6 +158,22 @@ def bench_retrain_churn(
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
 
 
+@app.command("prefect-db")
+def bench_prefect_db(
+    draws: int = typer.Option(3, "--draws", help="Fresh servers per database (alternating)."),
+    subflows: int = typer.Option(150, "--subflows", help="Subflows each client's flow run calls."),
+    clients: list[int] = typer.Option([1, 3], "--clients", help="Concurrent clients of a load (repeat)."),
+    out: Path = typer.Option(Path("bench/results/prefect_db.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """The Prefect server on SQLite vs on PostgreSQL: how often a run's orchestration stalls."""
+    from bench.prefect_db import run_prefect_db_bench
+
+    with progress_to_stderr(as_json):
+        result = run_prefect_db_bench(draws=draws, subflows=subflows, client_counts=tuple(clients), out=out)
+    emit({k: v for k, v in result.items() if k not in ("table", "runs")}, as_json, result["table"])
+
+
 @app.command("reliability")
 def bench_reliability(
     requests: int = typer.Option(20_000, "--requests", help="Requests sent to the serving app under model swaps."),

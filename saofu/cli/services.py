@@ -3,8 +3,9 @@
 `saofu up` starts, in order, the Prefect server, the executor of the deployments, the MLflow
 server, Label Studio and the serving app (services.stack), waits until each is healthy and prints
 every URL and login; `saofu up NAME...` starts only those. `saofu up postgres` (only when named)
-starts the PostgreSQL for multi-worker search. `saofu down [NAME...]` stops them, `saofu status`
-shows what runs.
+starts the PostgreSQL for multi-worker search; `saofu up --prefect-db postgres` keeps the Prefect
+server's database there instead of SQLite (and starts it first). `saofu down [NAME...]` stops
+them, `saofu status` shows what runs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def up(
     mlflow_port: int | None = typer.Option(None, "--mlflow-port", help="MLflow server port (default 5000)."),
     labeling_port: int | None = typer.Option(None, "--labeling-port", help="Label Studio port (default 8080)."),
     serving_port: int | None = typer.Option(None, "--serving-port", help="Serving app port (default 8000)."),
+    postgres_port: int | None = typer.Option(
+        None, "--postgres-port", help="PostgreSQL port (default 5433), when it is started."),
     port: int | None = typer.Option(None, "--port", help="The port of the one service named."),
     files_root: Path | None = typer.Option(
         None, "--files-root", help="Images under this folder can be shown to labelers (default: SAOFU_HOME)."
@@ -45,6 +48,10 @@ def up(
     model: str | None = typer.Option(
         None, "--model", help="Registered model the serving app follows and the deployments default to "
                               "(default: the last `up`'s, else fu-recognizer)."),
+    prefect_db: str | None = typer.Option(
+        None, "--prefect-db", help="Where the Prefect server keeps its database: sqlite (a file under .saofu/prefect) "
+                                   "or postgres (saofu's PostgreSQL, started first: no 'database is locked' stalls "
+                                   "under concurrent runs). Default: the last `up`'s, else sqlite."),
     as_json: bool = JsonOpt,
 ):
     """Start the local services on loopback (all five, or those named), wait until healthy, print URLs."""
@@ -53,14 +60,15 @@ def up(
 
     chosen = stack.check_names(names)
     ports = {"prefect": prefect_port, "mlflow": mlflow_port, "labeling": labeling_port, "serving": serving_port,
-             "postgres": None}
+             "postgres": postgres_port}
     if port is not None:
         if len(chosen) != 1 or chosen[0] == "executor":
             raise SaofuError("--port needs exactly one service named (one with a port); use --NAME-port otherwise")
         ports[chosen[0]] = port
     with progress_to_stderr(as_json):
-        services = stack.up(chosen, ports, files_root=files_root, timeout=timeout, model=model)
-    if chosen == ["postgres"]:  # `saofu up postgres`: its own output, as before
+        services = stack.up(chosen, ports, files_root=files_root, timeout=timeout, model=model,
+                            prefect_db=prefect_db)
+    if list(services) == ["postgres"]:  # `saofu up postgres`: its own output, as before
         from services.postgres import passfile
 
         info = {**services["postgres"], "passfile": str(passfile())}
@@ -80,9 +88,11 @@ def up(
         rows.append([name, str(info.get("url") or ""), str(info.get("pid") or ""), _login(info),
                      "already up" if info.get("already_up") else "started"])
     extra = ""
+    if "prefect" in services and services["prefect"].get("database"):
+        extra += f"\nPrefect database: {_database(services['prefect']['database'])}"
     if "labeling" in services:
         extra += f"\nLabel Studio API token: in {services['labeling']['login']['file']} (`saofu up labeling --json`)"
-    stop_hint = "saofu down" if len(chosen) > 1 else f"saofu down {chosen[0]}"
+    stop_hint = "saofu down" if len(services) > 1 else f"saofu down {chosen[0]}"
     emit(summary, as_json, f"{_table(rows)}{extra}\nstop with: {stop_hint}")
 
 
@@ -111,4 +121,17 @@ def status(names: list[str] | None = NamesArg, as_json: bool = JsonOpt):
         health = "healthy" if info["healthy"] else ("NOT healthy" if info["running"] else "not running")
         rows.append([name, str(info.get("url") or ""), str(info.get("pid") or ""), health,
                      str(info.get("since") or "")])
-    emit({"services": services}, as_json, _table(rows))
+    extra = ""
+    if services.get("prefect", {}).get("database"):
+        extra = f"\nPrefect database: {_database(services['prefect']['database'])}"
+    emit({"services": services}, as_json, _table(rows) + extra)
+
+
+def _database(kind: str) -> str:
+    if kind == "postgres":
+        from services.prefect_server import POSTGRES_DATABASE
+
+        return f"PostgreSQL (database {POSTGRES_DATABASE!r} on saofu's cluster: saofu up postgres)"
+    from services.prefect_server import sqlite_path
+
+    return f"SQLite ({sqlite_path()})"

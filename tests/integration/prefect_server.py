@@ -127,6 +127,20 @@ def prefect_server(tmp_path_factory) -> Iterator[PrefectServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def prefect_server_on_postgres(tmp_path_factory) -> Iterator[PrefectServer]:
+    """A running Prefect server whose database is on a throwaway PostgreSQL (as `saofu up
+    --prefect-db postgres` runs it), both stopped after the module."""
+    from services.postgres import ensure_database, running_postgres
+
+    tmp = tmp_path_factory.mktemp("prefect-on-postgres")
+    with running_postgres(tmp) as pg:
+        url = ensure_database("prefect", pg.state_dir)
+        env = {"PREFECT_API_DATABASE_CONNECTION_URL": url, "PGPASSFILE": str(pg.passfile)}
+        with start_prefect_server(tmp / "prefect-home", extra_env=env) as server:
+            yield server
+
+
 @pytest.fixture
 def prefect_api(prefect_server) -> Iterator[str]:
     """This process's Prefect client pointed at the real server for the test; yields the API URL."""

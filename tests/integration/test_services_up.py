@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -201,3 +203,95 @@ def test_up_with_no_name_starts_all_five_with_label_studio_s_login(project):
         assert not pid_alive(info["pid"]), name
     for name, port in ports.items():
         assert port_free(port), name
+
+
+@pytest.fixture
+def enterable_project(tmp_path) -> Path:
+    """A project folder PostgreSQL's OS user can enter (as root the server runs as `postgres`, and
+    pytest's folders are 0700 root); stopped and removed at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="saofu-project-"))
+    folder.chmod(0o711)
+    try:
+        yield folder
+    finally:
+        saofu(folder, "down", timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+PROBE_FLOW = """
+from prefect import flow
+
+@flow(name="saofu-postgres-probe")
+def probe(n: int = 1) -> int:
+    return n + 1
+
+probe(41)
+"""
+
+
+def _rows(project: Path, port: int, query: str) -> list[tuple]:
+    """Rows of `query` on the stack's `prefect` database, as its role (password from its passfile)."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="saofu", dbname="prefect",
+                            passfile=str(project / ".saofu" / "postgres" / "pgpass"), connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(900)
+def test_prefect_on_postgres_keeps_runs_there_is_remembered_and_down_stops_both(enterable_project):
+    project = enterable_project
+    ports = {"prefect": free_port(), "postgres": free_port()}
+    up = saofu(project, "up", "prefect", "executor", "--prefect-db", "postgres", "--json",
+               "--prefect-port", str(ports["prefect"]), "--postgres-port", str(ports["postgres"]))
+    assert up.returncode == 0, up.stderr[-3000:]
+    services = json.loads(up.stdout)["services"]
+    assert list(services) == ["postgres", "prefect", "executor"]  # its database first
+    assert services["prefect"]["database"] == "postgres"
+    assert services["postgres"]["port"] == ports["postgres"]
+
+    # the executor's deployments and a flow run of a client are rows in PostgreSQL, no SQLite file
+    api = f"{services['prefect']['url']}/api"
+    env = {**_env(), "PREFECT_API_URL": api}
+    probe = subprocess.run([sys.executable, "-c", PROBE_FLOW], cwd=project, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert sorted(r[0] for r in _rows(project, ports["postgres"], "SELECT name FROM deployment")) == [
+        "active-learning", "cycle", "fast-retrain", "ingest", "release", "search"]
+    runs = "SELECT r.state_type FROM flow_run r JOIN flow f ON r.flow_id = f.id WHERE f.name = 'saofu-postgres-probe'"
+    assert _rows(project, ports["postgres"], runs) == [("COMPLETED",)]
+    assert not (project / ".saofu" / "prefect" / "prefect.db").exists()
+
+    status = json.loads(saofu(project, "status", "--json", timeout=120).stdout)["services"]
+    assert status["prefect"]["healthy"] and status["prefect"]["database"] == "postgres"
+    assert status["postgres"]["running"] and status["postgres"]["pid"] == services["postgres"]["pid"]
+    human = saofu(project, "status", timeout=120).stdout
+    assert "Prefect database: PostgreSQL (database 'prefect'" in human, human
+
+    # restarted without the option: the choice is remembered and the history is still there
+    assert saofu(project, "down", "prefect", "executor", timeout=120).returncode == 0
+    again = saofu(project, "up", "prefect", "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["services"]["prefect"]["database"] == "postgres"
+    code, found = get_json_post(f"{api}/flow_runs/filter", {"flows": {"name": {"any_": ["saofu-postgres-probe"]}}})
+    assert code == 200 and [r["state_type"] for r in found] == ["COMPLETED"], found
+
+    down = saofu(project, "down", "--json", timeout=120)
+    assert down.returncode == 0, down.stderr
+    stopped = json.loads(down.stdout)["services"]
+    assert stopped["prefect"] is True and stopped["postgres"] is True
+    assert list(stopped)[-1] == "postgres"  # after the server whose database it holds
+    assert not pid_alive(services["postgres"]["pid"])
+    assert port_free(ports["postgres"]) and port_free(ports["prefect"])
+
+
+def get_json_post(url: str, body: dict) -> tuple[int, list | dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status, json.loads(resp.read())
