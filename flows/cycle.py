@@ -15,6 +15,9 @@ than failing in the training stage every night; a stage that skips itself (activ
 a second model, ingest without a Label Studio project) is recorded as "skipped: ..." and the cycle
 goes on.
 
+The run's page holds the night's summary (markdown artifact `cycle-MODEL`, `flows/cycle_summary.py`):
+whether the champion changed as the heading, then each stage's seconds and outcome.
+
 Resuming: the cycle flow has `retries=1`; a retry of the cycle re-runs its stages from the start
 (subflows are not cached). What is not redone is what the stages themselves keep: ingest's
 cursor (annotations already ingested are not ingested again), active learning's pool state
@@ -30,8 +33,10 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.active_learning import ActiveLearningParams, active_learning_flow
+from flows.cycle_summary import cycle_summary
 from flows.ingest import IngestParams, ingest_flow
 from flows.release import ReleaseParams, release_flow
+from flows.run_summary import artifact_key, publish
 from flows.search import SearchFlowParams, search_flow
 from flows.step_clock import StepClock
 from flows.train import TrainFlowParams, train_flow
@@ -108,6 +113,7 @@ def cycle_flow(params: CycleParams = CycleParams()) -> CycleResult:
         out.skipped = found.reason
         out.stages = {stage: "skipped: no labelled dataset" for stage in STAGES}
         out.seconds = time.perf_counter() - started
+        _publish(out, params, "none")
         return out
     dataset = found.path
     log.info("cycle: dataset %s", found.reason)
@@ -140,14 +146,14 @@ def cycle_flow(params: CycleParams = CycleParams()) -> CycleResult:
     train = TrainFlowParams(data_dir=dataset, registered_model=params.registered_model, epochs=params.train_epochs,
                             device=params.device, seed=params.seed, tags={"saofu.cycle": "nightly"})
     if params.search:
-        found = search_flow(SearchFlowParams(
+        searched = search_flow(SearchFlowParams(
             data_dir=dataset, study_name=_study_name(params), n_trials=params.search_trials,
             timeout_min=params.search_timeout_min, epochs=params.search_epochs, final_epochs=0,
             registered_model=f"{params.registered_model}-searched", seed=params.seed, device=params.device))
-        train = train.model_copy(update={"model": "saofu_from_arch", "arch": found.best_arch,
-                                         "image_size": found.best_image_size,
-                                         "tags": train.tags | {"saofu.search.study": found.study_name}})
-        out.stages["search"] = f"best trial {found.best_trial} of {found.trials}: {found.best_arch}"
+        train = train.model_copy(update={"model": "saofu_from_arch", "arch": searched.best_arch,
+                                         "image_size": searched.best_image_size,
+                                         "tags": train.tags | {"saofu.search.study": searched.study_name}})
+        out.stages["search"] = f"best trial {searched.best_trial} of {searched.trials}: {searched.best_arch}"
     else:
         out.stages["search"] = "skipped: switched off"
     clock.lap("search")
@@ -171,7 +177,14 @@ def cycle_flow(params: CycleParams = CycleParams()) -> CycleResult:
     out.steps = dict(clock.steps)
     out.seconds = time.perf_counter() - started
     log.info("cycle done in %.0f s\n%s", out.seconds, step_table(out))
+    _publish(out, params, f"{dataset} ({found.reason})")
     return out
+
+
+def _publish(result: CycleResult, params: CycleParams, dataset: str) -> None:
+    """The night's summary on the run's page (Artifacts tab; Artifacts -> cycle-MODEL, one per night)."""
+    publish(cycle_summary(result, params, dataset, STAGES), artifact_key("cycle", params.registered_model),
+            f"Nightly cycle of {params.registered_model}")
 
 
 def _summary(result: BaseModel) -> str:

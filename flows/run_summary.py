@@ -37,8 +37,13 @@ def publish(markdown: str, key: str, description: str) -> None:
     """Store `markdown` on the current flow run; a failure to store it is logged, not raised.
 
     The summary is written after the run's work is done (a model may already be serving): a
-    summary that could not be stored must not turn a run that shipped into a failed one.
+    summary that could not be stored must not turn a run that shipped into a failed one. Outside
+    a flow run (the flow's function called as a plain function) there is no run page: nothing is stored.
     """
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
     try:
         create_markdown_artifact(markdown=markdown, key=key, description=description)
     except Exception as e:  # noqa: BLE001 - any API failure: the run's own outcome stands

@@ -102,3 +102,45 @@ def test_without_a_pool_or_a_search_the_cycle_trains_the_default_architecture(st
     assert result.stages["search"] == "skipped: switched off"
     assert dict(stages)["train"].model == "saofu_fu"
 
+
+
+@pytest.fixture
+def published(monkeypatch) -> list[tuple[str, str]]:
+    """(key, markdown) of every summary the cycle stores on its run's page."""
+    stored: list[tuple[str, str]] = []
+    monkeypatch.setattr(cycle, "publish", lambda markdown, key, description: stored.append((key, markdown)))
+    return stored
+
+
+@pytest.mark.timeout(60)
+def test_the_night_s_summary_says_whether_the_champion_changed_and_each_stage(stages, published, saofu_home,
+                                                                              monkeypatch):
+    result = cycle_flow.fn(CycleParams(registered_model="m", search=False))
+    ((key, markdown),) = published
+    assert key == "cycle-m"
+    lines = markdown.splitlines()
+    assert lines[0] == "# Nightly cycle of `m`: promoted: version 7 is the champion"
+    assert f"| dataset | {saofu_home / 'data' / 'labelled'} (" in markdown
+    assert "| version trained | 7 |" in markdown
+    rows = [line for line in lines if line.startswith("| ") and line.split(" | ")[0][2:] in STAGES]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(STAGES)
+    assert rows[1] == f"| ingest | {result.steps['ingest']:.1f} | added 5, data version fu@v2 |"
+    assert rows[2].endswith("| skipped: switched off |")
+
+    # refused by the release: the heading says who stays champion
+    published.clear()
+    monkeypatch.setattr(cycle, "release_flow", lambda params: SimpleNamespace(
+        promoted=False, champion_before="6", champion_after="6"))
+    cycle_flow.fn(CycleParams(registered_model="m", search=False))
+    assert published[0][1].splitlines()[0] == (
+        "# Nightly cycle of `m`: version 7 trained, not promoted: the champion stays version 6")
+
+
+@pytest.mark.timeout(60)
+def test_a_night_with_no_dataset_says_why_on_its_page(published, saofu_home, monkeypatch):
+    monkeypatch.setattr(cycle, "get_run_logger", lambda: logging.getLogger("test-cycle"))
+    result = cycle_flow.fn(CycleParams(registered_model="m"))
+    assert result.skipped
+    ((key, markdown),) = published
+    assert markdown.splitlines()[0] == f"# Nightly cycle of `m`: skipped: {result.skipped}"
+    assert "| dataset | none |" in markdown and markdown.count("| skipped: no labelled dataset |") == len(STAGES)

@@ -17,12 +17,16 @@ import time
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
 
 import flows.cycle as cycle
 from deploy.pool_log import PoolEntry, PoolStore
 from flows.cycle import STAGES, CycleParams, cycle_flow
+from flows.cycle_summary import cycle_verdict
 from flows.release import ReleaseParams, release_flow
+from flows.run_summary import artifact_key
 from flows.train import TrainFlowParams, train_flow
 from tasks import tracking
 from tasks.data.manifest import add_images, read_manifest
@@ -132,6 +136,14 @@ def test_one_nightly_cycle_runs_every_stage_for_real(prefect_api, home, label_st
     result = cycle_flow.with_options(retries=0)(params)  # a failure fails the test now, not after a retry
     cycle_s = time.perf_counter() - started - setup_s
     print(f"setup {setup_s:.0f} s, cycle {cycle_s:.0f} s\n{cycle.step_table(result)}")
+
+    # The night's summary is on the run's page in the Prefect UI, the verdict as its heading.
+    with get_client(sync_client=True) as prefect:
+        (stored,) = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key("cycle", MODEL)])))
+    assert stored.type == "markdown"
+    assert stored.data.splitlines()[0] == f"# Nightly cycle of `{MODEL}`: {cycle_verdict(result)}"
+    assert result.stages["release"] in stored.data and result.stages["ingest"] in stored.data
 
     # Every stage ran, none skipped, each timed.
     assert not result.skipped
