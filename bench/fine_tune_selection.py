@@ -22,8 +22,14 @@ That is where a setting is tried on the bench's figures without the 42-minute be
 move like the bench's fast-retrain step, not its Label Studio or release steps); the selection
 world is where it is chosen.
 
+`--world bench --extra-decoys N` asks what more labels of the campaign's look-alikes would buy: the
+same loop with N more merchant-framed look-alikes (副 幅 褔 辐 ...; train fonts, from a world of
+another seed) labelled `not_fu` among the training images, as if labelers had been sent the
+look-alikes the merchant's frame draws in beside its own 福 (the dataset is a hard-linked copy;
+results in bench/results/fine_tune_bench_world_decoys.json).
+
 Run it alone (two torch processes on 2 cores slow each other):
-    python -m bench.fine_tune_selection [--world selection|bench] [CONFIG_JSON ...]
+    python -m bench.fine_tune_selection [--world selection|bench] [--extra-decoys N] [CONFIG_JSON ...]
 each CONFIG_JSON a dict of `FineTuneConfig` fields (none: `CANDIDATES`). About 8 minutes for the
 selection world and its champion (kept in bench/work/fine_tune_selection/ for the next run), then
 under 3 minutes per candidate on 2 CPU cores. Writes bench/results/fine_tune_selection.json
@@ -33,7 +39,9 @@ under 3 minutes per candidate on 2 CPU cores. Writes bench/results/fine_tune_sel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -57,6 +65,8 @@ BENCH_HOME = Path("bench/work/fast_retrain")  # where `saofu bench fast-retrain`
 BENCH_RESULTS = Path("bench/results/fast_retrain.json")  # ... and the champion version it started from
 OUT = {"selection": Path("bench/results/fine_tune_selection.json"),
        "bench": Path("bench/results/fine_tune_bench_world.json")}
+DECOYS_OUT = Path("bench/results/fine_tune_bench_world_decoys.json")
+DECOY_SEED = 8  # the extra look-alikes' world: neither the bench's (0) nor the selection's (1)
 
 
 @dataclass
@@ -139,6 +149,46 @@ def bench_world(bench_home: Path = BENCH_HOME, results: Path = BENCH_RESULTS,
                       f"from its released champion, version {version}", champion, dataset, base.val_share,
                       base.split_seed, get_settings().cache_dir, *_held_out_sets(bench_home / "world", rows),
                       work / "fine-tune")
+
+
+def with_extra_decoys(world: ProbeWorld, n: int, home: Path = HOME / "decoys") -> ProbeWorld:
+    """`world` with `n` more merchant-framed look-alikes labelled `not_fu` among its training images.
+
+    They come from a Fu world of its own seed whose `not_fu` crops all show look-alikes of 福 (no
+    textures, no other characters); its merchant frame is drawn on 15 % of them, and only those of
+    its training fonts are taken (the bench's held-out fonts stay held out). The dataset is a
+    hard-linked copy of `world`'s with the decoys added (manifest rewritten, nothing of the original
+    changed); its tensor cache lives under `home`.
+    """
+    from saofu.errors import SaofuError
+    from tasks.data.fu_world import WorldConfig, generate_world
+    from tasks.data.manifest import add_images, read_manifest
+
+    home = home.resolve()
+    decoys = home / f"world-{n}"
+    if not (decoys / "manifest.csv").exists():
+        shutil.rmtree(decoys, ignore_errors=True)
+        # train share 0.7 x not_fu 0.96 x merchant frame 0.15, and a tenth more for the draw's luck
+        total = max(4500, math.ceil(n / (0.7 * 0.96 * 0.15) * 1.1))
+        print(f"generating {total} images for {n} merchant-framed look-alikes (seed {DECOY_SEED})", flush=True)
+        generate_world(decoys, WorldConfig(n=total, seed=DECOY_SEED, image_size=64, merchant=True,
+                                           class_weights={"fu": 0.02, "not_fu": 0.96, "fu_merchant": 0.02},
+                                           lookalike_share=1.0, texture_share=0.0))
+    rows = [r for r in read_manifest(decoys)
+            if r["split"] == "train" and r["label"] == "not_fu" and r["style"] == "merchant"][:n]
+    if len(rows) < n:
+        raise SaofuError(f"the decoy world drew {len(rows)} merchant-framed look-alikes, fewer than {n}")
+    data_dir = home / f"dataset-{n}"
+    if not (data_dir / "manifest.csv").exists():
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.copytree(world.data_dir, data_dir, copy_function=os.link)
+        (data_dir / "manifest.csv").unlink()  # a file of its own: add_images rewrites it
+        shutil.copyfile(world.data_dir / "manifest.csv", data_dir / "manifest.csv")
+        add_images(data_dir, [{"image": str(decoys / r["path"]), "label": "not_fu", "source": "generated",
+                               "split": "train"} for r in rows])
+    return dataclasses.replace(world, description=f"{world.description}, with {n} more merchant-framed look-alikes "
+                                                  "labelled not_fu", data_dir=data_dir, cache_dir=home / "cache",
+                               work=home / "fine-tune")
 
 
 def _held_out_sets(world: Path, test_rows: list[dict]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -229,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fine_tune_selection", description=__doc__.split("\n")[0])
     parser.add_argument("--world", choices=sorted(OUT), default="selection",
                         help="the selection world (default) or the fast-retrain bench's own")
+    parser.add_argument("--extra-decoys", type=int, default=0, metavar="N",
+                        help="with --world bench: N more merchant-framed look-alikes labelled not_fu in training")
     parser.add_argument("configs", nargs="*", metavar="CONFIG_JSON",
                         help="FineTuneConfig fields (none: the candidates)")
     args = parser.parse_args(argv)
@@ -238,11 +290,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"a CONFIG_JSON is not JSON ({e}): give dicts of FineTuneConfig fields, "
                      "e.g. '{\"expand\": false}'")
     _check_configs(configs, parser)
+    if args.extra_decoys < 0 or (args.extra_decoys and args.world != "bench"):
+        parser.error("--extra-decoys takes a count >= 0, and only with --world bench")
     started = time.perf_counter()
     world = bench_world() if args.world == "bench" else selection_world()
+    if args.extra_decoys:
+        world = with_extra_decoys(world, args.extra_decoys)
     summary = run(configs, world)
+    summary["extra_decoys"] = args.extra_decoys
     summary["seconds"] = time.perf_counter() - started
-    out = OUT[args.world]
+    out = DECOYS_OUT if args.extra_decoys else OUT[args.world]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(format_table(summary))

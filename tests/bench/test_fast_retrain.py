@@ -3,6 +3,8 @@ labels and held-out sets, and the paired old-class drop with its interval."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -151,3 +153,46 @@ def test_the_table_lists_the_full_retrain_draws_whose_median_it_compares():
     draws = next(line for line in table.splitlines() if line.startswith("full retrain draws"))
     assert "seed 0 441 s (gate refused)" in draws and "seed 1 470 s," in draws
     assert "seed 2 554 s (gate refused)" in draws
+
+
+@pytest.mark.timeout(60)
+def test_extra_decoys_go_into_a_copy_as_training_not_fu_and_the_bench_s_dataset_is_untouched(tmp_path, monkeypatch):
+    """`--extra-decoys N`: N merchant-framed look-alikes of the decoy world's training fonts, no more."""
+    import bench.fine_tune_selection as selection
+    import tasks.data.fu_world as fu_world
+    from saofu.errors import SaofuError
+    from tasks.data.manifest import read_manifest, write_manifest
+
+    def png(path: Path, shade: int) -> None:
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (shade, 0, 0)).save(path)
+
+    original = tmp_path / "bench-dataset"
+    png(original / "train" / "fu" / "a.png", 1)
+    write_manifest(original, [{"path": "train/fu/a.png", "label": "fu", "split": "train", "source": "generated",
+                               "sha256": "x"}])
+    before = (original / "manifest.csv").read_text()
+
+    def fake_world(out: Path, cfg) -> None:  # 3 train merchant look-alikes, 1 held-out-font one, 1 unframed
+        assert cfg.merchant and cfg.lookalike_share == 1.0 and cfg.seed == selection.DECOY_SEED
+        rows = []
+        for i, (split, style) in enumerate([("train", "merchant")] * 3 + [("test", "merchant"), ("train", "print")]):
+            rel = f"{split}/not_fu/{i}.png"
+            png(out / rel, 10 + i)
+            rows.append({"path": rel, "label": "not_fu", "split": split, "source": "generated", "sha256": str(i),
+                         "style": style})
+        write_manifest(out, rows)
+
+    monkeypatch.setattr(fu_world, "generate_world", fake_world)
+    world = selection.ProbeWorld("w", tmp_path / "c.pt", original, 0.15, 0, tmp_path / "cache", [], [], tmp_path / "w")
+    grown = selection.with_extra_decoys(world, 2, home=tmp_path / "decoys")
+    rows = read_manifest(grown.data_dir)
+    added = [r for r in rows if r["label"] == "not_fu"]
+    assert len(rows) == 3 and len(added) == 2 and all(r["split"] == "train" for r in added)
+    assert all((grown.data_dir / r["path"]).is_file() for r in rows)
+    assert grown.cache_dir == (tmp_path / "decoys" / "cache").resolve() and "2 more" in grown.description
+    assert (original / "manifest.csv").read_text() == before and not (original / "train" / "not_fu").exists()
+    with pytest.raises(SaofuError, match="drew 3 merchant-framed look-alikes, fewer than 4"):
+        selection.with_extra_decoys(world, 4, home=tmp_path / "decoys4")
