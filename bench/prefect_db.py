@@ -103,8 +103,8 @@ def _start_server(home: Path, database_url: str | None, passfile: Path | None) -
             os.environ["SAOFU_HOME"] = before
     env["PREFECT_UI_ENABLED"] = "false"
     started = time.perf_counter()
-    log = open(home / "prefect.log", "wb")  # noqa: SIM115 - the server writes it until stopped
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(home / "prefect.log", "wb") as log:  # the server keeps its own descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     while not _healthy(url):
         if proc.poll() is not None:
             raise RuntimeError(f"prefect server exited: {(home / 'prefect.log').read_text()[-2000:]}")
@@ -119,9 +119,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
         proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def _run_clients(url: str, clients: int, subflows: int) -> list[float]:
@@ -133,12 +137,18 @@ def _run_clients(url: str, clients: int, subflows: int) -> list[float]:
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(clients)]
     walls: list[float] = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        lines = [line for line in out.splitlines() if line.startswith("[")]
-        if p.returncode != 0 or not lines:
-            raise RuntimeError(f"bench client failed ({p.returncode}): {err[-2000:]}")
-        walls += json.loads(lines[-1])
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            lines = [line for line in out.splitlines() if line.startswith("[")]
+            if p.returncode != 0 or not lines:
+                raise RuntimeError(f"bench client failed ({p.returncode}): {err[-2000:]}")
+            walls += json.loads(lines[-1])
+    finally:
+        for p in procs:  # a failed or hung client leaves no other behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return walls
 
 

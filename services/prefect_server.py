@@ -4,7 +4,7 @@
                `$SAOFU_HOME/.saofu/prefect`; its database is SQLite there (`sqlite`, the default)
                or a `prefect` database on saofu's PostgreSQL (`postgres`, `saofu up
                --prefect-db postgres`); healthy when GET <url>/api/health answers 200.
-    executor:  `python -m flows.deployments` (Prefect's `serve(...)` of every deployment) with
+    executor:  `python -m flows.deployments` (a Prefect Runner serving every deployment) with
                PREFECT_API_URL pointing at that server; healthy when the server lists its
                deployments and the process has said it serves them all (its "saofu executor:
                serving ..." line, printed once every deployment is registered).
