@@ -25,8 +25,9 @@ world is where it is chosen.
 `--world bench --extra-decoys N` asks what more labels of the campaign's look-alikes would buy: the
 same loop with N more merchant-framed look-alikes (副 幅 褔 辐 ...; train fonts, from a world of
 another seed) labelled `not_fu` among the training images, as if labelers had been sent the
-look-alikes the merchant's frame draws in beside its own 福 (the dataset is a hard-linked copy;
-results in bench/results/fine_tune_bench_world_decoys.json).
+look-alikes the merchant's frame draws in beside its own 福 (the dataset is a hard-linked copy),
+each config run without and then with them in the same command (results in
+bench/results/fine_tune_bench_world_decoys.json).
 
 Run it alone (two torch processes on 2 cores slow each other):
     python -m bench.fine_tune_selection [--world selection|bench] [--extra-decoys N] [CONFIG_JSON ...]
@@ -250,8 +251,9 @@ def _label(result: dict) -> str:
     method = "expand" if settings["expand"] else "grow"
     others = "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}"
                      for k, v in result["config"].items() if k not in SETTINGS)
+    decoys = f", +{result['extra_decoys']} look-alike labels" if result.get("extra_decoys") else ""
     return (f"{method}, old weight {settings['old_class_weight']:g}, hard replay {settings['hard_replay_share']:g}"
-            + others + (" (defaults)" if not result["config"] else ""))
+            + others + (" (defaults)" if not result["config"] else "") + decoys)
 
 
 def format_table(summary: dict) -> str:
@@ -294,9 +296,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--extra-decoys takes a count >= 0, and only with --world bench")
     started = time.perf_counter()
     world = bench_world() if args.world == "bench" else selection_world()
-    if args.extra_decoys:
-        world = with_extra_decoys(world, args.extra_decoys)
     summary = run(configs, world)
+    if args.extra_decoys:  # the same configs with the look-alike labels, side by side with those without
+        grown = run(configs, with_extra_decoys(world, args.extra_decoys))
+        for r in grown["results"]:
+            r["extra_decoys"] = args.extra_decoys
+        summary["results"] += grown["results"]
+        summary["world_with_decoys"] = grown["world"]
     summary["extra_decoys"] = args.extra_decoys
     summary["seconds"] = time.perf_counter() - started
     out = DECOYS_OUT if args.extra_decoys else OUT[args.world]

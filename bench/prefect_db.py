@@ -31,13 +31,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from bench.fast_retrain import aligned
 from saofu.errors import SaofuError
+from services.prefect_server import server_command, server_healthy
+from services.process import kill_group
 
 DATABASES = ("sqlite", "postgres")
 STALL_S = 1.0  # a subflow whose body does nothing and takes longer than this has stalled
-READY_MARK = "READY"
 
 
 def client_main(subflows: int, start_at: float) -> None:
@@ -63,7 +65,6 @@ def client_main(subflows: int, start_at: float) -> None:
             walls.append(time.perf_counter() - t)
         return walls
 
-    print(READY_MARK, flush=True)
     time.sleep(max(0.0, start_at - time.time()))  # the clients of a draw start together
     with without_heartbeat():  # as `saofu fast-retrain` runs its flows (flows/heartbeat.py)
         walls = parent(subflows)
@@ -78,34 +79,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/api/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _start_server(home: Path, database_url: str | None, passfile: Path | None) -> tuple[subprocess.Popen, str, float]:
     """`prefect server start` as `saofu up prefect` builds it, on a fresh PREFECT_HOME; (process, URL, start s)."""
-    from services.prefect_server import server_command
-
-    before = os.environ.get("SAOFU_HOME")
-    os.environ["SAOFU_HOME"] = str(home)  # server_command puts PREFECT_HOME under it
-    try:
+    with mock.patch.dict(os.environ, {"SAOFU_HOME": str(home)}):  # server_command puts PREFECT_HOME under it
         cmd, env, url = server_command(_free_port(), database_url=database_url, passfile=passfile)
-    finally:
-        if before is None:
-            os.environ.pop("SAOFU_HOME")
-        else:
-            os.environ["SAOFU_HOME"] = before
     env["PREFECT_UI_ENABLED"] = "false"
     started = time.perf_counter()
     with open(home / "prefect.log", "wb") as log:  # the server keeps its own descriptor
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    while not _healthy(url):
+    while not server_healthy(url):
         if proc.poll() is not None:
             raise RuntimeError(f"prefect server exited: {(home / 'prefect.log').read_text()[-2000:]}")
         if time.perf_counter() - started > 300:
@@ -115,17 +97,8 @@ def _start_server(home: Path, database_url: str | None, passfile: Path | None) -
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    kill_group(proc.pid, timeout=30)  # SIGTERM to the server's group, SIGKILL after 30 s
+    proc.wait(timeout=10)
 
 
 def _run_clients(url: str, clients: int, subflows: int) -> list[float]:

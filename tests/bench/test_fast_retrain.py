@@ -196,3 +196,16 @@ def test_extra_decoys_go_into_a_copy_as_training_not_fu_and_the_bench_s_dataset_
     assert (original / "manifest.csv").read_text() == before and not (original / "train" / "not_fu").exists()
     with pytest.raises(SaofuError, match="drew 3 merchant-framed look-alikes, fewer than 4"):
         selection.with_extra_decoys(world, 4, home=tmp_path / "decoys4")
+
+
+def test_a_result_with_look_alike_labels_says_so_in_its_row():
+    from bench.fine_tune_selection import format_table
+
+    draw = [{"new_class_recall": 0.94, "max_old_class_drop_pts": 0.39}]
+    settings = {"expand": True, "old_class_weight": 1.0, "hard_replay_share": 0.5}
+    lines = format_table({"results": [
+        {"config": {}, "settings": settings, "draws": draw, "new_class_recall": 0.94, "max_old_class_drop_pts": 0.39},
+        {"config": {}, "settings": settings, "draws": draw, "new_class_recall": 0.94, "max_old_class_drop_pts": 0.39,
+         "extra_decoys": 1250}]}).splitlines()
+    assert "look-alike" not in lines[2]
+    assert lines[3].startswith("expand, old weight 1, hard replay 0.5 (defaults), +1250 look-alike labels")
