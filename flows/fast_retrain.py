@@ -206,6 +206,7 @@ class FastRetrainResult(BaseModel):
     orchestration_s: float  # wall time outside every task's and subflow's body
     orchestration_share: float
     orchestration_steps: dict[str, float] = {}  # step -> its part of orchestration_s (the release's as one)
+    changes_table: str = ""  # the release's images lost and won against the champion, per set and class
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +390,7 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
         champion_after=released.champion_after, promoted=released.promoted, gate_passed=released.gate_passed,
         served_version=released.served_version, data_version=data_version, labels_added=added,
         fine_tune_reused=reused, fine_tune=tuned.summary, gate_table=released.gate_table, canary=released.canary,
+        changes_table=released.changes_table,
         steps=steps, wall_s=wall, orchestration_s=orchestration, orchestration_share=orchestration / wall,
         orchestration_steps={name: s for name, s in clock.outside.items() if name != "wait-for-model"},
     )
@@ -450,8 +452,11 @@ def summary_markdown(result: FastRetrainResult, params: FastRetrainParams, sourc
     if result.canary:
         rows.append(("canary", result.canary))
     table = key_value_table(rows)
+    changed = (f"## What changed, image by image\n\n{text_block(result.changes_table)}\n\n"
+               if result.changes_table else "")
     return (f"# Fast retrain of `{result.registered_model}`: {verdict(result)}\n\n{table}\n\n"
-            f"## Gate\n\n{text_block(result.gate_table)}\n\n## Steps (seconds)\n\n{text_block(step_table(result))}\n")
+            f"## Gate\n\n{text_block(result.gate_table)}\n\n{changed}"
+            f"## Steps (seconds)\n\n{text_block(step_table(result))}\n")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from saofu.settings import get_settings
 from tasks import tracking
 from tasks.data.loading import TensorSplit, prepare_dataset
 from tasks.release import registry
+from tasks.release.changes import changes_table, release_changes
 from tasks.release.gate import GateConfig, evaluate_gate
 from tasks.release.report import compare_plot, compare_table, flat_metrics, gate_metrics, release_report
 from tasks.release.serving_wait import CanaryVerdict, canary_share_of, wait_for_canary, wait_until_served
@@ -108,6 +109,7 @@ class ReleaseResult(BaseModel):
     variants_table: str
     compare_table: str
     fresh_source: str
+    changes_table: str = ""  # per set and shared class, the images lost and won against the champion ("" without one)
     fresh_kind: str = ""
     served_version: str | None = None
     canary: str = ""  # the canary's verdict and detail ("" without a canary)
@@ -243,6 +245,10 @@ def _release(params: ReleaseParams) -> ReleaseResult:
                 for png in set_result["files"].values():
                     tracking.log_file(run_id, png, f"evaluation/{prefix}")
 
+        changes = ""
+        if champion_before:
+            changes = _changes(reports, sets, version, champion_before, run_dir / "evaluation" / "changes", run_id)
+            print(changes, flush=True)
         champion_metrics = gate_metrics(reports[f"champion v{champion_before}"], "fresh", champion_before) \
             if champion_before else None
         report = evaluate_gate(gate_metrics(reports[f"challenger v{version}"], "fresh", version), champion_metrics,
@@ -279,9 +285,22 @@ def _release(params: ReleaseParams) -> ReleaseResult:
         run_id=run_id, candidate_version=candidate.version, shipped=chosen.label, challenger_version=version,
         champion_before=champion_before, champion_after=registry.current_champion(candidate.name),
         promoted=report.passed, gate_passed=report.passed, gate_table=report.table(), variants_table=variants_table,
-        compare_table=table, fresh_source=fresh_source, fresh_kind=chosen_slice.kind, served_version=served,
+        compare_table=table, changes_table=changes, fresh_source=fresh_source, fresh_kind=chosen_slice.kind,
+        served_version=served,
         canary=f"{verdict.status}: {verdict.detail}" if verdict else "", steps=clock.steps,
     )
+
+
+def _changes(reports: dict[str, dict], sets: dict[str, TensorSplit], version: str, champion: str, out_dir: Path,
+             run_id: str) -> str:
+    """The challenger's answers paired with the champion's, image by image (`tasks.release.changes`),
+    logged with the lost images' montages; returns the table."""
+    names = (f"challenger v{version}", f"champion v{champion}")
+    changes, plots = release_changes(reports[names[0]], reports[names[1]], sets, names, out_dir)
+    tracking.log_dict(run_id, [c.to_dict() for c in changes], "evaluation/changes.json")
+    for png in plots:
+        tracking.log_file(run_id, png, "evaluation/changes")
+    return changes_table(changes)
 
 
 def _canary(params: ReleaseParams, version: str) -> CanaryVerdict:

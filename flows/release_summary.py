@@ -42,7 +42,8 @@ def release_summary(result: ReleaseResult, params: ReleaseParams) -> str:
         rows.append(("serving app", f"{params.serve_url}: answers version {result.served_version or '-'}"))
     sections = [f"# Release of `{params.registered_model}`: {release_verdict(result)}", key_value_table(rows)]
     for title, text in (("Gate", result.gate_table), ("Compression: the artefacts weighed", result.variants_table),
-                        ("Challenger and champion", result.compare_table)):
+                        ("Challenger and champion", result.compare_table),
+                        ("What changed, image by image", result.changes_table)):
         if text.strip():
             sections.append(f"## {title}\n\n{text_block(text)}")
     steps = "\n".join(f"{name:<10} {seconds:7.2f}" for name, seconds in result.steps.items())

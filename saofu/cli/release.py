@@ -42,7 +42,8 @@ def release(
         result = run_flow(release_flow, params)
     verdict = (f"promoted: {model} version {result.challenger_version} is the champion" if result.promoted
                else f"not promoted: the champion stays {result.champion_after}")
-    emit(result.model_dump(), as_json, f"\n{result.variants_table}\n\n{result.gate_table}\n\n{verdict}")
+    changed = f"{result.changes_table}\n" if result.changes_table else ""
+    emit(result.model_dump(), as_json, f"\n{result.variants_table}\n\n{result.gate_table}\n\n{changed}{verdict}")
 
 
 @app.command()

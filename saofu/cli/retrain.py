@@ -46,4 +46,5 @@ def fast_retrain(
     )
     with progress_to_stderr(as_json):
         result = run_flow(fast_retrain_flow, params)
-    emit(result.model_dump(), as_json, f"\n{result.gate_table}\n\n{step_table(result)}")
+    changed = f"{result.changes_table}\n" if result.changes_table else ""
+    emit(result.model_dump(), as_json, f"\n{result.gate_table}\n\n{changed}{step_table(result)}")

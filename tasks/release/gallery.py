@@ -69,16 +69,23 @@ def plot_gallery(split: TensorSplit, classes: list[str], probs: np.ndarray, deci
         if decision != classes[top]:
             caption += f"\n-> {decision}"
         captions.append(caption)
+    plot_montage(split, [i for i, _ in shown], captions, path, title, "no false positives or negatives")
+
+
+def plot_montage(split: TensorSplit, rows: list[int], captions: list[str], path: Path, title: str,
+                 empty_text: str) -> None:
+    """`split`'s images at `rows`, in that order, each with its caption (up to four lines) under it,
+    as one PNG; with no rows, a small card saying `empty_text`."""
     cjk = _is_cjk(title) or any(_is_cjk(c) for c in captions)
     caption_font, title_font = _font(CAPTION_PT, cjk), _font(TITLE_PT, cjk)
     line_px = CAPTION_PT + 3
     title_px = TITLE_PT + 2 * PAD_PX
 
-    if not shown:
+    if not rows:
         canvas = Image.new("RGB", (640, 240), "white")
         draw = ImageDraw.Draw(canvas)
         draw.text((320, PAD_PX), title, fill="black", font=title_font, anchor="ma")
-        draw.text((320, 120), "no false positives or negatives", fill="black", font=caption_font, anchor="mm")
+        draw.text((320, 120), empty_text, fill="black", font=caption_font, anchor="mm")
         _save(canvas, path)
         return
 
@@ -87,13 +94,13 @@ def plot_gallery(split: TensorSplit, classes: list[str], probs: np.ndarray, deci
     shown_px = size * scale
     cell_w = max(shown_px, 150) + 2 * PAD_PX
     cell_h = shown_px + PAD_PX + 4 * line_px + PAD_PX
-    columns = max(1, min(GALLERY_COLUMNS, len(shown)))
-    rows = max(1, math.ceil(len(shown) / columns))
+    columns = max(1, min(GALLERY_COLUMNS, len(rows)))
+    n_rows = max(1, math.ceil(len(rows) / columns))
     title_width = int(title_font.getlength(title)) + 2 * PAD_PX
-    canvas = Image.new("RGB", (max(columns * cell_w, title_width), title_px + rows * cell_h), "white")
+    canvas = Image.new("RGB", (max(columns * cell_w, title_width), title_px + n_rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((canvas.width // 2, PAD_PX), title, fill="black", font=title_font, anchor="ma")
-    for k, ((i, _), caption) in enumerate(zip(shown, captions)):
+    for k, (i, caption) in enumerate(zip(rows, captions)):
         row, col = divmod(k, columns)
         x0, y0 = col * cell_w, title_px + row * cell_h
         pixels = split.images[i].permute(1, 2, 0).numpy()[..., :3]

@@ -210,6 +210,10 @@ def evaluate_set(onnx_path: str | Path, name: str, split: TensorSplit, out_dir: 
                       for cls in classes if cls in model_classes},
         "confusion": confusion.tolist(),
         "errors": {kind: sum(k == kind for _, k in errors) for kind in ERROR_KINDS},
+        # Image by image, in the set's order: what another model's answers are paired with (`tasks.release.changes`).
+        "decisions": ["" if d == ABSTAIN else classes[d] for d in decisions.tolist()],
+        "top_classes": [classes[t] for t in probs.argmax(1).tolist()],
+        "top_probs": [round(float(p), 4) for p in probs.max(1)],
         "gallery_rows": [i for i, _ in shown],
         "gallery_paths": [split.paths[i] for i, _ in shown] if split.paths else [],
         "files": {kind: str(p) for kind, p in files.items()},
@@ -246,7 +250,9 @@ def evaluate_sets(onnx_path: str | Path, sets: Mapping[str, TensorSplit], thresh
         threshold, and ``average_precision`` of its PR curve, None without positives),
         ``confusion`` (rows truth, columns decision over ``classes``, plus an abstain column
         when there is no negative class), ``errors`` (count per kind, images of lacked classes left out:
-        false_positive, false_negative, confusion), ``gallery_rows`` / ``gallery_paths`` (the
+        false_positive, false_negative, confusion), ``decisions`` / ``top_classes`` / ``top_probs``
+        (per image, in the set's order: the decision, '' for an abstention, and the top class with
+        its probability), ``gallery_rows`` / ``gallery_paths`` (the
         images in the gallery, in its order) and ``files`` (kind -> PNG path).
 
     Raises:

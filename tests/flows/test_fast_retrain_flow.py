@@ -124,6 +124,9 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     assert summary.startswith(f"# Fast retrain of `{MODEL}`: promoted: version {result.challenger_version}")
     assert "new `triangle`" in summary and f"version {result.fine_tuned_version}: reused" in summary
     assert result.gate_table.splitlines()[0] in summary and "release/compress" in summary
+    # Paired with the champion image by image, on the classes both know (the new one is judged by its target).
+    paired = {line.split("|")[2].strip() for line in result.changes_table.splitlines()[2:] if line.startswith("| ")}
+    assert paired == {"circle", "square"} and "## What changed, image by image" in summary
 
     # The grown model: the base's classes in their order, then the new one; old ones not regressed much.
     onnx_dir = tracking.download_model_version(MODEL, result.challenger_version)

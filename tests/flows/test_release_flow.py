@@ -97,6 +97,14 @@ def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls
     refused_tags = client.get_model_version("fu-rel", refused.challenger_version).tags
     assert refused_tags["saofu.gate"] == "failed" and refused.gate_passed is False
     assert_refused_on_latency_alone(refused_tags["saofu.gate_report"], refused.gate_table, 1e-4)
+    # Paired with the champion image by image: the same graph answers every image alike, on every set.
+    assert first.changes_table == ""  # no champion to pair with
+    changes = [[c.strip() for c in line.strip("|").split("|")] for line in refused.changes_table.splitlines()[2:]
+               if line.startswith("| ")]
+    assert {(row[0], row[1]) for row in changes} >= {("fresh", "fu"), ("fresh", "not_fu"), ("regression", "fu")}
+    assert all(row[3] == row[4] and row[5:] == ["0", "0", "+0.00", "1"] for row in changes), changes
+    logged = {a.path for a in client.list_artifacts(refused.run_id, "evaluation/changes")}
+    assert "evaluation/changes/lost_fresh.png" in logged and "evaluation/changes/lost_regression.png" in logged
 
     # The same candidate again ships the same graph, so it is not worse than the champion on any
     # check: promoted; rollback restores the first.
@@ -120,6 +128,8 @@ def test_release_ships_the_fastest_artefact_gates_against_the_champion_and_rolls
     assert refused.gate_table.splitlines()[1] in stored[1].data
     assert refused.variants_table.splitlines()[0] in stored[1].data
     assert f"| champion | {first.challenger_version} -> {first.challenger_version} |" in stored[1].data
+    assert "## What changed, image by image" in stored[1].data
+    assert refused.changes_table.splitlines()[0] in stored[1].data
 
 
 def test_the_release_verdict_says_what_changed_and_why_not():
