@@ -100,12 +100,18 @@ def _recalls(onnx_path: str | Path, paths: list[Path], labels: list[str], image_
 
 def paired_drop(before: np.ndarray, after: np.ndarray) -> dict:
     """Recall before and after on the same images (1/0 each), the drop in points with a 95 % interval
-    of the paired difference, and the share of images whose answer changed from right to wrong or back."""
+    of the paired difference, the share of images whose answer changed from right to wrong or back,
+    those images counted each way (`lost`: right before, wrong after; `won`: back) and McNemar's exact
+    p on them (`tasks.release.changes`, as every release reports it)."""
+    from tasks.release.changes import mcnemar_exact
+
     d = before - after
     half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    lost, won = int((d > 0).sum()), int((d < 0).sum())
     return {"before": float(before.mean()), "after": float(after.mean()), "drop_pts": float(100 * d.mean()),
             "ci95_pts": [float(100 * (d.mean() - half)), float(100 * (d.mean() + half))],
-            "flipped_pts": float(100 * (d != 0).mean()), "n": int(len(d))}
+            "flipped_pts": float(100 * (d != 0).mean()), "n": int(len(d)), "lost": lost, "won": won,
+            "p_value": mcnemar_exact(lost, won)}
 
 
 def measure(onnx_path: str | Path, champion_right: dict[str, np.ndarray], held_out: list[Path],
@@ -410,6 +416,10 @@ def format_table(s: dict) -> str:
         rows.insert(2, ("labels in LS -> served (ship draw), s", f"{ship['wall_s']:.0f}", "-", "-", "<= 300"))
     steps = ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())
     text = aligned(rows) + f"\nsteps (median s): {steps}"
+    if s.get("draws") and all("lost" in c for d in s["draws"] for c in d.get("old_classes", {}).values()):
+        text += "\nold classes per draw (images lost/won against the champion, McNemar p): " + "; ".join(
+            f"seed {d['seed']} " + ", ".join(f"{cls} {c['lost']}/{c['won']} p {c['p_value']:.2g}"
+                                             for cls, c in d["old_classes"].items()) for d in s["draws"])
     if full.get("draws"):
         text += "\nfull retrain draws: " + ", ".join(f"seed {d['seed']} {d['wall_s']:.0f} s"
                                                     + ("" if d["promoted"] else " (gate refused)")

@@ -39,6 +39,10 @@ def test_the_table_puts_the_three_ways_side_by_side():
     table = format_table(s)
     assert "fast retrain" in table and "full retrain (peer)" in table and "no replay (ablation)" in table
     assert "732" in table and "6.1x" in table and "+12.00" in table and "2.0%" in table
+    assert "lost/won" not in table  # draws of an older bench run carry no paired counts
+    s["draws"] = [{"seed": 0, "old_classes": {"fu": {"lost": 2, "won": 3, "p_value": 1.0},
+                                              "not_fu": {"lost": 6, "won": 0, "p_value": 0.03125}}}]
+    assert "seed 0 fu 2/3 p 1, not_fu 6/0 p 0.031" in format_table(s)
 
 
 def test_the_table_shows_the_ship_draw_to_the_served_version_beside_the_gated_runs():
@@ -59,6 +63,7 @@ def test_the_paired_drop_counts_flips_both_ways_and_its_interval_holds_the_drop(
     d = paired_drop(before, after)
     assert d["before"] == pytest.approx(0.8) and d["after"] == pytest.approx(0.7)
     assert d["drop_pts"] == pytest.approx(10.0) and d["flipped_pts"] == pytest.approx(30.0) and d["n"] == 10
+    assert (d["lost"], d["won"]) == (2, 1) and d["p_value"] == pytest.approx(1.0)  # 2 of 3 changes one way: chance
     low, high = d["ci95_pts"]
     assert low < 10.0 < high
     same = paired_drop(before, before.copy())
