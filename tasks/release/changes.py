@@ -8,15 +8,18 @@ images, so the comparison can be paired. Per class both models know, on each eva
 * **lost**: the champion's decision was right, the challenger's is wrong;
 * **won**: the other way round;
 * the change in recall they make up, (won - lost) / images, in points (the gate's difference);
-* McNemar's exact test (two-sided, a binomial test on the lost and won images alone: McNemar
-  1947, Edwards 1948's exact form): how often chance alone would split the changed answers at
-  least this unevenly. A small p says the challenger really does answer that class differently,
-  however small the change in points.
+* McNemar's test (McNemar 1947) in its exact form, the two-sided binomial test on the lost and
+  won images alone: how often chance alone would split the changed answers at least this
+  unevenly. A small p says the challenger really does answer that class differently, however
+  small the change in points.
 
 Each model is judged by its own decision, as the gate judges the shared classes: a plain `fu`
 image the challenger calls `fu_merchant` is lost. After a fast retrain that expands the champion
-(`models.expand`), `won` is 0 by construction (its own answers are kept) and every lost image is
-a new-class false positive. The lost images of each set are drawn as one montage
+(`models.expand`) its old logits are kept, so the new class is behind every change: an old-class
+image is lost to it (answered as the new class, or pushed under the threshold by the probability
+it takes) and won only through the refinement rule (a `fu` the champion was unsure of, whose `fu`
+and `fu_merchant` together now clear the threshold); in `saofu bench fast-retrain`, `not_fu` lost
+5-6 images per draw and won none. The lost images of each set are drawn as one montage
 (`lost_<set>.png`, the challenger's most confident wrong answers first), with what the champion
 answered and what the challenger answers under each: the images to look at when the gate refuses
 a model over half a point.
@@ -169,7 +172,7 @@ def release_changes(challenger: Mapping[str, Any], champion: Mapping[str, Any], 
         if new is None or old is None:
             continue
         changes += class_changes(set_name, split, new, old)
-        title = f"{set_name}: wrong now, by {names[0]}, right by {names[1]}"
+        title = f"{set_name}: right by {names[1]}, wrong by {names[0]}"
         plots.append(plot_lost(set_name, split, new, old, title, Path(out_dir) / f"lost_{set_name}.png"))
     return changes, plots
 

@@ -16,6 +16,7 @@ from tasks.release.changes import (
     mcnemar_exact,
     release_changes,
 )
+from tasks.release.gallery import CELL_IMAGE_PX, PAD_PX, TITLE_PT
 from tasks.release.report import evaluate_sets
 from tests.deploy.test_canary_classes import BLUE, CHAMPION_W, GREEN, RED, YELLOW, colour_model
 from tests.release.test_report import THRESHOLD, colour_split
@@ -78,11 +79,10 @@ def test_the_lost_images_are_drawn_with_both_answers_and_the_table_names_every_c
     assert [p.name for p in plots] == ["lost_fresh.png"]
     with Image.open(plots[0]) as im:
         canvas = np.asarray(im.convert("RGB")).astype(int)
-    # Three green tiles side by side in the montage's one row: the three lost images.
-    green = (canvas[:, :, 1] > 200) & (canvas[:, :, 0] < 50) & (canvas[:, :, 2] < 50)
-    middle = canvas.shape[0] // 3 + np.argmax(green[canvas.shape[0] // 3:].any(axis=1))
-    runs = np.flatnonzero(np.diff(np.concatenate([[0], green[middle].astype(int), [0]])) == 1)
-    assert len(runs) == 3
+    # Three green tiles side by side across the middle of the montage's one row: the three lost images.
+    middle = canvas[TITLE_PT + 2 * PAD_PX + CELL_IMAGE_PX // 2]
+    green = (middle[:, 1] > 200) & (middle[:, 0] < 50) & (middle[:, 2] < 50)
+    assert len(np.flatnonzero(np.diff(np.concatenate([[0], green.astype(int), [0]])) == 1)) == 3
     table = changes_table(changes)
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:4]]
     assert rows[0] == ["fresh", "fu", "7", "5", "7", "0", "2", "+28.57", "0.5"]
