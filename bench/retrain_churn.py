@@ -91,11 +91,16 @@ def run_retrain_churn_bench(seeds: tuple[int, ...] = (1, 2), home: Path = HOME,
 
 
 def format_table(s: dict) -> str:
+    """One row per reference; per class its recall, drop [95 %] and the flipped images: lost/won
+    against the champion with McNemar's p (results from before those were kept: the flipped %)."""
     classes = list(s["champion"])
-    head = ["reference"] + [f"{c}: recall / drop pts [95 %] / flipped %" for c in classes]
+    paired = all("lost" in r["classes"][c] for r in s["references"] for c in classes)
+    flips = "lost/won (p)" if paired else "flipped %"
+    head = ["reference"] + [f"{c}: recall / drop pts [95 %] / {flips}" for c in classes]
     rows = [[f"champion (version {s['champion_version']})"] + [f"{s['champion'][c]:.4f}" for c in classes]]
     for r in s["references"]:
         rows.append([r["name"]] + [
             f"{v['after']:.4f} / {v['drop_pts']:+.2f} [{v['ci95_pts'][0]:+.2f}, {v['ci95_pts'][1]:+.2f}] / "
-            f"{v['flipped_pts']:.1f}" for v in (r["classes"][c] for c in classes)])
+            + (f"{v['lost']}/{v['won']} ({v['p_value']:.2g})" if paired else f"{v['flipped_pts']:.1f}")
+            for v in (r["classes"][c] for c in classes)])
     return aligned([head, *rows]) + f"\ndevice: {s['device']}"

@@ -77,6 +77,11 @@ def test_the_churn_table_names_each_reference_against_the_champion():
     table = retrain_churn.format_table(s)
     assert "champion (version 2)" in table and "retrained, seed 1" in table
     assert "+0.69 [+0.10, +1.30] / 1.5" in table and "-1.47" in table and "0.9892" in table
+    # With the paired counts (since 2026-12-05): lost/won and McNemar's p instead of the flipped share.
+    for c in ("fu", "not_fu"):
+        s["references"][0]["classes"][c] = {**s["references"][0]["classes"][c], "lost": 11, "won": 4, "p_value": 0.12}
+    table = retrain_churn.format_table(s)
+    assert "lost/won (p)" in table and "+0.69 [+0.10, +1.30] / 11/4 (0.12)" in table and "flipped" not in table
 
 
 @pytest.mark.timeout(60)
