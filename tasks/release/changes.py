@@ -93,6 +93,13 @@ def shared_classes(split: TensorSplit, challenger: Mapping[str, Any], champion: 
     return [c for c in split.classes if c in challenger["model_classes"] and c in champion["model_classes"]]
 
 
+def _paired(split: TensorSplit, challenger: Mapping[str, Any],
+            champion: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(each image's true class, the challenger's decisions, the champion's), checked to be of `split`."""
+    new, old = _answers(challenger, split, "challenger"), _answers(champion, split, "champion")
+    return [split.classes[int(label)] for label in split.labels], new, old
+
+
 def class_changes(set_name: str, split: TensorSplit, challenger: Mapping[str, Any],
                   champion: Mapping[str, Any]) -> list[ClassChange]:
     """Per class both models know (and the set holds images of), the paired counts on `split`.
@@ -105,8 +112,7 @@ def class_changes(set_name: str, split: TensorSplit, challenger: Mapping[str, An
     Raises:
         SaofuError: a result without per-image decisions, or of another number of images.
     """
-    new, old = _answers(challenger, split, "challenger"), _answers(champion, split, "champion")
-    truths = [split.classes[int(label)] for label in split.labels]
+    truths, new, old = _paired(split, challenger, champion)
     changes = []
     for cls in shared_classes(split, challenger, champion):
         rows = [i for i, truth in enumerate(truths) if truth == cls]
@@ -124,9 +130,8 @@ def class_changes(set_name: str, split: TensorSplit, challenger: Mapping[str, An
 def lost_rows(split: TensorSplit, challenger: Mapping[str, Any], champion: Mapping[str, Any]) -> list[int]:
     """Rows of `split` (of a class both know) the champion answered right and the challenger wrong,
     the challenger's most confident answer first."""
-    new, old = _answers(challenger, split, "challenger"), _answers(champion, split, "champion")
+    truths, new, old = _paired(split, challenger, champion)
     shared = set(shared_classes(split, challenger, champion))
-    truths = [split.classes[int(label)] for label in split.labels]
     rows = [i for i, truth in enumerate(truths) if truth in shared and old[i] == truth and new[i] != truth]
     return sorted(rows, key=lambda i: -challenger["top_probs"][i])
 
