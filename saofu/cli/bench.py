@@ -144,6 +144,20 @@ def bench_fast_retrain(
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
 
 
+@app.command("train-layout")
+def bench_train_layout(
+    seeds: list[int] = typer.Option([0, 1, 2, 3, 4], "--seed", help="One draw per seed (repeat)."),
+    out: Path = typer.Option(Path("bench/results/train_layout.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """Training images/s with NCHW weights beside channels-last (what `loop.place` uses on the CPU)."""
+    from bench.train_layout import run
+
+    with progress_to_stderr(as_json):
+        result = run(seeds=tuple(seeds), out=out)
+    emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
+
+
 @app.command("retrain-churn")
 def bench_retrain_churn(
     seeds: list[int] = typer.Option([1, 2], "--seed", help="One champion trained alike per seed (repeat)."),

@@ -62,6 +62,7 @@ from tasks.train.loop import (
     FitResult,
     TrainConfig,
     evaluate,
+    place,
     resolve_device,
     train_one_epoch,
 )
@@ -398,7 +399,7 @@ def fine_tune(
         raise SaofuError("fine_tune runs in one process; start it without torchrun")
     cfg = replace(cfg or TrainConfig(), epochs=epochs, lr=lr)
     device = resolve_device(cfg.device)
-    model.to(device)
+    place(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     steps = epochs * math.ceil(len(train) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)

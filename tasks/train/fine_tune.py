@@ -33,7 +33,7 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
   plan counts steps (`plan_steps`), so the schedule ends with the budget, not up to an epoch before;
 * growing, freezes the stem and the first two stages (`freeze_leading_stages`: no backward through the
   high-resolution layers, BatchNorm there in eval mode): 1.8x the training throughput of the
-  default saofu_fu at 64 px on 2 CPU cores (650 -> 1150 images/s), so a one-minute budget holds
+  default saofu_fu at 64 px on 2 CPU cores (650 -> 1150 images/s, NCHW; `loop.place`), so a one-minute budget holds
   twice the epochs, and the features the old classes are told apart by stay as they were;
 * growing, holds the model to the base model's answers on the old-class images it replays
   (`fine_tune_step`: a distillation term, weight `distill_weight`, with the new class folded
@@ -140,6 +140,7 @@ from tasks.train.loop import (
     EpochCallback,
     checkpoint_config,
     load_checkpoint,
+    place,
     predict_proba,
     resolve_device,
     save_checkpoint,
@@ -444,8 +445,8 @@ def fine_tune(
     else:
         model = grow_classifier(base, old, cfg.new_classes, cfg.refines, cfg.refine_logit_offset, init_generator)
         freeze_leading_stages(model, cfg.freeze_stages)  # before the throughput is measured: it is faster
-    model = model.to(device)
-    teacher = base.to(device).eval()  # both copied it: the base model as it was
+    model = place(model, device)
+    teacher = place(base, device).eval()  # both copied it: the base model as it was
     fold = fold_matrix(classes, old, refines)
     distill_weight = 0.0 if expanding else cfg.distill_weight
     class_weight = torch.tensor([1.0 if c in focus_classes else cfg.old_class_weight for c in classes], device=device)

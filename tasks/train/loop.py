@@ -70,6 +70,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` moved to `device` (in place, as `Module.to`), in the layout that trains fastest there.
+
+    On the CPU, channels-last (NHWC) convolution weights (the activations follow the weights' layout):
+    PyTorch's CPU convolutions train these small networks faster so. Measured on 2 cores (`saofu
+    bench train-layout`, 64 px, 5 seeds): 1.26x `train_one_epoch`'s images/s for saofu_fu, 1.33x
+    for mobilenet_v3_small_050 and for the fast retrain's expanded step, 1.22x the least of any seed.
+    Only the layout changes: checkpoints load into either; the answers agree to float rounding (the
+    sums run in another order). On CUDA the model is left as it is: not measured here.
+    """
+    model = model.to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -269,7 +285,7 @@ def fit(
         distributed.check_global_batch(cfg.batch_size)
         device = distributed.init(device)
     seed_everything(cfg.seed)
-    model = build_model(cfg, len(train.classes)).to(device)
+    model = place(build_model(cfg, len(train.classes)), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

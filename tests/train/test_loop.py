@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models import create_model
 from saofu.errors import SaofuError
 from tasks.data.loading import prepare_dataset
-from tasks.train.loop import TrainConfig, augment, fit, load_checkpoint, predict_proba
+from tasks.train.loop import TrainConfig, augment, fit, load_checkpoint, place, predict_proba
 
 TINY = dict(model="saofu_fu_tiny", epochs=10, batch_size=32, lr=1e-2, image_size=32)
 
@@ -64,6 +65,22 @@ def test_checkpoint_alone_rebuilds_the_model(shapes, tmp_path):
     assert state["config"]["model"] == "saofu_fu_tiny"
     cpu = torch.device("cpu")
     assert torch.allclose(predict_proba(model, shapes.val, cpu), predict_proba(result.model, shapes.val, cpu))
+
+
+def test_on_the_cpu_training_runs_channels_last_and_answers_as_the_same_weights_in_nchw(shapes):
+    # `place` only changes the layout; the checkpoint test above loads its weights back into NCHW
+    cpu = torch.device("cpu")
+    result = fit(TrainConfig(**{**TINY, "epochs": 1}), shapes.train, shapes.val)
+    convs = [p for p in result.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    torch.manual_seed(0)
+    nchw = create_model("saofu_fu_tiny", 3).eval()
+    weights = {k: v.clone() for k, v in nchw.state_dict().items()}
+    placed = place(create_model("saofu_fu_tiny", 3), cpu).eval()
+    placed.load_state_dict(weights)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in placed.parameters() if p.dim() == 4)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in nchw.parameters() if p.dim() == 4)
+    assert torch.allclose(predict_proba(placed, shapes.val, cpu), predict_proba(nchw, shapes.val, cpu), atol=1e-5)
 
 
 def test_augment_keeps_shape_and_range_and_is_seeded():
