@@ -33,8 +33,8 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
   plan counts steps (`plan_steps`), so the schedule ends with the budget, not up to an epoch before;
 * growing, freezes the stem and the first two stages (`freeze_leading_stages`: no backward through the
   high-resolution layers, BatchNorm there in eval mode): 1.8x the training throughput of the
-  default saofu_fu at 64 px on 2 CPU cores (650 -> 1150 images/s, NCHW; `loop.place`), so a one-minute budget holds
-  twice the epochs, and the features the old classes are told apart by stay as they were;
+  default saofu_fu at 64 px on 2 CPU cores (650 -> 1150 images/s, measured before `loop.place`),
+  so a one-minute budget holds twice the epochs, and the features the old classes are told apart by stay as they were;
 * growing, holds the model to the base model's answers on the old-class images it replays
   (`fine_tune_step`: a distillation term, weight `distill_weight`, with the new class folded
   into the class it refines), so that old-class answers near the threshold do not churn.
