@@ -17,7 +17,6 @@ About 3 minutes on 2 CPU cores. Writes bench/results/train_layout.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -79,7 +78,6 @@ def measure(case: str, seed: int, channels_last: bool) -> float:
     """Training images/s of `case` in one layout: a warm-up epoch, then a timed one."""
     cfg = TrainConfig(model="saofu_fu", image_size=SIZE, seed=seed, device="cpu")
     model, classes = _model(case, seed)
-    model = copy.deepcopy(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     split = _split(seed, classes)
