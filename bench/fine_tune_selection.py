@@ -59,7 +59,7 @@ from bench.fast_retrain import MODEL, THRESHOLD, aligned, split_world
 CANDIDATES = [{}, {"hard_replay_share": 0.0}, {"old_class_weight": 3.0},
               {"old_class_weight": 3.0, "hard_replay_share": 0.0}, {"expand": False}]
 # What each result records of its config, overrides or not (the defaults may change).
-SETTINGS = ("expand", "old_class_weight", "hard_replay_share")
+SETTINGS = ("expand", "old_class_weight", "hard_replay_share", "aug_strength")
 REFINES = {"fu_merchant": "fu"}
 HOME = Path("bench/work/fine_tune_selection")
 BENCH_HOME = Path("bench/work/fast_retrain")  # where `saofu bench fast-retrain` leaves its world
@@ -252,8 +252,10 @@ def _label(result: dict) -> str:
     others = "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}"
                      for k, v in result["config"].items() if k not in SETTINGS)
     decoys = f", +{result['extra_decoys']} look-alike labels" if result.get("extra_decoys") else ""
+    aug = settings.get("aug_strength")  # results written before it was recorded lack it
     return (f"{method}, old weight {settings['old_class_weight']:g}, hard replay {settings['hard_replay_share']:g}"
-            + others + (" (defaults)" if not result["config"] else "") + decoys)
+            + (f", augmentation {aug:g}" if aug is not None else "") + others
+            + (" (defaults)" if not result["config"] else "") + decoys)
 
 
 def format_table(summary: dict) -> str:

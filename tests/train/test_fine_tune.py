@@ -295,6 +295,22 @@ def test_a_tiny_budget_stops_at_once_and_still_leaves_a_usable_checkpoint(shapes
     assert torch.equal(grown, predict_proba(base_model, shapes.val, CPU).argmax(1))
 
 
+def test_the_fine_tune_augments_at_its_own_strength_or_else_the_base_runs(shapes, base, tmp_path, monkeypatch):
+    import tasks.train.forgetting as forgetting
+
+    seen: list[float] = []
+    real = forgetting.augment
+    monkeypatch.setattr(forgetting, "augment", lambda x, strength, g: (seen.append(strength), real(x, strength, g))[1])
+    base_strength = load_checkpoint(base)[1]["config"]["aug_strength"]
+    assert FineTuneConfig().aug_strength != base_strength  # the default is the fine-tune's own
+    for strength, expected in ((None, base_strength), (0.9, 0.9)):
+        seen.clear()
+        cfg = FineTuneConfig(new_classes=["triangle"], epochs=1, aug_strength=strength)
+        fine_tune(base, shapes, cfg, tmp_path / "best.pt")
+        assert seen and set(seen) == {expected}, (strength, set(seen))
+        assert load_checkpoint(tmp_path / "best.pt")[1]["config"]["aug_strength"] == expected
+
+
 class _TickClock:
     """Virtual seconds: every reading is `tick` later than the one before, whatever the machine's load."""
 
