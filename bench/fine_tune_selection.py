@@ -30,7 +30,7 @@ each config run without and then with them in the same command (results in
 bench/results/fine_tune_bench_world_decoys.json).
 
 Run it alone (two torch processes on 2 cores slow each other):
-    python -m bench.fine_tune_selection [--world selection|bench] [--extra-decoys N] [CONFIG_JSON ...]
+    python -m bench.fine_tune_selection [--world selection|bench] [--extra-decoys N] [--out PATH] [CONFIG_JSON ...]
 each CONFIG_JSON a dict of `FineTuneConfig` fields (none: `CANDIDATES`). About 8 minutes for the
 selection world and its champion (kept in bench/work/fine_tune_selection/ for the next run), then
 under 3 minutes per candidate on 2 CPU cores. Writes bench/results/fine_tune_selection.json
@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the selection world (default) or the fast-retrain bench's own")
     parser.add_argument("--extra-decoys", type=int, default=0, metavar="N",
                         help="with --world bench: N more merchant-framed look-alikes labelled not_fu in training")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the JSON goes (default: the world's file, or the decoys' file)")
     parser.add_argument("configs", nargs="*", metavar="CONFIG_JSON",
                         help="FineTuneConfig fields (none: the candidates)")
     args = parser.parse_args(argv)
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         summary["world_with_decoys"] = grown["world"]
     summary["extra_decoys"] = args.extra_decoys
     summary["seconds"] = time.perf_counter() - started
-    out = DECOYS_OUT if args.extra_decoys else OUT[args.world]
+    out = args.out or (DECOYS_OUT if args.extra_decoys else OUT[args.world])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(format_table(summary))

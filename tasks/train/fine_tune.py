@@ -51,11 +51,9 @@ same model again (`saofu bench retrain-churn`).
 Augmentation: `aug_strength` 0.6, twice the base run's default (`loop.augment`: rotation up to 12
 degrees, scale and shift up to 12 % and 9 %, brightness and contrast jitter). A fine-tune sees the
 new class's few thousand images a dozen times; harder augmentation makes them generalise to fonts
-they were not drawn in. Measured 2026-12-05 with `python -m bench.fine_tune_selection`, 52 s,
-seeds 0-2, (new-class recall, largest old-class drop in points), medians: on the selection world
-(held-out kai fonts, its own champion) the base run's 0.3 gave (0.812, 0.20), 0.6 (0.841, 0.39),
-0.9 (0.806, 0.29); on the bench's world 0.3 (0.947, 0.78), 0.6 (0.957, 0.49). 0.6 is the most
-recall within the half-point drop on the selection world, and better on both counts on the bench's.
+they were not drawn in. Against the base run's 0.3 and 0.9, 0.6 gave the most new-class recall
+within the half-point old-class drop on the selection world, and was better on both counts on the
+bench's (docs/fine_tune_measurements.md has the figures).
 
 Learning rate: half the base run's peak rate (5e-3 -> 2.5e-3 at the defaults), decayed to zero on
 a cosine with no warm-up over the planned steps (so it reaches zero as the budget ends), like

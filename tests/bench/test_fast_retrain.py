@@ -3,6 +3,7 @@ labels and held-out sets, and the paired old-class drop with its interval."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,22 @@ def test_the_selection_bench_refuses_a_bad_config_before_preparing_anything(arg,
     with pytest.raises(SystemExit) as exit_:
         selection.main([arg])
     assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_the_selection_bench_writes_where_out_says_and_leaves_the_world_s_file_alone(tmp_path, monkeypatch):
+    import bench.fine_tune_selection as selection
+
+    default = tmp_path / "default.json"
+    monkeypatch.setitem(selection.OUT, "selection", default)
+    monkeypatch.setattr(selection, "selection_world", lambda: "world")
+    result = {"config": {"aug_strength": 0.6}, "settings": {"expand": True, "old_class_weight": 1.0,
+                                                             "hard_replay_share": 0.5, "aug_strength": 0.6},
+              "draws": [], "new_class_recall": 0.9, "max_old_class_drop_pts": 0.4}
+    monkeypatch.setattr(selection, "run", lambda configs, world: {"world": world, "results": [result]})
+    out = tmp_path / "probe" / "aug.json"
+    selection.main(["--out", str(out), '{"aug_strength": 0.6}'])
+    assert json.loads(out.read_text())["results"] == [result] and not default.exists()
 
 
 def test_the_table_lists_the_full_retrain_draws_whose_median_it_compares():
