@@ -52,7 +52,7 @@ THRESHOLD = 0.9
 SHIP_GATE = {"new_class_recall": 0.8, "max_old_class_drop_pts": 3.0}
 # The fast retrain's budget here: 45 s, not the flow's default minute. Its wall is the budget plus
 # about 24 s of ingest and release that training speed does not shorten, while the peer is all
-# training: 5x of the peer's ~345 s is 69 s, under the minute's 85 s. The fine-tune's quality has
+# training: 5x of the peer's ~350 s is 70 s, under the minute's 85 s. The fine-tune's quality has
 # levelled off by then (`python -m bench.fine_tune_epochs`: most of the recall by epoch 6-8 of 12).
 BUDGET_MIN = 0.75
 SEEDS = (0, 1, 2, 3, 4)  # five draws: their median moves less than three's, an image either way decides

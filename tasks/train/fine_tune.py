@@ -193,7 +193,7 @@ class FineTuneResult:
     images_per_s: float  # measured training throughput the plan used
     train_images: int  # per epoch: all new/changed-class images + the replay sample
     replay_images: int
-    best_epoch: int  # 0: no trained epoch beat the starting (grown, untrained) model
+    best_epoch: int  # 0: no epoch trained (the starting, grown or expanded, untrained model)
     best_val_accuracy: float
     best_val_balanced_accuracy: float
     recall_before: dict[str, float]  # per-class val recall of the base model (0 for new classes)
