@@ -28,9 +28,7 @@ import statistics
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
-
-from bench.fine_tune_selection import REFINES, ProbeWorld, _right, bench_world, selection_world
+from bench.fine_tune_selection import REFINES, ProbeWorld, bench_world, champion_scorer, selection_world
 
 OUT = "bench/results/fine_tune_epochs_{world}.json"
 
@@ -48,12 +46,8 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float, over: dict) -> dic
     from bench.models import _device_name
     from tasks.data.loading import prepare_dataset
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
-    from tasks.train.loop import load_checkpoint
 
-    held, reg = world.held_out, world.regression
-    old = np.array([c for _, c in reg])
-    base, state = load_checkpoint(world.champion)
-    before = _right(base, state["classes"], [p for p, _ in reg], list(old))
+    score = champion_scorer(world)
     data = prepare_dataset(world.data_dir, 64, world.val_share, world.split_seed, world.cache_dir)
     evaluated = []
 
@@ -72,13 +66,9 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float, over: dict) -> dic
             result = fine_tune(world.champion, data, cfg, world.work / f"epochs-seed{seed}.pt")
         model, epochs = result.model, []
         for e in evaluated:
-            model.load_state_dict(e.kept_with[2])
-            after = _right(model, result.classes, [p for p, _ in reg], list(old))
-            drops = {c: float(100 * (before[old == c].mean() - after[old == c].mean())) for c in ("fu", "not_fu")}
+            model.load_state_dict(e.kept_with[2])  # fine_tune keeps (val metrics, val recall, weights)
             epochs.append({"epoch": e.epoch, "val_drop": e.drop, "val_recall": e.recall,
-                           "new_class_recall": float(_right(model, result.classes, held,
-                                                            ["fu_merchant"] * len(held)).mean()),
-                           "max_old_class_drop_pts": max(drops.values()), "old_class_drop_pts": drops})
+                           **score(model, result.classes)})
         by_epoch = {e["epoch"]: e for e in epochs}
         picks = {"kept": by_epoch[result.best_epoch], "strict": strict_rule(epochs, cfg.max_old_class_drop),
                  "last": epochs[-1]}
@@ -93,7 +83,8 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float, over: dict) -> dic
         rules[rule]["draws"] = [(c["epoch"], round(c["new_class_recall"], 4), round(c["max_old_class_drop_pts"], 2))
                                 for c in chosen]
     return {"world": world.description, "budget_s": budget_s, "config": over, "seeds": seeds,
-            "held_out_merchant": len(held), "regression_images": len(reg), "device": _device_name(),
+            "held_out_merchant": len(world.held_out), "regression_images": len(world.regression),
+            "device": _device_name(),
             "rules": rules, "draws": draws}
 
 

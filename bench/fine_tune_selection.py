@@ -47,6 +47,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,16 +211,34 @@ def _right(model: torch.nn.Module, classes: list[str], paths: list[Path], labels
     return decide(probs, THRESHOLD, classes.index("not_fu"), roots) == split.labels.numpy()
 
 
+def champion_scorer(world: ProbeWorld) -> Callable[[torch.nn.Module, list[str]], dict]:
+    """A scorer of fine-tuned models on the world's held-out images, against its champion's answers.
+
+    The scorer returns new-class recall (held-out merchant images) and each old class's drop in
+    points (the regression images), both decided at the serving threshold.
+    """
+    from tasks.train.loop import load_checkpoint
+
+    held, paths = world.held_out, [p for p, _ in world.regression]
+    old = np.array([c for _, c in world.regression])
+    base, state = load_checkpoint(world.champion)
+    before = _right(base, state["classes"], paths, list(old))
+
+    def score(model: torch.nn.Module, classes: list[str]) -> dict:
+        after = _right(model, classes, paths, list(old))
+        drops = {c: float(100 * (before[old == c].mean() - after[old == c].mean())) for c in ("fu", "not_fu")}
+        return {"new_class_recall": float(_right(model, classes, held, ["fu_merchant"] * len(held)).mean()),
+                "old_class_drop_pts": drops, "max_old_class_drop_pts": max(drops.values())}
+
+    return score
+
+
 def run(configs: list[dict], world: ProbeWorld, seeds: tuple[int, ...] = (0, 1, 2), budget_s: float = 52.0) -> dict:
     from bench.models import _device_name
     from tasks.data.loading import prepare_dataset
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
-    from tasks.train.loop import load_checkpoint
 
-    held, reg = world.held_out, world.regression
-    old = np.array([c for _, c in reg])
-    base, state = load_checkpoint(world.champion)
-    before = _right(base, state["classes"], [p for p, _ in reg], list(old))
+    score = champion_scorer(world)
     data = prepare_dataset(world.data_dir, 64, world.val_share, world.split_seed, world.cache_dir)
     results = []
     for over in configs:
@@ -227,20 +246,15 @@ def run(configs: list[dict], world: ProbeWorld, seeds: tuple[int, ...] = (0, 1, 
         for seed in seeds:
             cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed, **over)
             r = fine_tune(world.champion, data, cfg, world.work / f"seed{seed}.pt")
-            model = r.model.eval()
-            after = _right(model, r.classes, [p for p, _ in reg], list(old))
-            drops = {c: float(100 * (before[old == c].mean() - after[old == c].mean())) for c in ("fu", "not_fu")}
-            draws.append({"seed": seed, "new_class_recall": float(_right(model, r.classes, held,
-                                                                        ["fu_merchant"] * len(held)).mean()),
-                          "old_class_drop_pts": drops, "max_old_class_drop_pts": max(drops.values()),
+            draws.append({"seed": seed, **score(r.model.eval(), r.classes),
                           "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "method": r.method})
             print(f"  {json.dumps(over)} seed {seed}: {json.dumps(draws[-1])}", flush=True)
         results.append({"config": over, "settings": {k: getattr(cfg, k) for k in SETTINGS}, "draws": draws,
                         **{k: statistics.median(d[k] for d in draws)
                            for k in ("new_class_recall", "max_old_class_drop_pts")}})
     return {"world": world.description, "budget_s": budget_s,
-            "seeds": list(seeds), "held_out_merchant": len(held), "regression_images": len(reg),
-            "device": _device_name(), "results": results}
+            "seeds": list(seeds), "held_out_merchant": len(world.held_out),
+            "regression_images": len(world.regression), "device": _device_name(), "results": results}
 
 
 def _label(result: dict) -> str:
