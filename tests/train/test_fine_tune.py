@@ -454,3 +454,30 @@ def test_the_epoch_kept_holds_the_old_classes_before_it_ranks_by_balanced_recall
     # A later epoch that loses fewer lowers the cap: epoch 2 falls out, and the choice may move back.
     keeper.add(EvaluatedEpoch(4, drop=0.0049, recall=0.90))
     assert keeper.kept.epoch == 1 and [e.epoch for e in keeper.candidates] == [1, 4]
+
+
+def test_an_epoch_that_lost_two_val_images_more_than_the_fewest_stays_in_the_running():
+    # 1,020 val images per old class, as on the Fu world: in float32 means 7/1020 came out above
+    # 5/1020 + 2/1020, and an epoch exactly two images off the fewest was ruled out.
+    from tasks.train.fine_tune import _val_metrics
+    from tasks.train.kept_epoch import EpochKeeper, EvaluatedEpoch, drop_tolerance, largest_drop
+
+    classes, n = ["fu", "not_fu", "new"], 1020
+    labels = torch.tensor([0] * n + [1] * n + [2] * 100)
+    judge = {"threshold": 0.5, "negative_class": "not_fu", "refines": {}}
+
+    def metrics(not_fu_lost: int, new_right: int):
+        answer = labels.clone()
+        answer[n:n + not_fu_lost] = 2  # not_fu images answered as the new class
+        answer[2 * n + new_right:] = 1  # the rest of the new class falls back to not_fu
+        return _val_metrics(torch.nn.functional.one_hot(answer, 3).float(), labels, classes, **judge)
+
+    _, _, before = metrics(0, 0)
+    assert before["not_fu"] == 1.0 and before["fu"] == 1.0
+    keeper = EpochKeeper(0.005, drop_tolerance(labels, classes, ["fu", "not_fu"]))
+    for epoch, (lost, new_right) in enumerate([(5, 60), (7, 90)], start=1):
+        scores, _, at_threshold = metrics(lost, new_right)
+        assert at_threshold["not_fu"] == (n - lost) / n  # exact, not a float32 mean
+        keeper.add(EvaluatedEpoch(epoch, largest_drop(at_threshold, {c: before[c] for c in ("fu", "not_fu")}),
+                                  scores["val_balanced_recall_at_threshold"]))
+    assert keeper.kept.epoch == 2  # two images more than epoch 1 lost: within the tolerance, more recall
