@@ -20,8 +20,9 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
 * plans its epochs from the training throughput measured on a few real batches of this data and
   model, and again after every epoch on its own pace (`tasks/train/budget.py`), so the learning-rate
   schedule ends with the budget;
-* validates after every epoch and keeps the best checkpoint, in `loop.save_checkpoint`'s format
-  (export, evaluation and release take it like any other): among the epochs whose old classes
+* validates after every epoch and keeps one checkpoint, in `loop.save_checkpoint`'s format
+  (export, evaluation and release take it like any other): expanding, the last epoch's (choosing
+  by the val split gained nothing there, `tasks/train/kept_epoch.py`); growing, among the epochs whose old classes
   lost at most `max_old_class_drop` of val recall at the threshold (the gate's own check; the
   flow passes the gate's setting), or within two val images of the fewest any epoch lost, the one
   with the best balanced recall deciding as the gate and serving do (threshold, refinement
@@ -40,7 +41,7 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
   (`fine_tune_step`: a distillation term, weight `distill_weight`, with the new class folded
   into the class it refines), so that old-class answers near the threshold do not churn.
 
-Expansion, the old-class weight, half the replay hard and the branch after two stages were chosen
+Expansion, the old-class weight, half the replay hard and the branch after one stage were chosen
 by measurement (`python -m bench.fine_tune_selection`, on the bench's world and on a second world
 the bench never reports); the figures, and what else was tried and not kept (growing with
 distillation, EMA/SWA weights, three frozen stages, temperatures, rates), are in
@@ -104,7 +105,7 @@ from tasks.data.loading import PreparedData, TensorSplit
 from tasks.train import distributed
 from tasks.train.budget import PLAN_HEADROOM, REPLAN_HEADROOM, Clock, measure_throughput, plan_steps, replan_steps
 from tasks.train.forgetting import fine_tune_step, fold_matrix, freeze_leading_stages
-from tasks.train.kept_epoch import EpochKeeper, EvaluatedEpoch, drop_tolerance, largest_drop
+from tasks.train.kept_epoch import EpochKeeper, EvaluatedEpoch, LastEpochKeeper, drop_tolerance, largest_drop
 from tasks.train.loop import (
     EpochCallback,
     checkpoint_config,
@@ -429,8 +430,10 @@ def fine_tune(
     best_metrics, best_recall, at_threshold = _val_metrics(probs, val.labels, classes, **judge)
     # The base model's old-class recall at the threshold (epoch 0: the grown model answers as the base).
     kept_before = {c: r for c, r in at_threshold.items() if c in old and c not in cfg.changed_classes}
-    # Epoch 0 (the grown, untrained model) is kept only when no epoch trains.
-    keeper = EpochKeeper(cfg.max_old_class_drop, drop_tolerance(val.labels, classes, list(kept_before)))
+    # Epoch 0 (the grown, untrained model) is kept only when no epoch trains. An expanded model keeps
+    # its last epoch; a grown one the best that held the old classes (`kept_epoch` says why).
+    keeper = LastEpochKeeper() if expanding else EpochKeeper(
+        cfg.max_old_class_drop, drop_tolerance(val.labels, classes, list(kept_before)))
     ckpt = Path(checkpoint_path)
     save_s = []
     for _ in range(2):  # timed warm too (the first save imports and allocates)

@@ -68,7 +68,7 @@ def test_only_saofu_recognisers_expand_and_bad_meta_is_named():
         expand_recognizer(create_model("mobilenet_v3_small_050", 2), OLD, ["triangle"])
     meta = model_meta(expand_recognizer(create_model("saofu_fu_tiny", 2), OLD, ["triangle"]))
     with pytest.raises(SaofuError, match="does not match"):
-        build_from_checkpoint_meta({**meta, "arch": "expanded1(" + meta["arch"].split("(", 1)[1]})
+        build_from_checkpoint_meta({**meta, "arch": "expanded3(" + meta["arch"].split("(", 1)[1]})
 
 
 def test_training_the_new_class_leaves_every_old_logit_as_it_was(expanded, shapes, base):
