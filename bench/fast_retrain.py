@@ -192,9 +192,8 @@ def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, ou
                                                   replay_share=0.0, budget_s=budget_min * 60, seed=seed),
                        out / "no_replay.pt")
     path = export_onnx(result.model, result.classes, out / "no_replay.onnx", base.image_size, {"fu_merchant": "fu"})
-    # Without replay no epoch passes the old-class check on validation, so the fine-tune keeps the
-    # best recall among the epochs that lost least (`tasks/train/kept_epoch.py`): what fine-tuning
-    # on the new labels alone gives.
+    # Expanded like the fast retrain's, the fine-tune keeps its last epoch (`tasks/train/kept_epoch.py`):
+    # what fine-tuning on the new labels alone gives.
     info = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "val_balanced_accuracy_by_epoch": [round(h["val_balanced_accuracy"], 4) for h in result.history]}
     return path, time.perf_counter() - started, info

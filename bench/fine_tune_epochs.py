@@ -6,8 +6,10 @@ epoch as the fine-tune validated them and scores each on the held-out images of 
 recall at the serving threshold on held-out fonts, largest old-class drop in points against the
 champion; as `bench/fine_tune_selection.py` scores), then says what each rule would have kept:
 
-* `kept`: the fine-tune's rule (the old-class check, or within two val images of the fewest lost,
-  then the best balanced recall), which chose what it returned;
+* `kept`: what the fine-tune returned (an expanded model's last epoch, since 2026-12-06);
+* `recall`: `EpochKeeper`'s rule, the grown classifier's (the old-class check, or within two val
+  images of the fewest lost, then the best balanced recall), read off the same epochs; the
+  expanded fine-tune's rule from 2026-12-05 to -06;
 * `strict`: the rule before 2026-12-05 (the check, else the fewest lost, the first of equals);
 * `last`: the last epoch.
 
@@ -41,28 +43,44 @@ def strict_rule(epochs: list[dict], max_drop: float) -> dict:
     return min(epochs, key=lambda e: round(e["val_drop"], 6))
 
 
+def recall_rule(epochs: list[dict], max_drop: float, tolerance: float) -> dict:
+    """`EpochKeeper`'s choice among `epochs` (as the fine-tune would make it for a grown classifier)."""
+    from tasks.train.kept_epoch import EpochKeeper, EvaluatedEpoch
+
+    keeper = EpochKeeper(max_drop, tolerance)
+    for e in epochs:
+        keeper.add(EvaluatedEpoch(e["epoch"], e["val_drop"], e["val_recall"], e))
+    return keeper.kept.kept_with
+
+
 def run(world: ProbeWorld, seeds: list[int], budget_s: float, over: dict) -> dict:
     import tasks.train.fine_tune as fine_tune_module
     from bench.models import _device_name
     from tasks.data.loading import prepare_dataset
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
+    from tasks.train.kept_epoch import drop_tolerance
 
     score = champion_scorer(world)
     data = prepare_dataset(world.data_dir, 64, world.val_share, world.split_seed, world.cache_dir)
+    tolerance = drop_tolerance(data.val.labels, data.classes, ["fu", "not_fu"])
     evaluated = []
 
-    class RecordingKeeper(fine_tune_module.EpochKeeper):
+    def recording(keeper: type) -> type:
         """The fine-tune's own keeper, also holding every epoch it was shown (weights as validated)."""
 
-        def add(self, epoch):
-            evaluated.append(epoch)
-            return super().add(epoch)
+        class Recording(keeper):
+            def add(self, epoch):
+                evaluated.append(epoch)
+                return super().add(epoch)
+
+        return Recording
 
     draws = []
     for seed in seeds:
         evaluated.clear()
         cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed, **over)
-        with mock.patch.object(fine_tune_module, "EpochKeeper", RecordingKeeper):
+        with (mock.patch.object(fine_tune_module, "EpochKeeper", recording(fine_tune_module.EpochKeeper)),
+              mock.patch.object(fine_tune_module, "LastEpochKeeper", recording(fine_tune_module.LastEpochKeeper))):
             result = fine_tune(world.champion, data, cfg, world.work / f"epochs-seed{seed}.pt")
         model, epochs = result.model, []
         for e in evaluated:
@@ -70,13 +88,13 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float, over: dict) -> dic
             epochs.append({"epoch": e.epoch, "val_drop": e.drop, "val_recall": e.recall,
                            **score(model, result.classes)})
         by_epoch = {e["epoch"]: e for e in epochs}
-        picks = {"kept": by_epoch[result.best_epoch], "strict": strict_rule(epochs, cfg.max_old_class_drop),
-                 "last": epochs[-1]}
+        picks = {"kept": by_epoch[result.best_epoch], "recall": recall_rule(epochs, cfg.max_old_class_drop, tolerance),
+                 "strict": strict_rule(epochs, cfg.max_old_class_drop), "last": epochs[-1]}
         print(f"seed {seed}: " + ", ".join(f"{k} epoch {p['epoch']} ({p['new_class_recall']:.3f}, "
                                            f"{p['max_old_class_drop_pts']:.2f})" for k, p in picks.items()), flush=True)
         draws.append({"seed": seed, "epochs": epochs, "picked": {k: p["epoch"] for k, p in picks.items()}})
     rules = {}
-    for rule in ("kept", "strict", "last"):
+    for rule in picks:
         chosen = [{e["epoch"]: e for e in d["epochs"]}[d["picked"][rule]] for d in draws]
         rules[rule] = {k: statistics.median(c[k] for c in chosen)
                        for k in ("new_class_recall", "max_old_class_drop_pts")}

@@ -165,9 +165,10 @@ class FineTuneConfig:
     aug_strength: float | None = 0.6
     seed: int | None = None  # None: the base run's
     device: str = "auto"
-    # The epoch kept (`tasks/train/kept_epoch.py`): among those whose old classes lost at most
-    # `max_old_class_drop` of val recall at the threshold (the gate's own check), or within two val
-    # images of the fewest any epoch lost, the best balanced recall at the threshold.
+    # The epoch kept (`tasks/train/kept_epoch.py`): expanding, the last; growing, among those whose old
+    # classes lost at most `max_old_class_drop` of val recall at the threshold (the gate's own check),
+    # or within two val images of the fewest any epoch lost, the best balanced recall at the threshold.
+    # Every epoch's val figures are in the history either way.
     threshold: float = 0.9
     negative_class: str = "not_fu"  # where unsure answers go, when the model has it
     max_old_class_drop: float = 0.005

@@ -45,3 +45,14 @@ def test_a_bad_config_is_refused_before_a_world_is_prepared(args, named, capsys,
     with pytest.raises(SystemExit) as exit_:
         epochs.main(args)
     assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_recall_rule_is_the_grown_classifiers_keeper():
+    from bench.fine_tune_epochs import recall_rule
+
+    # Two images of 1,020 of tolerance: epoch 3 lost two more than epoch 2 and is more sure, so it is
+    # kept; epoch 4 is surer still but three images over the fewest.
+    n = 1020
+    epochs = [_epoch(1, 12 / n, 0.95), _epoch(2, 6 / n, 0.94), _epoch(3, 8 / n, 0.96), _epoch(4, 9 / n, 0.97)]
+    assert recall_rule(epochs, 0.005, 2 / n)["epoch"] == 3
+    assert recall_rule(epochs, 0.01, 2 / n)["epoch"] == 4  # within a looser limit, recall alone decides

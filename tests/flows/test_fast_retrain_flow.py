@@ -103,7 +103,8 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     champion_arch = client.get_model_version(MODEL, champion).tags["arch"]
     run_params = client.get_run(tuned["run_id"]).data.params
     assert run_params["base_weights"] == "shipped"
-    # The epoch kept passed the gate's own old-class check (its --max-old-drop-pts, as a fraction).
+    # The gate's own old-class check reaches the fine-tune (its --max-old-drop-pts, as a fraction; the
+    # keeper of a grown model holds epochs to it).
     assert float(run_params["max_old_class_drop"]) == 1.0
     # The budget is the step's: reading the base and the data came out of the training's share.
     training_s = client.get_run(tuned["run_id"]).data.metrics["training_budget_s"]
