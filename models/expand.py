@@ -20,9 +20,9 @@ twice the epochs in a fast retrain's budget, but learnt less: 45-s fine-tunes, f
 epoch, held-out fonts, (new-class recall, largest old-class drop in points): (0.900, 0.39) against
 (0.859, 0.39) on one world, (0.967, 0.49) against (0.965, 0.59) on the fast-retrain bench's; the
 price is 42 % more FLOPs for the expanded model (7.6 against 5.3 M at 64 px, unpruned;
-docs/fine_tune_measurements.md). The branch starts as a copy of the base's layers and the new rows as `grow_classifier`
-would start them (a refining class from its parent's row, lowered), so before training the expanded
-model predicts exactly what the base did.
+docs/fine_tune_measurements.md). The branch starts as a copy of the base's layers and the new rows
+as `grow_classifier` would start them (a refining class from its parent's row, lowered), so before
+training the expanded model predicts exactly what the base did.
 
 Only a saofu `Recognizer` can be expanded (it has named stages); `can_expand` says whether a model can.
 The result rebuilds from its checkpoint like any model: `models.build_from_checkpoint_meta` knows
