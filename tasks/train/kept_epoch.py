@@ -4,7 +4,7 @@ classes held first, then the new class learnt best.
 An *expanded* model (`models.expand`: the base frozen, a branch for the new classes) keeps its last
 epoch (`LastEpochKeeper`), where the cosine schedule has brought the rate to zero. Its old classes
 can only lose to the new class's false positives, and choosing among epochs by the val split gained
-nothing: over 25 45-s fine-tunes on two worlds (five probes of five seeds, every epoch scored on
+nothing: over 30 45-s fine-tunes on two worlds (six probes of five seeds, every epoch scored on
 held-out images, `python -m bench.fine_tune_epochs`), the last epoch's median was never below the
 rule below on recall by more than 0.6 point, and it lost as many old-class images or fewer: the val
 split's counts, a handful of images, pick noise (on the selection world val lost 7-23 ``not_fu``
