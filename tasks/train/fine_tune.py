@@ -21,12 +21,13 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
   model, and again after every epoch on its own pace (`tasks/train/budget.py`), so the learning-rate
   schedule ends with the budget;
 * validates after every epoch and keeps one checkpoint, in `loop.save_checkpoint`'s format
-  (export, evaluation and release take it like any other): expanding, the last epoch's (choosing
-  by the val split gained nothing there, `tasks/train/kept_epoch.py`); growing, among the epochs whose old classes
-  lost at most `max_old_class_drop` of val recall at the threshold (the gate's own check; the
-  flow passes the gate's setting), or within two val images of the fewest any epoch lost, the one
-  with the best balanced recall deciding as the gate and serving do (threshold, refinement
-  groups, negative class; `tasks/train/kept_epoch.py`, which says why): the validation split
+  (export, evaluation and release take it like any other): expanding, the last epoch's
+  (choosing by the val split gained nothing there, `tasks/train/kept_epoch.py`); growing, among
+  the epochs whose old classes lost at most `max_old_class_drop` of val recall at the threshold
+  (the gate's own check; the flow passes the gate's setting), or within two val images of the
+  fewest any epoch lost, the one with the best balanced recall deciding as the gate and serving
+  do (threshold, refinement groups, negative class; `tasks/train/kept_epoch.py`, which says
+  why): the validation split
   is mostly old classes, so plain accuracy would prefer an epoch that has not learned the new
   class yet, and argmax would prefer an early epoch whose new class is not yet sure enough to
   clear the threshold (measured: best-by-argmax kept epoch 2 of 6, new-class recall 0.92);

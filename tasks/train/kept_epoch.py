@@ -95,13 +95,12 @@ class EpochKeeper:
 
 
 class LastEpochKeeper:
-    """The same interface as `EpochKeeper`, keeping the newest epoch (an expanded model's rule)."""
+    """`EpochKeeper`'s `add` and `kept`, keeping the newest epoch (an expanded model's rule)."""
 
     def __init__(self):
-        self.candidates: list[EvaluatedEpoch] = []
         self.kept: EvaluatedEpoch | None = None
 
     def add(self, evaluated: EvaluatedEpoch) -> bool:
         """Count one more epoch; it is the one kept (True, as for `EpochKeeper` when the choice moves)."""
-        self.candidates, self.kept = [evaluated], evaluated
+        self.kept = evaluated
         return True
