@@ -1,0 +1,55 @@
+"""`python -m bench.new_class_bias`: the re-decision under a lowered new-class logit (no world built)."""
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_shifting_the_probabilities_is_subtracting_from_the_new_logits():
+    from bench.new_class_bias import shift_new_classes
+
+    logits = np.random.default_rng(0).normal(0, 3, (50, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    shifted = logits - np.array([0.0, 0.0, 1.25])
+    assert np.allclose(shift_new_classes(probs, [2], 1.25), np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True))
+    assert np.allclose(shift_new_classes(probs, [2], 0.0), probs)
+
+
+def test_a_lower_new_logit_only_wins_old_images_and_only_loses_new_ones():
+    from bench.new_class_bias import _decided_right, shift_new_classes
+
+    classes = ["fu", "not_fu", "fu_merchant"]  # fu_merchant refines fu; not_fu is the fallback
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 4, (400, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, 3, 400)
+    right = [_decided_right(shift_new_classes(probs, [2], b), labels, classes) for b in (0.0, 1.0, 3.0)]
+    old_not_fu, new = labels == 1, labels == 2
+    for before, after in zip(right, right[1:]):
+        assert not (before & ~after)[old_not_fu].any()  # a not_fu image right stays right
+        assert not (~before & after)[new].any()  # a merchant image wrong stays wrong
+    assert right[2][old_not_fu].sum() > right[0][old_not_fu].sum()  # and the shift did move answers
+    assert right[2][new].sum() < right[0][new].sum()
+
+
+def test_the_table_has_a_row_per_bias():
+    from bench.new_class_bias import format_table
+
+    table = format_table({"median": [
+        {"bias": 0.0, "new_class_recall": 0.969, "max_old_class_drop_pts": 0.78, "val_merchant_recall": 0.973},
+        {"bias": 0.75, "new_class_recall": 0.951, "max_old_class_drop_pts": 0.69, "val_merchant_recall": 0.948}]})
+    rows = table.splitlines()[1:]
+    assert rows[0].split() == ["0.00", "0.969", "0.78", "0.973"] and rows[1].split()[:3] == ["0.75", "0.951", "0.69"]
+
+
+def test_bad_seeds_are_refused_before_a_world_is_prepared(capsys, monkeypatch):
+    import bench.new_class_bias as probe
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a world was prepared for bad seeds")
+
+    monkeypatch.setattr(probe, "bench_world", must_not_run)
+    with pytest.raises(SystemExit) as exit_:
+        probe.main(["--seeds", "0,x"])
+    assert exit_.value.code == 2 and "--seeds" in capsys.readouterr().err
