@@ -198,17 +198,27 @@ def _held_out_sets(world: Path, test_rows: list[dict]) -> tuple[list[Path], list
     return held, [(world / r["path"], r["label"]) for r in test_rows if r["label"] != "fu_merchant"]
 
 
-def _right(model: torch.nn.Module, classes: list[str], paths: list[Path], labels: list[str]) -> np.ndarray:
-    """1/0 per image: decided right at the serving threshold (as `bench.fast_retrain._recalls`)."""
-    from saofu.refines import refinement_roots
-    from tasks.release.evaluation import decide
+def probabilities(model: torch.nn.Module, classes: list[str], paths: list[Path],
+                  labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's softmax on the images at `paths`, and their labels as indices into `classes`."""
     from tasks.release.sets import split_from_files
     from tasks.train.loop import predict_proba
 
     split = split_from_files(paths, labels, classes, 64)
-    probs = np.asarray(predict_proba(model, split, torch.device("cpu")))
+    return np.asarray(predict_proba(model, split, torch.device("cpu"))), split.labels.numpy()
+
+
+def decided_right(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
+    """True per image decided right at the serving threshold (as `bench.fast_retrain._recalls`)."""
+    from saofu.refines import refinement_roots
+    from tasks.release.evaluation import decide
+
     roots = refinement_roots(classes, {k: v for k, v in REFINES.items() if k in classes})
-    return decide(probs, THRESHOLD, classes.index("not_fu"), roots) == split.labels.numpy()
+    return decide(probs, THRESHOLD, classes.index("not_fu"), roots) == labels
+
+
+def _right(model: torch.nn.Module, classes: list[str], paths: list[Path], labels: list[str]) -> np.ndarray:
+    return decided_right(*probabilities(model, classes, paths, labels), classes)
 
 
 def champion_scorer(world: ProbeWorld) -> Callable[[torch.nn.Module, list[str]], dict]:

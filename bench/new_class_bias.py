@@ -7,8 +7,8 @@ only lose new-class images, so one fine-tune's answers trace the whole trade-off
 fine-tunes as the fast retrain does (45 s, last epoch), keeps the softmax of its val split, the
 held-out merchant images and the regression images, and re-decides them at the serving threshold
 with `b` from 0 up (`shift_new_classes`; nothing is trained again). It prints, per seed and on the
-median, held-out new-class recall and old-class drop per `b`, and what a rule reading only the val
-split would choose.
+median, held-out new-class recall and old-class drop per `b`, with the val split's new-class
+recall beside them (all a rule choosing `b` during the fine-tune could read).
 
 Run it alone (two torch processes on 2 cores slow each other):
     python -m bench.new_class_bias [--world selection|bench] [--seeds 0,1,2,3,4] [--budget-s 45] [--out PATH]
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.fine_tune_selection import REFINES, THRESHOLD, ProbeWorld, bench_world, selection_world
+from bench.fine_tune_selection import REFINES, ProbeWorld, bench_world, decided_right, probabilities, selection_world
 
 OUT = "bench/results/new_class_bias_{world}.json"
 BIASES = [round(0.25 * i, 2) for i in range(17)]  # 0 .. 4 nats
@@ -38,22 +38,6 @@ def shift_new_classes(probs: np.ndarray, new: list[int], b: float) -> np.ndarray
     return scaled / scaled.sum(1, keepdims=True)
 
 
-def _decided_right(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
-    from saofu.refines import refinement_roots
-    from tasks.release.evaluation import decide
-
-    roots = refinement_roots(classes, {k: v for k, v in REFINES.items() if k in classes})
-    return decide(probs, THRESHOLD, classes.index("not_fu"), roots) == labels
-
-
-def _probs(model: torch.nn.Module, classes: list[str], paths: list[Path], labels: list[str]) -> np.ndarray:
-    from tasks.release.sets import split_from_files
-    from tasks.train.loop import predict_proba
-
-    split = split_from_files(paths, labels, classes, 64)
-    return np.asarray(predict_proba(model, split, torch.device("cpu")))
-
-
 def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
     from bench.models import _device_name
     from tasks.data.loading import prepare_dataset
@@ -63,10 +47,9 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
     data = prepare_dataset(world.data_dir, 64, world.val_share, world.split_seed, world.cache_dir)
     reg_paths = [p for p, _ in world.regression]
     reg_names = [c for _, c in world.regression]
+    names = np.array(reg_names)
     base, state = load_checkpoint(world.champion)
-    base_classes = list(state["classes"])
-    before = _decided_right(_probs(base, base_classes, reg_paths, reg_names),
-                            np.array([base_classes.index(c) for c in reg_names]), base_classes)
+    before = decided_right(*probabilities(base, list(state["classes"]), reg_paths, reg_names), list(state["classes"]))
     draws = []
     for seed in seeds:
         cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed)
@@ -76,20 +59,18 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
         val = np.asarray(predict_proba(result.model, data.val, torch.device("cpu")))
         # the val split's labels index the data's classes; the model's columns are in its own order
         val_labels = np.array([classes.index(data.classes[i]) for i in data.val.labels.numpy()])
-        held = _probs(result.model, classes, world.held_out, ["fu_merchant"] * len(world.held_out))
-        reg = _probs(result.model, classes, reg_paths, reg_names)
-        reg_labels = np.array([classes.index(c) for c in reg_names])
+        held, held_labels = probabilities(result.model, classes, world.held_out, ["fu_merchant"] * len(world.held_out))
+        reg, reg_labels = probabilities(result.model, classes, reg_paths, reg_names)
         rows = []
         for b in BIASES:
-            v_right = _decided_right(shift_new_classes(val, new, b), val_labels, classes)
-            after = _decided_right(shift_new_classes(reg, new, b), reg_labels, classes)
-            lost = {c: int((before & ~after)[np.array(reg_names) == c].sum()) for c in ("fu", "not_fu")}
-            won = {c: int((~before & after)[np.array(reg_names) == c].sum()) for c in ("fu", "not_fu")}
-            drops = {c: 100 * (lost[c] - won[c]) / (np.array(reg_names) == c).sum() for c in ("fu", "not_fu")}
+            v_right = decided_right(shift_new_classes(val, new, b), val_labels, classes)
+            after = decided_right(shift_new_classes(reg, new, b), reg_labels, classes)
+            lost = {c: int((before & ~after)[names == c].sum()) for c in ("fu", "not_fu")}
+            won = {c: int((~before & after)[names == c].sum()) for c in ("fu", "not_fu")}
+            drops = {c: 100 * (lost[c] - won[c]) / (names == c).sum() for c in ("fu", "not_fu")}
             rows.append({
                 "bias": b,
-                "new_class_recall": float(_decided_right(shift_new_classes(held, new, b),
-                                                         np.full(len(held), new[0]), classes).mean()),
+                "new_class_recall": float(decided_right(shift_new_classes(held, new, b), held_labels, classes).mean()),
                 "max_old_class_drop_pts": float(max(drops.values())), "lost": lost, "won": won,
                 "val_recall": {c: float(v_right[val_labels == i].mean()) for i, c in enumerate(classes)},
             })

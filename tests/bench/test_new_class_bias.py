@@ -17,14 +17,15 @@ def test_shifting_the_probabilities_is_subtracting_from_the_new_logits():
 
 
 def test_a_lower_new_logit_only_wins_old_images_and_only_loses_new_ones():
-    from bench.new_class_bias import _decided_right, shift_new_classes
+    from bench.fine_tune_selection import decided_right
+    from bench.new_class_bias import shift_new_classes
 
     classes = ["fu", "not_fu", "fu_merchant"]  # fu_merchant refines fu; not_fu is the fallback
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 4, (400, 3))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     labels = rng.integers(0, 3, 400)
-    right = [_decided_right(shift_new_classes(probs, [2], b), labels, classes) for b in (0.0, 1.0, 3.0)]
+    right = [decided_right(shift_new_classes(probs, [2], b), labels, classes) for b in (0.0, 1.0, 3.0)]
     old_not_fu, new = labels == 1, labels == 2
     for before, after in zip(right, right[1:]):
         assert not (before & ~after)[old_not_fu].any()  # a not_fu image right stays right
