@@ -31,6 +31,7 @@ folder of its own under `bench/work/`, and stops them).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -65,6 +66,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def content_digest(root: Path) -> str:
+    """sha256 over every file's relative path and content, in path order."""
+    from tasks.data.file_walk import path_order, walk_files
+
+    h = hashlib.sha256()
+    for rel in sorted(walk_files(root), key=path_order):
+        h.update(rel.encode() + b"\0" + hashlib.sha256((root / rel).read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def split_world(world: Path, base: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
@@ -247,6 +266,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         raise RuntimeError(f"the champion's release did not pass its gate:\n{first.gate_table}")
     champion = first.challenger_version
     champion_right = _recalls(_version_onnx(champion), [p for p, _ in regression], [c for _, c in regression], 64)
+    champion_digest = hashlib.sha256(_version_onnx(champion).read_bytes()).hexdigest()
 
     ls = labeling_service.start(port=_free_port(), files_root=home)
     port = _free_port()
@@ -376,6 +396,10 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
                   "full_retrain_draws": full_retrain_draws,
                   "merchant_labels": len(labels), "held_out_merchant": len(held_out),
                   "regression_images": len(regression), "threshold": THRESHOLD, "champion_version": champion,
+                  # Whether two machines' runs started from the same images and the same champion
+                  # (their champions have differed: fonts or float order, these tell which).
+                  "world_sha256": content_digest(world), "champion_onnx_sha256": champion_digest,
+                  "cpu": _cpu_model(),
                   "bench_seconds": time.perf_counter() - t_bench, "date": time.strftime("%Y-%m-%d")},
     }
     summary["met"] = {

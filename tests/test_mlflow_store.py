@@ -94,3 +94,29 @@ def test_runs_registration_aliases_and_downloads_stay_in_the_project_store(decoy
 
     assert not decoy.exists()
     assert list(Path.cwd().iterdir()) == []  # no ./mlflow.db, no ./mlruns
+
+
+def test_a_registered_graph_names_what_mlflows_own_inference_would(saofu_home, tmp_path):
+    """saofu names the requirements itself (MLflow's inference costs seconds per registration);
+    the list must be what the inference finds for the same graph, so a served model installs alike."""
+    import mlflow.onnx
+    from mlflow.utils.environment import infer_pip_requirements
+
+    from models import create_model
+    from tasks import tracking
+    from tasks.train.export import export_onnx
+
+    graph = export_onnx(create_model("saofu_fu_tiny", len(CLASSES)).eval(), CLASSES, tmp_path / "m.onnx", SIZE)
+    run_id = tracking.start_run("store-test", "requirements", {}, {})
+    version = tracking.register_onnx(run_id, graph, MODEL, SIZE, CLASSES, {})
+    tracking.finish_run(run_id)
+
+    written = (tracking.download_model_version(MODEL, version) / "requirements.txt").read_text().split()
+    names = [line.split("==")[0] for line in written]
+    assert names == ["mlflow", "numpy", "onnx", "onnxruntime"]
+    model_dir = tracking.download_model_version(MODEL, version)
+    # What `mlflow.onnx.save_model` writes when left to itself: the inferred set, its flavour's
+    # defaults and mlflow (`mlflow.utils.environment._process_pip_requirements`).
+    inferred = infer_pip_requirements(str(model_dir), "onnx", fallback=["inference failed"])
+    mlflow_pin = next(line for line in written if line.startswith("mlflow=="))
+    assert written == sorted({mlflow_pin, *inferred, *mlflow.onnx.get_default_pip_requirements()})

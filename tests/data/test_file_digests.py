@@ -38,3 +38,19 @@ def test_a_damaged_cache_is_read_as_empty(tmp_path: Path):
     f = tmp_path / "b.txt"
     f.write_bytes(b"x")
     assert FileDigests.open(tmp_path / "digests.json").sha256(f) == hashlib.sha256(b"x").hexdigest()
+
+
+@pytest.mark.timeout(30)
+def test_one_entry_per_file_however_often_its_links_change(tmp_path: Path):
+    """An ingest's staged copy hard-links every file (moving its change time): the file is read
+    again, and its entry replaced, not joined by another; the older format's entries are dropped."""
+    f = tmp_path / "a.png"
+    f.write_bytes(b"pixels")
+    path = tmp_path / "digests.json"
+    path.write_text('{"1:2:6:3:4": "an entry of the older format"}')
+    cache = FileDigests.open(path)
+    for i in range(3):
+        os.link(f, tmp_path / f"staged{i}.png")  # as a staged copy does
+        assert cache.sha256(f) == hashlib.sha256(b"pixels").hexdigest()
+    cache.save()
+    assert len(FileDigests.open(path).entries) == 1
