@@ -52,8 +52,8 @@ THRESHOLD = 0.9
 # The gate of the draw that times the path to the serving app (the README's demo sets it so).
 SHIP_GATE = {"new_class_recall": 0.8, "max_old_class_drop_pts": 3.0}
 # The fast retrain's budget here: 45 s, not the flow's default minute. Its wall is the budget plus
-# about 28-31 s of ingest and release that training speed does not shorten, while the peer is all
-# training: 5x of the peer's 323-375 s (two machines) is 65-75 s, under the minute's 85 s. Scored
+# about 26 s of ingest and release that training speed does not shorten, while the peer is all
+# training: 5x of the peer's 293-375 s (two machines) is 59-75 s, under the minute's 85 s. Scored
 # epoch by epoch (`python -m bench.fine_tune_epochs`), the fine-tune's last epoch at 45 s is where
 # the README's recall comes from (0.967 on the bench's world, median of five).
 BUDGET_MIN = 0.75
