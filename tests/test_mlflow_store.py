@@ -111,12 +111,11 @@ def test_a_registered_graph_names_what_mlflows_own_inference_would(saofu_home, t
     version = tracking.register_onnx(run_id, graph, MODEL, SIZE, CLASSES, {})
     tracking.finish_run(run_id)
 
-    written = (tracking.download_model_version(MODEL, version) / "requirements.txt").read_text().split()
-    names = [line.split("==")[0] for line in written]
-    assert names == ["mlflow", "numpy", "onnx", "onnxruntime"]
     model_dir = tracking.download_model_version(MODEL, version)
+    written = (model_dir / "requirements.txt").read_text().split()
+    assert [line.split("==")[0] for line in written] == ["mlflow", "numpy", "onnx", "onnxruntime"]
     # What `mlflow.onnx.save_model` writes when left to itself: the inferred set, its flavour's
-    # defaults and mlflow (`mlflow.utils.environment._process_pip_requirements`).
+    # defaults and the running mlflow (`mlflow.utils.environment._process_pip_requirements`).
     inferred = infer_pip_requirements(str(model_dir), "onnx", fallback=["inference failed"])
-    mlflow_pin = next(line for line in written if line.startswith("mlflow=="))
+    mlflow_pin = f"mlflow=={mlflow.__version__}"
     assert written == sorted({mlflow_pin, *inferred, *mlflow.onnx.get_default_pip_requirements()})
