@@ -68,16 +68,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def content_digest(root: Path) -> str:
-    """sha256 over every file's relative path and content, in path order."""
-    from tasks.data.file_walk import path_order, walk_files
-
-    h = hashlib.sha256()
-    for rel in sorted(walk_files(root), key=path_order):
-        h.update(rel.encode() + b"\0" + hashlib.sha256((root / rel).read_bytes()).digest())
-    return h.hexdigest()
-
-
 def _cpu_model() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -245,7 +235,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
     from tasks.data.fu_world import WorldConfig, generate_world
     from tasks.data.loading import prepare_dataset
     from tasks.data.validation import validate_dataset
-    from tasks.data.versions import create_version
+    from tasks.data.versions import content_fingerprint, create_version
     from tasks.release.registry import current_champion, promote
 
     t_bench = time.perf_counter()
@@ -265,8 +255,9 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
     if not first.promoted:
         raise RuntimeError(f"the champion's release did not pass its gate:\n{first.gate_table}")
     champion = first.challenger_version
-    champion_right = _recalls(_version_onnx(champion), [p for p, _ in regression], [c for _, c in regression], 64)
-    champion_digest = hashlib.sha256(_version_onnx(champion).read_bytes()).hexdigest()
+    champion_onnx = _version_onnx(champion)
+    champion_right = _recalls(champion_onnx, [p for p, _ in regression], [c for _, c in regression], 64)
+    champion_digest = hashlib.sha256(champion_onnx.read_bytes()).hexdigest()
 
     ls = labeling_service.start(port=_free_port(), files_root=home)
     port = _free_port()
@@ -398,7 +389,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
                   "regression_images": len(regression), "threshold": THRESHOLD, "champion_version": champion,
                   # Whether two machines' runs started from the same images and the same champion
                   # (their champions have differed: fonts or float order, these tell which).
-                  "world_sha256": content_digest(world), "champion_onnx_sha256": champion_digest,
+                  "world_sha256": content_fingerprint(world)[0], "champion_onnx_sha256": champion_digest,
                   "cpu": _cpu_model(),
                   "bench_seconds": time.perf_counter() - t_bench, "date": time.strftime("%Y-%m-%d")},
     }

@@ -151,46 +151,16 @@ def test_a_grown_dataset_decodes_only_its_new_and_changed_images(tmp_path, monke
     assert len(decoded) == len(images) + 1
 
 
-def _scan_by_rglob(root: Path) -> list[tuple[Path, int]]:
-    """The listing `scan_imagefolder` promises, written the slow, obvious way (its first version)."""
-    from tasks.data.loading import IMAGE_SUFFIXES
-
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [(f, idx) for idx, d in enumerate(class_dirs)
-            for f in sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)]
-
-
-def test_the_one_pass_scan_lists_and_stamps_what_rglob_would(tmp_path):
-    """Nested and hidden folders, odd names, links: the same files in the same order, and the
-    fingerprint (whose value keys the decoded-image cache) the same as from a stat of each file."""
-    import hashlib
-    import json
-
-    from tasks.data.loading import fingerprint_dataset
+@pytest.mark.parametrize("bad_path", ["../elsewhere/x.png", "/etc/x.png", "circle/../../x.png"])
+def test_a_cache_entry_naming_a_file_outside_its_dataset_is_not_read(tmp_path, bad_path):
+    """An entry's paths are joined to the dataset being loaded: one leaving it is refused (decoded again)."""
+    from tasks.data import loading
 
     root = make_shapes_dataset(tmp_path / "ds", n_per_class=3)
-    image = next((root / "circle").iterdir())
-    nested = root / "circle" / "b" / "deeper"
-    nested.mkdir(parents=True)
-    for name in ("z.PNG", "a-b.jpg", "a.png"):
-        shutil.copy(image, nested / name)
-    for folder in ("a", "a-b"):  # as Paths `a/x` sorts before `a-b/c`; as strings after
-        (root / "circle" / folder).mkdir()
-        shutil.copy(image, root / "circle" / folder / "x.png")
-    (root / "circle" / ".cache").mkdir()
-    shutil.copy(image, root / "circle" / ".cache" / "hidden.png")
-    shutil.copy(image, root / "square" / ".dot.png")
-    for odd in (".png", "x.", "noext", "notes.txt"):
-        shutil.copy(image, root / "square" / odd)
-    (root / "square" / "link.png").symlink_to(image)
-    (root / "square" / "linked-folder").symlink_to(nested, target_is_directory=True)
-
-    index = scan_imagefolder(root)
-    assert index.samples == _scan_by_rglob(root)
-    assert [st.st_mtime_ns for st in index.stats] == [p.stat().st_mtime_ns for p, _ in index.samples]
-
-    h = hashlib.sha256(json.dumps([32, 0.15, 0]).encode())
-    for path, _ in _scan_by_rglob(root):
-        st = path.stat()
-        h.update(f"train|{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    assert fingerprint_dataset(root, 32, 0.15, 0) == h.hexdigest()[:16]
+    prepare_dataset(root, 32, cache_dir=tmp_path / "cache")
+    entry = next((tmp_path / "cache").glob("*.pt"))
+    assert loading._read_cache(entry, root) is not None
+    payload = torch.load(entry, weights_only=True)
+    payload["splits"]["train"]["paths"][0] = bad_path
+    torch.save(payload, entry)
+    assert loading._read_cache(entry, root) is None
