@@ -78,7 +78,10 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float, over: dict) -> dic
     draws = []
     for seed in seeds:
         evaluated.clear()
-        cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed, **over)
+        # Every epoch validated, so that every epoch reaches the keeper (an expanded fine-tune
+        # validates only its last by default); each one costs training time within the budget.
+        cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed,
+                             **{"validate_every_epoch": True, **over})
         with (mock.patch.object(fine_tune_module, "EpochKeeper", recording(fine_tune_module.EpochKeeper)),
               mock.patch.object(fine_tune_module, "LastEpochKeeper", recording(fine_tune_module.LastEpochKeeper))):
             result = fine_tune(world.champion, data, cfg, world.work / f"epochs-seed{seed}.pt")

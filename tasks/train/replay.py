@@ -39,15 +39,18 @@ from torch import Tensor, nn
 from saofu.errors import SaofuError
 from tasks.data.loading import TensorSplit
 from tasks.data.preprocess import normalize, to_float
+from tasks.train.loop import inference_batch
 
 
 @torch.no_grad()
-def embeddings(model: nn.Module, images: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
-    """L2-normalised penultimate features [N, D] of uint8 images [N, C, H, W], in eval mode.
+def embeddings(model: nn.Module, images: Tensor, device: torch.device, batch_size: int | None = None) -> Tensor:
+    """L2-normalised penultimate features [N, D] of uint8 images [N, C, H, W], in eval mode
+    (batches: `loop.inference_batch`).
 
     Any saofu model (`Recognizer`, `TorchvisionRecognizer`) has `forward_features` and
     `forward_head(pre_logits=True)`; a model without them is embedded by its logits.
     """
+    batch_size = batch_size or inference_batch(model, device)
     was_training = model.training
     model.eval()
     out = []

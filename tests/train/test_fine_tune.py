@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -267,6 +268,28 @@ def test_a_new_class_is_learned_and_old_classes_hold(added, shapes):
     json.dumps(r.summary())  # loggable as it is
 
 
+def test_an_expanded_fine_tune_validates_its_last_epoch_only_unless_asked_for_every_one(added, shapes, base,
+                                                                                       tmp_path, monkeypatch):
+    # Expanded, it keeps its last epoch: the epochs before it are trained, logged and not validated.
+    assert all("val_accuracy" not in h for h in added.history[:-1]) and "val_accuracy" in added.history[-1]
+    assert [h["epoch"] for h in added.history] == list(range(1, 13))
+    passes = []
+    real = fine_tune_module.predict_proba
+    monkeypatch.setattr(fine_tune_module, "predict_proba",
+                        lambda model, split, device: (passes.append(len(split)), real(model, split, device))[1])
+    cfg = FineTuneConfig(new_classes=["triangle"], epochs=3, batch_size=16, budget_s=300, validate_every_epoch=True)
+    r = fine_tune(base, shapes, cfg, tmp_path / "every.pt")
+    assert r.method == "expand" and all("val_accuracy" in h for h in r.history) and len(r.history) == 3
+    # Epoch 0 twice (cold, then warm for the plan's reserve: the val split is under the 512 a slice takes)
+    # and then one pass an epoch.
+    assert passes == [len(shapes.val)] * 5
+    # A larger split is timed warm on a slice (the reserve scaled to the split), then once at the end.
+    monkeypatch.setattr(fine_tune_module, "WARM_TIMING_IMAGES", 8)
+    passes.clear()
+    r = fine_tune(base, shapes, replace(cfg, validate_every_epoch=None), tmp_path / "last.pt")
+    assert passes == [len(shapes.val), 8, len(shapes.val)] and r.best_epoch == 3
+
+
 def test_the_best_checkpoint_is_a_regular_one(added, shapes):
     model, state = load_checkpoint(added.checkpoint_path)
     assert state["classes"] == added.classes and state["epoch"] == added.best_epoch
@@ -385,6 +408,9 @@ def test_the_budget_is_checked_between_epochs(shapes, base, tmp_path):
     r = fine_tune(base, shapes, cfg, tmp_path / "best.pt", on_epoch=on_epoch, clock=clock)
     assert r.stopped_by_budget and r.epochs_run == 1 and r.epochs_planned == 5
     assert r.history[0]["epoch_fraction"] == 1.0
+    # Epoch 1 was not the planned last, so it was not validated when it ended; the stop validated it.
+    assert r.method == "expand" and r.best_epoch == 1 and "val_accuracy" in r.history[0]
+    assert r.best_val_accuracy == r.history[0]["val_accuracy"]
 
 
 def test_a_changed_class_keeps_the_class_list(shapes, base, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from models import create_model
 from saofu.errors import SaofuError
-from tasks.data.loading import prepare_dataset
+from tasks.data.loading import TensorSplit, prepare_dataset
 from tasks.train.loop import TrainConfig, augment, fit, load_checkpoint, place, predict_proba
 
 TINY = dict(model="saofu_fu_tiny", epochs=10, batch_size=32, lr=1e-2, image_size=32)
@@ -99,3 +99,23 @@ def test_bad_config_is_a_clear_error(shapes):
         fit(TrainConfig(**{**TINY, "model": "nope"}), shapes.train, shapes.val)
     with pytest.raises(SaofuError, match="checkpoint not found"):
         load_checkpoint("/nonexistent/c.pt")
+
+
+def test_whole_split_inference_runs_saofu_recognisers_in_small_batches_on_the_cpu(monkeypatch):
+    import tasks.train.loop as loop
+    from models.expand import expand_recognizer
+
+    cpu = torch.device("cpu")
+    saofu = create_model("saofu_fu_tiny", 2)
+    expanded = expand_recognizer(create_model("saofu_fu_tiny", 2).eval(), ["a", "b"], ["c"])
+    assert loop.inference_batch(saofu, cpu) == loop.inference_batch(expanded, cpu) == loop.SAOFU_INFERENCE_BATCH
+    assert loop.inference_batch(create_model("mobilenet_v3_small_050", 2), cpu) == loop.OTHER_INFERENCE_BATCH
+    assert loop.inference_batch(saofu, torch.device("cuda")) == loop.OTHER_INFERENCE_BATCH  # measured on CPUs only
+    sizes = []
+    real = loop.iterate_batches
+    monkeypatch.setattr(loop, "iterate_batches", lambda split, n, **kw: (sizes.append(n), real(split, n, **kw))[1])
+    split = TensorSplit(torch.zeros(130, 3, 32, 32, dtype=torch.uint8), torch.zeros(130, dtype=torch.int64),
+                        ["a", "b"], [])
+    assert loop.predict_proba(saofu, split, cpu).shape == (130, 2)
+    assert loop.predict_proba(saofu, split, cpu, batch_size=7).shape == (130, 2)
+    assert sizes == [loop.SAOFU_INFERENCE_BATCH, 7]
