@@ -40,7 +40,8 @@ IMAGES = 2048
 SIZE = 64
 BATCHES = (32, 64, 128, 256, 512)
 ROUNDS = 3
-CASES = ("saofu_fu (torch)", "expanded saofu_fu (torch)", "mobilenet_v3_small_050 (torch)", "saofu_fu (onnxruntime FP32)")
+CASES = ("saofu_fu (torch)", "expanded saofu_fu (torch)", "mobilenet_v3_small_050 (torch)",
+         "saofu_fu (onnxruntime FP32)")
 
 
 def _split(seed: int) -> TensorSplit:
