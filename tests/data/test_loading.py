@@ -164,3 +164,13 @@ def test_a_cache_entry_naming_a_file_outside_its_dataset_is_not_read(tmp_path, b
     payload["splits"]["train"]["paths"][0] = bad_path
     torch.save(payload, entry)
     assert loading._read_cache(entry, root) is None
+
+
+def test_paths_relative_to_a_dataset_read_the_same_however_they_are_spelled():
+    from tasks.data.loading import _relative_to
+
+    rel = _relative_to(Path("data/ds"))
+    assert rel("data/ds/train/fu/a.png") == rel(Path("data/ds/train/fu/a.png")) == "train/fu/a.png"
+    assert rel("data//ds/train/fu/a.png") == "train/fu/a.png"  # not the scan's spelling: the slow way
+    with pytest.raises(ValueError):
+        rel("data/other/a.png")
