@@ -20,9 +20,9 @@ Plain functions: no Prefect, no MLflow; progress leaves through `on_epoch`, like
 * plans its epochs from the training throughput measured on a few real batches of this data and
   model, and again after every epoch on its own pace (`tasks/train/budget.py`), so the learning-rate
   schedule ends with the budget;
-* validates after every epoch and keeps one checkpoint, in `loop.save_checkpoint`'s format
-  (export, evaluation and release take it like any other): expanding, the last epoch's
-  (choosing by the val split gained nothing there, `tasks/train/kept_epoch.py`); growing, among
+* keeps one checkpoint, in `loop.save_checkpoint`'s format (export, evaluation and release take
+  it like any other): expanding, the last epoch's, the only one it validates (choosing by the val
+  split gained nothing there, `tasks/train/kept_epoch.py`); growing, validated after every epoch, among
   the epochs whose old classes lost at most `max_old_class_drop` of val recall at the threshold
   (the gate's own check; the flow passes the gate's setting), or within two val images of the
   fewest any epoch lost, the one with the best balanced recall deciding as the gate and serving
@@ -170,7 +170,7 @@ class FineTuneConfig:
     # The epoch kept (`tasks/train/kept_epoch.py`): expanding, the last; growing, among those whose old
     # classes lost at most `max_old_class_drop` of val recall at the threshold (the gate's own check),
     # or within two val images of the fewest any epoch lost, the best balanced recall at the threshold.
-    # Every epoch's val figures are in the history either way.
+    # The validated epochs' val figures are in the history (`validate_every_epoch` says which).
     threshold: float = 0.9
     # Validate after every epoch (True) or only the last (False); None: every epoch only where the
     # choice of epoch reads it (growing). An expanded model keeps its last epoch, and validating the
