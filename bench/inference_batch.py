@@ -1,13 +1,13 @@
-"""Inference images/s by batch size: what `tasks.train.loop.INFERENCE_BATCH` is chosen by.
+"""Inference images/s by batch size: what `tasks.train.loop.inference_batch` is chosen by.
 
 Every validation pass (the training flow's epochs, the fast retrain's fine-tune), the fast retrain's
 ranking of the old images most like the new class, and every ONNX evaluation run a whole split
 through a model in batches. On the CPU they ran in batches of 512 (PyTorch) and 256
-(onnxruntime); on the 2-core machine saofu measures on, PyTorch's channels-last convolutions ran
-those batches at under half the images/s of batches of 128 (the activations of 512 images at 32x32
-no longer fit the cache). This measures each case at batch 32 to 512 on the same images, the batch
-sizes taking turns within each round (three rounds per seed, seeds 0-2: weights and pixels), and
-prints medians of images/s with each size's ratio to 512. The pixels and weights are random
+(onnxruntime); on the 2-core machine saofu measures on, PyTorch ran saofu's recognisers in those
+batches at under a third of the images/s of batches of 64 (why was not measured). This measures
+each case at batch 32 to 512 on the same images, the batch sizes taking turns within each round
+(three rounds per seed, seeds 0-2: weights and pixels), and prints medians of images/s with each
+size's ratio to 512. The pixels and weights are random
 (speed does not depend on what the images show); 64 px, the Fu world's size, 2,048 images a pass.
 
 Run it alone (two torch processes on 2 cores slow each other):

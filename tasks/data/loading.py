@@ -311,6 +311,10 @@ def prepare_dataset(
     cache_file = Path(cache_dir) / f"{fingerprint}.v{CACHE_FORMAT}.pt" if cache_dir else None
     cached = _read_cache(cache_file, root) if cache_file and cache_file.exists() else None
     if cached is not None:
+        # A folder loaded from an entry another folder made (a copy of a dataset has the same
+        # fingerprint) takes it as its own last entry too: without this a copy that then grew
+        # found no rows to keep and decoded all of its images again.
+        _remember_entry(Path(cache_dir), root, cache_file)
         _report_unreadable(cached.unreadable)
         return cached
 
@@ -395,16 +399,31 @@ LAST_ENTRIES = "last-entries.json"
 
 
 def _remember_entry(cache_dir: Path, root: Path, cache_file: Path) -> None:
+    """Record `cache_file` as `root`'s last entry, and delete the entry `root` moved on from.
+
+    An entry is named by its folder's fingerprint, so once the folder changed only its own next
+    load could have used the older one, and that load reads the newer one: without deleting it the
+    cache grew by a dataset's worth with every ingest (3.7 GB of 204-MB entries after one
+    fast-retrain bench). An entry another folder still names as its last is kept. A process that
+    was about to read a deleted entry decodes again (`_read_cache`, `_rows_decoded_before`).
+    """
     index = cache_dir / LAST_ENTRIES
     try:
         entries = json.loads(index.read_text())
     except (OSError, ValueError):
         entries = {}
     entries = entries if isinstance(entries, dict) else {}
-    entries[str(root.resolve())] = cache_file.name
+    key = str(root.resolve())
+    previous = entries.get(key)
+    if previous == cache_file.name:
+        return
+    entries[key] = cache_file.name
     tmp = index.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(entries))
     tmp.replace(index)
+    if isinstance(previous, str) and previous not in entries.values() and previous.endswith(f".v{CACHE_FORMAT}.pt") \
+            and "/" not in previous:
+        (cache_dir / previous).unlink(missing_ok=True)
 
 
 def _rows_decoded_before(cache_dir: Path, root: Path, image_size: int) -> Callable[[Path], DecodedRow | None] | None:

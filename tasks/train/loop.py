@@ -172,7 +172,7 @@ def train_one_epoch(
 
 # Batch for running a whole split through a model on the CPU (`inference_batch`), by model family.
 # Measured on 2 cores, 64 px, channels-last (`saofu bench inference-batch`): saofu recognisers run
-# batches of 64 at 3.3-3.8x the images/s of 512 (2.1x at 128: their wide 32x32 maps), torchvision's
+# batches of 64 at 3.3-3.8x the images/s of 512 (2.1x at 128; why was not measured), torchvision's
 # mobilenet_v3_small_050 the other way round (batch 64 at half of 512's).
 SAOFU_INFERENCE_BATCH = 64
 OTHER_INFERENCE_BATCH = 512

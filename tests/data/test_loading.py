@@ -174,3 +174,42 @@ def test_paths_relative_to_a_dataset_read_the_same_however_they_are_spelled():
     assert rel("data//ds/train/fu/a.png") == "train/fu/a.png"  # not the scan's spelling: the slow way
     with pytest.raises(ValueError):
         rel("data/other/a.png")
+
+
+@pytest.mark.timeout(120)
+def test_a_copy_of_a_prepared_dataset_that_grew_decodes_only_its_new_images(tmp_path, monkeypatch):
+    """A copy loads from the entry its original made (same fingerprint) and keeps its rows when it grows."""
+    from tasks.data import loading
+
+    original = make_shapes_dataset(tmp_path / "ds", n_per_class=6)
+    cache = tmp_path / "cache"
+    prepare_dataset(original, 32, cache_dir=cache)
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)  # copy2: same sizes and times, so the same fingerprint
+    decoded = []
+    real = loading._decode
+    monkeypatch.setattr(loading, "_decode", lambda path, size: decoded.append(path) or real(path, size))
+    prepare_dataset(copy, 32, cache_dir=cache)
+    assert decoded == []  # a cache hit
+    new = copy / "circle" / "grown.png"  # a flat ImageFolder
+    shutil.copyfile(next(new.parent.glob("*.png")), new)
+    prepare_dataset(copy, 32, cache_dir=cache)
+    assert decoded == [new]
+
+
+@pytest.mark.timeout(120)
+def test_an_entry_its_folder_moved_on_from_is_deleted_unless_another_folder_names_it(tmp_path):
+    root = make_shapes_dataset(tmp_path / "ds", n_per_class=6)
+    cache = tmp_path / "cache"
+    first = prepare_dataset(root, 32, cache_dir=cache).fingerprint
+    assert [p.name.split(".")[0] for p in cache.glob("*.pt")] == [first]
+    image = next(root.rglob("*.png"))
+    shutil.copyfile(image, image.with_name("grown1.png"))
+    second = prepare_dataset(root, 32, cache_dir=cache).fingerprint
+    assert sorted(p.name.split(".")[0] for p in cache.glob("*.pt")) == [second]  # the first is gone
+    shutil.copytree(root, tmp_path / "copy")  # names `second` as its last entry too
+    prepare_dataset(tmp_path / "copy", 32, cache_dir=cache)
+    shutil.copyfile(image, image.with_name("grown2.png"))
+    third = prepare_dataset(root, 32, cache_dir=cache).fingerprint
+    assert sorted(p.name.split(".")[0] for p in cache.glob("*.pt")) == sorted([second, third])
+    assert prepare_dataset(tmp_path / "copy", 32, cache_dir=cache).fingerprint == second  # still a hit
