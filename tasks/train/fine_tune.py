@@ -431,14 +431,10 @@ def fine_tune(
     # machine). The plan reserves this time, so it is timed warm too: a cold figure once planned 3
     # epochs into a 90-second budget that held 30. Warm on a slice, scaled to the split: a second
     # whole pass cost 1.7 s of a 45-s budget on the bench's 2,479 val images.
-    if len(val) > WARM_TIMING_IMAGES:
-        start = clock()
-        predict_proba(model, take(val, torch.arange(WARM_TIMING_IMAGES)), device)
-        eval_s = min(eval_s, (clock() - start) * len(val) / WARM_TIMING_IMAGES)
-    else:
-        start = clock()
-        predict_proba(model, val, device)
-        eval_s = min(eval_s, clock() - start)
+    timed = min(len(val), WARM_TIMING_IMAGES)
+    start = clock()
+    predict_proba(model, take(val, torch.arange(timed)), device)
+    eval_s = min(eval_s, (clock() - start) * len(val) / max(timed, 1))
     recall_before = {c: 0.0 for c in cfg.new_classes} | _recall_of(probs[:, :len(old)].argmax(1), val.labels, classes)
     judge = {"threshold": cfg.threshold, "negative_class": cfg.negative_class, "refines": refines}
     best_metrics, best_recall, at_threshold = _val_metrics(probs, val.labels, classes, **judge)

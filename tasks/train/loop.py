@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_from_checkpoint_meta, create_model, model_meta
+from models.expand import ExpandedRecognizer
+from models.recognizer import Recognizer
 from saofu.errors import SaofuError
 from tasks.data.loading import TensorSplit, iterate_batches
 from tasks.data.preprocess import normalize, to_float
@@ -180,9 +182,6 @@ OTHER_INFERENCE_BATCH = 512
 
 def inference_batch(model: nn.Module, device: torch.device) -> int:
     """The batch size whole-split inference (validation, embeddings) runs `model` in on `device`."""
-    from models.expand import ExpandedRecognizer
-    from models.recognizer import Recognizer
-
     if device.type == "cpu" and isinstance(model, (Recognizer, ExpandedRecognizer)):
         return SAOFU_INFERENCE_BATCH
     return OTHER_INFERENCE_BATCH
