@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -123,6 +124,38 @@ def test_a_burst_of_large_images_is_bounded_by_bytes_and_what_is_dropped_is_coun
     logger.stop()  # writes what was queued
     assert logger.stats()["logged"] == 4 and logger.stats()["queued_bytes"] == 0
     assert len(_lines(tmp_path / "pool")) == 4
+
+
+@pytest.mark.timeout(30)
+def test_an_entry_the_writer_is_still_writing_counts_as_queued(tmp_path):
+    # A write that compacts the index takes a while; the writer has popped the entry by then. A
+    # caller waiting for "nothing queued" before reading the counts (the load bench) must not see
+    # 0 queued while the entry is neither logged nor failed.
+    class SlowStore(PoolStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.writing, self.release = threading.Event(), threading.Event()
+
+        def add(self, entry):
+            self.writing.set()
+            assert self.release.wait(10)
+            return super().add(entry)
+
+    store = SlowStore(tmp_path / "pool")
+    logger = PoolLogger(store, interval=0.01)
+    logger.start()
+    try:
+        assert logger.submit(_entry(_png(1)))
+        assert store.writing.wait(10)  # popped from the buffer, inside the store's add
+        during = logger.stats()
+        store.release.set()
+        logger.drain()
+        after = logger.stats()
+    finally:
+        store.release.set()
+        logger.stop()
+    assert (during["queued"], during["logged"]) == (1, 0)
+    assert (after["queued"], after["logged"]) == (0, 1)
 
 
 @pytest.mark.timeout(30)
