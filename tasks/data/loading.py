@@ -26,10 +26,12 @@ The dataset itself is never changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -315,6 +317,8 @@ def prepare_dataset(
         # fingerprint) takes it as its own last entry too: without this a copy that then grew
         # found no rows to keep and decoded all of its images again.
         _remember_entry(Path(cache_dir), root, cache_file)
+        with contextlib.suppress(OSError):
+            os.utime(cache_file)  # used: an entry no existing folder names goes once unused an hour
         _report_unreadable(cached.unreadable)
         return cached
 
@@ -399,13 +403,14 @@ LAST_ENTRIES = "last-entries.json"
 
 
 def _remember_entry(cache_dir: Path, root: Path, cache_file: Path) -> None:
-    """Record `cache_file` as `root`'s last entry, and delete the entry `root` moved on from.
+    """Record `cache_file` as `root`'s last entry, and delete the entries nothing can hit any more.
 
     An entry is named by its folder's fingerprint, so once the folder changed only its own next
     load could have used the older one, and that load reads the newer one: without deleting it the
     cache grew by a dataset's worth with every ingest (3.7 GB of 204-MB entries after one
-    fast-retrain bench). An entry another folder still names as its last is kept. A process that
-    was about to read a deleted entry decodes again (`_read_cache`, `_rows_decoded_before`).
+    fast-retrain bench). The entries of folders that are gone go too (`_delete_unnamed_entries`).
+    An entry another folder still names as its last is kept. A process that was about to read a
+    deleted entry decodes again (`_read_cache`, `_rows_decoded_before`).
     """
     index = cache_dir / LAST_ENTRIES
     try:
@@ -418,12 +423,40 @@ def _remember_entry(cache_dir: Path, root: Path, cache_file: Path) -> None:
     if previous == cache_file.name:
         return
     entries[key] = cache_file.name
+    # Folders that are gone (a run's held-out set, a bench draw's copy: ~30-200 MB each) are
+    # forgotten here, where the index is written anyway; their entries then go unless used again.
+    entries = {folder: name for folder, name in entries.items() if folder == key or os.path.isdir(folder)}
     tmp = index.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(entries))
     tmp.replace(index)
-    if isinstance(previous, str) and previous not in entries.values() and previous.endswith(f".v{CACHE_FORMAT}.pt") \
-            and "/" not in previous:
-        (cache_dir / previous).unlink(missing_ok=True)
+    _delete_unnamed_entries(cache_dir, set(entries.values()), previous)
+
+
+# An entry (or temporary file) that no existing folder names is deleted once unused this long. Not
+# at once: the folder may have moved (re-extracted elsewhere, its copy's next load hits the entry),
+# or another process may have just written it and not yet recorded it (the index is not locked).
+UNUSED_GRACE_S = 3600.0
+
+
+def _delete_unnamed_entries(cache_dir: Path, named: set[str], moved_on_from: str | None) -> None:
+    """Delete the entries no existing dataset folder names as its last, so the cache holds about
+    one entry per dataset folder plus what was used within the last hour.
+
+    At once: the entry a folder moved on from (`moved_on_from`, when no other folder names it).
+    Once unused for `UNUSED_GRACE_S` (a hit touches its entry): those of folders that are gone,
+    entries from before the index or of an older format, temporary files of killed runs. A process
+    about to read a deleted entry decodes again.
+    """
+    now = time.time()
+    for path in cache_dir.iterdir():
+        name = path.name
+        if name in named or not name.endswith((".pt", ".tmp")):
+            continue
+        try:
+            if name == moved_on_from or now - path.stat().st_mtime > UNUSED_GRACE_S:
+                path.unlink()
+        except OSError:
+            continue  # deleted by another process meanwhile
 
 
 def _rows_decoded_before(cache_dir: Path, root: Path, image_size: int) -> Callable[[Path], DecodedRow | None] | None:

@@ -213,3 +213,53 @@ def test_an_entry_its_folder_moved_on_from_is_deleted_unless_another_folder_name
     third = prepare_dataset(root, 32, cache_dir=cache).fingerprint
     assert sorted(p.name.split(".")[0] for p in cache.glob("*.pt")) == sorted([second, third])
     assert prepare_dataset(tmp_path / "copy", 32, cache_dir=cache).fingerprint == second  # still a hit
+
+
+@pytest.mark.timeout(120)
+def test_entries_no_existing_folder_names_go_once_unused_for_an_hour(tmp_path):
+    """The cache keeps about one entry per dataset folder that exists (a run's held-out set, a
+    bench draw's copy, each tens of MB, are deleted after the run), plus what was used lately."""
+    import os
+    import time
+
+    from tasks.data.loading import UNUSED_GRACE_S
+
+    def age(path: Path) -> None:
+        then = time.time() - UNUSED_GRACE_S - 60
+        os.utime(path, (then, then))
+
+    cache = tmp_path / "cache"
+    kept = prepare_dataset(make_shapes_dataset(tmp_path / "kept", n_per_class=4, seed=1), 32, cache_dir=cache)
+    entries = {}
+    for name, seed in (("held_out", 2), ("moved", 3)):
+        folder = make_shapes_dataset(tmp_path / name, n_per_class=4, seed=seed)
+        entries[name] = cache / f"{prepare_dataset(folder, 32, cache_dir=cache).fingerprint}.v5.pt"
+        shutil.move(folder, tmp_path / f"{name}_elsewhere")
+    shutil.rmtree(tmp_path / "held_out_elsewhere")  # gone for good
+    age(entries["held_out"])
+    age(kept_entry := cache / f"{kept.fingerprint}.v5.pt")  # old, but its folder exists
+    young, old, stray, facts = cache / "young.v5.pt", cache / "old.v4.pt", cache / "x.123.tmp", cache / "facts.json"
+    for path in (young, old, stray, facts):
+        path.write_bytes(b"x")
+    for path in (old, stray, facts):
+        age(path)
+
+    third = prepare_dataset(make_shapes_dataset(tmp_path / "third", n_per_class=4, seed=4), 32, cache_dir=cache)
+
+    assert not entries["held_out"].exists()  # its folder is gone and it was not used for an hour
+    assert entries["moved"].exists()  # its folder is gone too, but lately: it may have moved
+    assert kept_entry.exists() and (cache / f"{third.fingerprint}.v5.pt").exists()
+    assert young.exists() and facts.exists()  # maybe another process's, not yet recorded; not an entry
+    assert not old.exists() and not stray.exists()
+    assert "held_out" not in (cache / "last-entries.json").read_text()
+
+    def no_decoding(*_args, **_kwargs):
+        raise AssertionError("decoded again instead of read from the cache")
+
+    from tasks.data import loading
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loading, "_decode", no_decoding)
+        assert prepare_dataset(tmp_path / "moved_elsewhere", 32, cache_dir=cache).fingerprint == \
+            entries["moved"].name.split(".")[0]  # the move found its entry, and touched it
+    assert time.time() - entries["moved"].stat().st_mtime < 60
