@@ -217,8 +217,8 @@ def test_an_entry_its_folder_moved_on_from_is_deleted_unless_another_folder_name
 
 @pytest.mark.timeout(120)
 def test_entries_no_existing_folder_names_go_once_unused_for_an_hour(tmp_path):
-    """The cache keeps about one entry per dataset folder that exists (a run's held-out set, a
-    bench draw's copy, each tens of MB, are deleted after the run), plus what was used lately."""
+    """The cache keeps about one entry per dataset folder that exists (a temporary folder's entry,
+    tens of MB, was kept for good before), plus what was used lately (a moved dataset's)."""
     import os
     import time
 
