@@ -222,7 +222,7 @@ def test_entries_no_existing_folder_names_go_once_unused_for_an_hour(tmp_path):
     import os
     import time
 
-    from tasks.data.loading import UNUSED_GRACE_S
+    from tasks.data.loading import CACHE_FORMAT, UNUSED_GRACE_S
 
     def age(path: Path) -> None:
         then = time.time() - UNUSED_GRACE_S - 60
@@ -233,11 +233,11 @@ def test_entries_no_existing_folder_names_go_once_unused_for_an_hour(tmp_path):
     entries = {}
     for name, seed in (("held_out", 2), ("moved", 3)):
         folder = make_shapes_dataset(tmp_path / name, n_per_class=4, seed=seed)
-        entries[name] = cache / f"{prepare_dataset(folder, 32, cache_dir=cache).fingerprint}.v5.pt"
+        entries[name] = cache / f"{prepare_dataset(folder, 32, cache_dir=cache).fingerprint}.v{CACHE_FORMAT}.pt"
         shutil.move(folder, tmp_path / f"{name}_elsewhere")
     shutil.rmtree(tmp_path / "held_out_elsewhere")  # gone for good
     age(entries["held_out"])
-    age(kept_entry := cache / f"{kept.fingerprint}.v5.pt")  # old, but its folder exists
+    age(kept_entry := cache / f"{kept.fingerprint}.v{CACHE_FORMAT}.pt")  # old, but its folder exists
     young, old, stray, facts = cache / "young.v5.pt", cache / "old.v4.pt", cache / "x.123.tmp", cache / "facts.json"
     for path in (young, old, stray, facts):
         path.write_bytes(b"x")
@@ -248,7 +248,7 @@ def test_entries_no_existing_folder_names_go_once_unused_for_an_hour(tmp_path):
 
     assert not entries["held_out"].exists()  # its folder is gone and it was not used for an hour
     assert entries["moved"].exists()  # its folder is gone too, but lately: it may have moved
-    assert kept_entry.exists() and (cache / f"{third.fingerprint}.v5.pt").exists()
+    assert kept_entry.exists() and (cache / f"{third.fingerprint}.v{CACHE_FORMAT}.pt").exists()
     assert young.exists() and facts.exists()  # maybe another process's, not yet recorded; not an entry
     assert not old.exists() and not stray.exists()
     assert "held_out" not in (cache / "last-entries.json").read_text()
