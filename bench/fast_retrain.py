@@ -52,11 +52,12 @@ THRESHOLD = 0.9
 # The gate of the draw that times the path to the serving app (the README's demo sets it so).
 SHIP_GATE = {"new_class_recall": 0.8, "max_old_class_drop_pts": 3.0}
 # The fast retrain's budget here: 33 s, not the flow's default minute. Its wall is the budget plus
-# about 28 s of ingest and release that training speed does not shorten, while the peer is all
+# about 26 s of ingest and release that training speed does not shorten, while the peer is all
 # training. The budget is where training stops buying anything on this world: fine-tunes of this
 # world's champion given 20, 28 and 38 s of training (`python -m bench.new_class_bias --budget-s`,
 # seeds 0-4, 2026-12-06, one command each) gave (new-class recall, largest old-class drop) (0.969,
-# 0.88), (0.971, 0.78), (0.969, 0.78); reading the base and the data takes the rest (4.6-6.6 s).
+# 0.88), (0.971, 0.78), (0.969, 0.78); reading the base and the data takes the rest (2.0-3.0 s in
+# the 12:13 run, 4.6-6.6 s at 09:44 before a copy reused its rows).
 BUDGET_MIN = 0.55
 SEEDS = (0, 1, 2, 3, 4)  # five draws: their median moves less than three's, an image either way decides
 
