@@ -10,6 +10,13 @@ with `b` from 0 up (`shift_new_classes`; nothing is trained again). It prints, p
 median, held-out new-class recall and old-class drop per `b`, with the val split's new-class
 recall beside them (all a rule choosing `b` during the fine-tune could read).
 
+It also re-decides them with a *parent gate* instead (`gate_to_parent`, rows with `gate` set):
+the new class held down wherever the base, the champion inside the expanded model, is at least
+`gate` sure of a class other than the one the new class refines. A refinement is by definition
+one of its parent's images, so where the champion is sure an image is not a 福 the merchant class
+should not take it; the probe measures whether the champion's own confidence separates the lost
+look-alikes from the merchant 福s better than the new class's logit does.
+
 Run it alone (two torch processes on 2 cores slow each other):
     python -m bench.new_class_bias [--world selection|bench] [--seeds 0,1,2,3,4] [--budget-s 45] [--out PATH]
 About 75 s per seed. Writes bench/results/new_class_bias_<world>.json.
@@ -38,6 +45,22 @@ def shift_new_classes(probs: np.ndarray, new: list[int], b: float) -> np.ndarray
     return scaled / scaled.sum(1, keepdims=True)
 
 
+GATES = [0.5, 0.9, 0.99, 0.999, 0.9999]
+
+
+def gate_to_parent(probs: np.ndarray, old: int, new: list[int], parents: list[int], sure: float) -> np.ndarray:
+    """Softmax probabilities with each new class's logit held down where the base is sure of another
+    class than the one it refines (`parents`, one per `new` column): the base's top class among the
+    first `old` columns is not the parent and has at least `sure` of their probability."""
+    gated = probs.copy()
+    base = probs[:, :old] / probs[:, :old].sum(1, keepdims=True)
+    off = (base.argmax(1)[:, None] != np.asarray(parents)[None, :]) & (base.max(1)[:, None] >= sure)
+    cols = gated[:, new]
+    cols[off] = 0.0
+    gated[:, new] = cols
+    return gated / gated.sum(1, keepdims=True)
+
+
 def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
     from bench.models import _device_name
     from tasks.data.loading import prepare_dataset
@@ -61,36 +84,46 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
         val_labels = np.array([classes.index(data.classes[i]) for i in data.val.labels.numpy()])
         held, held_labels = probabilities(result.model, classes, world.held_out, ["fu_merchant"] * len(world.held_out))
         reg, reg_labels = probabilities(result.model, classes, reg_paths, reg_names)
+        old, parents = len(classes) - len(new), [classes.index(REFINES["fu_merchant"])]
         rows = []
-        for b in BIASES:
-            v_right = decided_right(shift_new_classes(val, new, b), val_labels, classes)
-            after = decided_right(shift_new_classes(reg, new, b), reg_labels, classes)
+        for b, gate in [(b, None) for b in BIASES] + [(0.0, g) for g in GATES]:
+            def decided(p: np.ndarray, labels: np.ndarray, b: float = b, gate: float | None = gate) -> np.ndarray:
+                p = shift_new_classes(p, new, b)  # noqa: B023 (called in this iteration only)
+                if gate is not None:
+                    p = gate_to_parent(p, old, new, parents, gate)  # noqa: B023
+                return decided_right(p, labels, classes)  # noqa: B023
+            v_right = decided(val, val_labels)
+            after = decided(reg, reg_labels)
             lost = {c: int((before & ~after)[names == c].sum()) for c in ("fu", "not_fu")}
             won = {c: int((~before & after)[names == c].sum()) for c in ("fu", "not_fu")}
             drops = {c: 100 * (lost[c] - won[c]) / (names == c).sum() for c in ("fu", "not_fu")}
             rows.append({
-                "bias": b,
-                "new_class_recall": float(decided_right(shift_new_classes(held, new, b), held_labels, classes).mean()),
+                "bias": b, "parent_gate": gate,
+                "new_class_recall": float(decided(held, held_labels).mean()),
                 "max_old_class_drop_pts": float(max(drops.values())), "lost": lost, "won": won,
                 "val_recall": {c: float(v_right[val_labels == i].mean()) for i, c in enumerate(classes)},
             })
         print(f"seed {seed} ({result.epochs_run} epochs): " + "  ".join(
             f"b{r['bias']:g} ({r['new_class_recall']:.3f}, {r['max_old_class_drop_pts']:.2f}, "
-            f"val m {r['val_recall']['fu_merchant']:.3f})" for r in rows[::2]), flush=True)
+            f"val m {r['val_recall']['fu_merchant']:.3f})" for r in rows[:len(BIASES):2]), flush=True)
+        for g in rows[len(BIASES):]:
+            print(f"  gated where the base is {g['parent_gate']} sure of another class: ({g['new_class_recall']:.3f}, "
+                  f"{g['max_old_class_drop_pts']:.2f}), lost {g['lost']} won {g['won']}", flush=True)
         draws.append({"seed": seed, "epochs_run": result.epochs_run, "by_bias": rows})
-    median = [{"bias": b,
+    median = [{"bias": b, "parent_gate": draws[0]["by_bias"][i]["parent_gate"],
                "new_class_recall": statistics.median(d["by_bias"][i]["new_class_recall"] for d in draws),
                "max_old_class_drop_pts": statistics.median(d["by_bias"][i]["max_old_class_drop_pts"] for d in draws),
                "val_merchant_recall": statistics.median(d["by_bias"][i]["val_recall"]["fu_merchant"] for d in draws)}
-              for i, b in enumerate(BIASES)]
+              for i, b in enumerate(BIASES + [0.0] * len(GATES))]
     return {"world": world.description, "budget_s": budget_s, "seeds": seeds, "device": _device_name(),
             "held_out_merchant": len(world.held_out), "regression_images": len(world.regression),
             "median": median, "draws": draws}
 
 
 def format_table(summary: dict) -> str:
-    lines = ["bias  median held-out recall  median largest old drop pts  median val merchant recall"]
-    lines += [f"{m['bias']:4.2f}  {m['new_class_recall']:22.3f}  {m['max_old_class_drop_pts']:27.2f}  "
+    lines = ["bias  gate    median held-out recall  median largest old drop pts  median val merchant recall"]
+    lines += [f"{m['bias']:4.2f}  {m.get('parent_gate') or '-':<6}  {m['new_class_recall']:22.3f}  "
+              f"{m['max_old_class_drop_pts']:27.2f}  "
               f"{m['val_merchant_recall']:26.3f}" for m in summary["median"]]
     return "\n".join(lines)
 

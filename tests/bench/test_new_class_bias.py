@@ -41,7 +41,26 @@ def test_the_table_has_a_row_per_bias():
         {"bias": 0.0, "new_class_recall": 0.969, "max_old_class_drop_pts": 0.78, "val_merchant_recall": 0.973},
         {"bias": 0.75, "new_class_recall": 0.951, "max_old_class_drop_pts": 0.69, "val_merchant_recall": 0.948}]})
     rows = table.splitlines()[1:]
-    assert rows[0].split() == ["0.00", "0.969", "0.78", "0.973"] and rows[1].split()[:3] == ["0.75", "0.951", "0.69"]
+    assert rows[0].split() == ["0.00", "-", "0.969", "0.78", "0.973"] and rows[1].split()[:4] == ["0.75", "-", "0.951",
+                                                                                               "0.69"]
+    gated = format_table({"median": [{"bias": 0.0, "parent_gate": 0.99, "new_class_recall": 0.945,
+                                      "max_old_class_drop_pts": 0.69, "val_merchant_recall": 0.948}]})
+    assert gated.splitlines()[1].split() == ["0.00", "0.99", "0.945", "0.69", "0.948"]
+
+
+def test_the_parent_gate_answers_as_the_base_where_it_is_sure_of_another_class():
+    from bench.new_class_bias import gate_to_parent
+
+    classes = ["fu", "not_fu", "fu_merchant"]  # fu_merchant (column 2) refines fu (column 0)
+    logits = np.random.default_rng(2).normal(0, 4, (300, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    base = np.exp(logits[:, :2]) / np.exp(logits[:, :2]).sum(1, keepdims=True)  # the champion's own softmax
+    gated = gate_to_parent(probs, 2, [2], [classes.index("fu")], 0.9)
+    sure_not_fu = base[:, 1] >= 0.9
+    assert sure_not_fu.any() and (~sure_not_fu).any()
+    assert np.allclose(gated[sure_not_fu], np.c_[base[sure_not_fu], np.zeros(sure_not_fu.sum())])
+    assert np.allclose(gated[~sure_not_fu], probs[~sure_not_fu])  # elsewhere untouched
+    assert np.allclose(gated.sum(1), 1.0)
 
 
 def test_bad_seeds_are_refused_before_a_world_is_prepared(capsys, monkeypatch):
