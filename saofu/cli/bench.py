@@ -130,8 +130,8 @@ def bench_fast_retrain(
     n: int = typer.Option(17000, "--n", help="Images in the generated Fu world with merchants (its held-out-font "
                                              "test split is the regression set: 17000 gives ~2040 old-class images)."),
     budget_min: float = typer.Option(FAST_RETRAIN_BUDGET_MIN, "--budget-min",
-                                     help="The fast retrain's budget (33 s: where more training stopped buying "
-                                          "recall or old classes; the flow's default is 1 minute)."),
+                                     help="The fast retrain's budget (27 s: more training stopped buying "
+                                          "recall or old classes before it; the flow's default is 1 minute)."),
     seeds: list[int] = typer.Option(list(FAST_RETRAIN_SEEDS), "--seed",
                                     help="One fast-retrain draw per seed (repeat)."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Epochs of the champion and of the full retrain."),
