@@ -25,6 +25,7 @@ About 75 s per seed. Writes bench/results/new_class_bias_<world>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -45,7 +46,7 @@ def shift_new_classes(probs: np.ndarray, new: list[int], b: float) -> np.ndarray
     return scaled / scaled.sum(1, keepdims=True)
 
 
-GATES = [0.5, 0.9, 0.99, 0.999, 0.9999]
+GATES = [0.5, 0.9, 0.99, 0.999, 0.9999]  # how sure of another class the base must be for the gate to close
 
 
 def gate_to_parent(probs: np.ndarray, old: int, new: list[int], parents: list[int], sure: float) -> np.ndarray:
@@ -59,6 +60,13 @@ def gate_to_parent(probs: np.ndarray, old: int, new: list[int], parents: list[in
     cols[off] = 0.0
     gated[:, new] = cols
     return gated / gated.sum(1, keepdims=True)
+
+
+def redecided(probs: np.ndarray, new: list[int], b: float, gate: float | None, old: int,
+              parents: list[int]) -> np.ndarray:
+    """`probs` with the new classes' logits lowered by `b`, then gated by their parents if `gate` is set."""
+    shifted = shift_new_classes(probs, new, b)
+    return shifted if gate is None else gate_to_parent(shifted, old, new, parents, gate)
 
 
 def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
@@ -87,19 +95,15 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
         old, parents = len(classes) - len(new), [classes.index(REFINES["fu_merchant"])]
         rows = []
         for b, gate in [(b, None) for b in BIASES] + [(0.0, g) for g in GATES]:
-            def decided(p: np.ndarray, labels: np.ndarray, b: float = b, gate: float | None = gate) -> np.ndarray:
-                p = shift_new_classes(p, new, b)  # noqa: B023 (called in this iteration only)
-                if gate is not None:
-                    p = gate_to_parent(p, old, new, parents, gate)  # noqa: B023
-                return decided_right(p, labels, classes)  # noqa: B023
-            v_right = decided(val, val_labels)
-            after = decided(reg, reg_labels)
+            adjust = functools.partial(redecided, new=new, b=b, gate=gate, old=old, parents=parents)
+            v_right = decided_right(adjust(val), val_labels, classes)
+            after = decided_right(adjust(reg), reg_labels, classes)
             lost = {c: int((before & ~after)[names == c].sum()) for c in ("fu", "not_fu")}
             won = {c: int((~before & after)[names == c].sum()) for c in ("fu", "not_fu")}
             drops = {c: 100 * (lost[c] - won[c]) / (names == c).sum() for c in ("fu", "not_fu")}
             rows.append({
                 "bias": b, "parent_gate": gate,
-                "new_class_recall": float(decided(held, held_labels).mean()),
+                "new_class_recall": float(decided_right(adjust(held), held_labels, classes).mean()),
                 "max_old_class_drop_pts": float(max(drops.values())), "lost": lost, "won": won,
                 "val_recall": {c: float(v_right[val_labels == i].mean()) for i, c in enumerate(classes)},
             })

@@ -73,3 +73,14 @@ def test_bad_seeds_are_refused_before_a_world_is_prepared(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         probe.main(["--seeds", "0,x"])
     assert exit_.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_a_redecision_lowers_the_logit_first_and_then_gates():
+    from bench.new_class_bias import gate_to_parent, redecided, shift_new_classes
+
+    logits = np.random.default_rng(3).normal(0, 4, (200, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.allclose(redecided(probs, [2], 1.0, None, 2, [0]), shift_new_classes(probs, [2], 1.0))
+    gated = redecided(probs, [2], 1.0, 0.9, 2, [0])
+    assert np.allclose(gated, gate_to_parent(shift_new_classes(probs, [2], 1.0), 2, [2], [0], 0.9))
+    assert not np.allclose(gated, shift_new_classes(probs, [2], 1.0))  # the gate closed somewhere
