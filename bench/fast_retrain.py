@@ -446,10 +446,17 @@ def format_table(s: dict) -> str:
         rows.insert(2, ("labels in LS -> served (ship draw), s", f"{ship['wall_s']:.0f}", "-", "-", "<= 300"))
     steps = ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())
     text = aligned(rows) + f"\nsteps (median s): {steps}"
-    if s.get("draws") and all("lost" in c for d in s["draws"] for c in d.get("old_classes", {}).values()):
-        text += "\nold classes per draw (images lost/won against the champion, McNemar p): " + "; ".join(
-            f"seed {d['seed']} " + ", ".join(f"{cls} {c['lost']}/{c['won']} p {c['p_value']:.2g}"
-                                             for cls, c in d["old_classes"].items()) for d in s["draws"])
+    ways = [("fast retrain", s.get("draws") or []), ("full retrain", full.get("draws") or []),
+            ("no replay", s.get("no_replay") or [])]
+    paired = [(way, d) for way, draws in ways for d in draws
+              if d.get("old_classes") and all("ci95_pts" in c for c in d["old_classes"].values())]
+    if paired:  # draws of an older bench run carry no paired view
+        text += ("\nold classes per draw (recall before -> after, drop in points [95 % interval], images lost/won "
+                 "against the champion, McNemar p):")
+        text += "".join(f"\n  {way} seed {d['seed']}: " + "; ".join(
+            f"{cls} {c['before']:.4f} -> {c['after']:.4f}, {c['drop_pts']:+.2f} [{c['ci95_pts'][0]:+.2f}, "
+            f"{c['ci95_pts'][1]:+.2f}], {c['lost']}/{c['won']} p {c['p_value']:.2g}"
+            for cls, c in d["old_classes"].items()) for way, d in paired)
     if full.get("draws"):
         text += "\nfull retrain draws: " + ", ".join(f"seed {d['seed']} {d['wall_s']:.0f} s"
                                                     + ("" if d["promoted"] else " (gate refused)")

@@ -41,9 +41,17 @@ def test_the_table_puts_the_three_ways_side_by_side():
     assert "fast retrain" in table and "full retrain (peer)" in table and "no replay (ablation)" in table
     assert "732" in table and "6.1x" in table and "+12.00" in table and "2.0%" in table
     assert "lost/won" not in table  # draws of an older bench run carry no paired counts
-    s["draws"] = [{"seed": 0, "old_classes": {"fu": {"lost": 2, "won": 3, "p_value": 1.0},
-                                              "not_fu": {"lost": 6, "won": 0, "p_value": 0.03125}}}]
-    assert "seed 0 fu 2/3 p 1, not_fu 6/0 p 0.031" in format_table(s)
+    fu = paired_drop(np.r_[np.ones(98), np.zeros(2)], np.r_[np.ones(97), np.zeros(3)])
+    s["draws"] = [{"seed": 0, "old_classes": {"fu": fu, "not_fu": {
+        "before": 0.98, "after": 0.974, "drop_pts": 0.6, "ci95_pts": [0.12, 1.08], "lost": 6, "won": 0,
+        "p_value": 0.03125}}}]
+    s["no_replay"] = [{"seed": 3, "old_classes": {"not_fu": {
+        "before": 0.98, "after": 0.5, "drop_pts": 48.0, "ci95_pts": [45.0, 51.0], "lost": 480, "won": 0,
+        "p_value": 1e-140}}}]
+    lines = format_table(s).splitlines()
+    assert "  fast retrain seed 0: fu 0.9800 -> 0.9700, +1.00 [-0.96, +2.96], 1/0 p 1; " \
+           "not_fu 0.9800 -> 0.9740, +0.60 [+0.12, +1.08], 6/0 p 0.031" in lines
+    assert "  no replay seed 3: not_fu 0.9800 -> 0.5000, +48.00 [+45.00, +51.00], 480/0 p 1e-140" in lines
 
 
 def test_the_table_shows_the_ship_draw_to_the_served_version_beside_the_gated_runs():
