@@ -52,13 +52,14 @@ THRESHOLD = 0.9
 # The gate of the draw that times the path to the serving app (the README's demo sets it so).
 SHIP_GATE = {"new_class_recall": 0.8, "max_old_class_drop_pts": 3.0}
 # The fast retrain's budget here: 27 s, not the flow's default minute. Its wall is the budget plus
-# about 26 s of ingest and release that training speed does not shorten, while the peer is all
+# 26-30 s of ingest and release that training speed does not shorten, while the peer is all
 # training. Training stops buying anything on this world well inside it: fine-tunes of this
 # world's champion given 20, 28 and 38 s of training (`python -m bench.new_class_bias --budget-s`,
 # seeds 0-4, 2026-12-06, one command each) gave (new-class recall, largest old-class drop) (0.969,
-# 0.88), (0.971, 0.78), (0.969, 0.78); reading the base and the data takes 2-3 s of the budget, so
-# 27 s trains about 24 s, between the first two. It was 33 s until 2026-12-06 15:00, when the
-# speed-up met its 5x by 0.07 against a peer that has taken 273-375 s from run to run.
+# 0.88), (0.971, 0.78), (0.969, 0.78); reading the base and the data takes 2-3.5 s of the budget,
+# so 27 s trains about 24 s, between the first two. It was 33 s until the run of 2026-12-06 14:47,
+# the run before it having met the 5x speed-up by 0.07 against a peer that has taken 273-375 s from
+# run to run.
 BUDGET_MIN = 0.45
 SEEDS = (0, 1, 2, 3, 4)  # five draws: their median moves less than three's, an image either way decides
 

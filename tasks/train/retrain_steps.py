@@ -203,7 +203,7 @@ def fine_tune_and_register(base: BaseModelInfo, data_dir: str, data_version: str
             show(epoch, metrics)
             tracking.log_metrics(run_id, metrics, step=epoch)
 
-        # The budget is the step's: reading the base and the data (2.0-3.0 s of the bench's 27-33 s, on
+        # The budget is the step's: reading the base and the data (2.0-3.5 s of the bench's 27-33 s, on
         # its 17,000 images) comes out of the training's share, so the step takes the minutes the
         # user gave it, plus the export and registration after it (under a second on the bench).
         spent = time.perf_counter() - started
