@@ -47,6 +47,8 @@ def shift_new_classes(probs: np.ndarray, new: list[int], b: float) -> np.ndarray
 
 
 GATES = [0.5, 0.9, 0.99, 0.999, 0.9999]  # how sure of another class the base must be for the gate to close
+# Every re-decision, one row each, in this order: (bias, gate); the gated rows at no bias.
+REDECISIONS = [(b, None) for b in BIASES] + [(0.0, g) for g in GATES]
 
 
 def gate_to_parent(probs: np.ndarray, old: int, new: list[int], parents: list[int], sure: float) -> np.ndarray:
@@ -94,7 +96,7 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
         reg, reg_labels = probabilities(result.model, classes, reg_paths, reg_names)
         old, parents = len(classes) - len(new), [classes.index(REFINES["fu_merchant"])]
         rows = []
-        for b, gate in [(b, None) for b in BIASES] + [(0.0, g) for g in GATES]:
+        for b, gate in REDECISIONS:
             adjust = functools.partial(redecided, new=new, b=b, gate=gate, old=old, parents=parents)
             v_right = decided_right(adjust(val), val_labels, classes)
             after = decided_right(adjust(reg), reg_labels, classes)
@@ -114,11 +116,11 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
             print(f"  gated where the base is {g['parent_gate']} sure of another class: ({g['new_class_recall']:.3f}, "
                   f"{g['max_old_class_drop_pts']:.2f}), lost {g['lost']} won {g['won']}", flush=True)
         draws.append({"seed": seed, "epochs_run": result.epochs_run, "by_bias": rows})
-    median = [{"bias": b, "parent_gate": draws[0]["by_bias"][i]["parent_gate"],
+    median = [{"bias": b, "parent_gate": gate,
                "new_class_recall": statistics.median(d["by_bias"][i]["new_class_recall"] for d in draws),
                "max_old_class_drop_pts": statistics.median(d["by_bias"][i]["max_old_class_drop_pts"] for d in draws),
                "val_merchant_recall": statistics.median(d["by_bias"][i]["val_recall"]["fu_merchant"] for d in draws)}
-              for i, b in enumerate(BIASES + [0.0] * len(GATES))]
+              for i, (b, gate) in enumerate(REDECISIONS)]
     return {"world": world.description, "budget_s": budget_s, "seeds": seeds, "device": _device_name(),
             "held_out_merchant": len(world.held_out), "regression_images": len(world.regression),
             "median": median, "draws": draws}
