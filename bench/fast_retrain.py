@@ -23,7 +23,9 @@ merchant images of held-out fonts (the world's test split), and each old class's
 and `not_fu` (at least 2,000 by default), with a 95 % interval of the paired difference.
 
 Every flow runs as its command (`saofu fast-retrain`, `saofu train`) runs it: without Prefect's
-flow-run heartbeat thread, whose join costs up to 1 s at each run's end (`flows.heartbeat`).
+flow-run heartbeat thread, whose join costs up to 1 s at each run's end (`flows.heartbeat`). Each
+fast-retrain draw records the Prefect client's retries (`bench.prefect_retries`): on Prefect's
+SQLite API a write can be answered 503 and retried 2 s later, the one stall orchestration has shown.
 
 Run it: `saofu bench fast-retrain` (it starts Label Studio and the serving app itself, in a
 folder of its own under `bench/work/`, and stops them).
@@ -31,6 +33,7 @@ folder of its own under `bench/work/`, and stops them).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -234,6 +237,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from bench.models import _device_name
+    from bench.prefect_retries import client_retries
     from flows.fast_retrain import ClassChange, FastRetrainParams, fast_retrain_flow, step_table
     from flows.heartbeat import without_heartbeat
     from flows.release import ReleaseParams, release_flow
@@ -294,7 +298,9 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
             labels=project, labels_kind="label-studio", dataset_dir=str(dataset), base_version=champion,
             budget_min=budget_min, serve_url=url, seed=seed, experiment="bench-fast-retrain", **gate)
         started = time.perf_counter()  # labels are in Label Studio
-        with without_heartbeat():  # run as `saofu fast-retrain` runs it (the full retrain below too)
+        # Run as `saofu fast-retrain` runs it (the full retrain below too), the client's retries recorded:
+        # each is a stall of the orchestration (`bench.prefect_retries`).
+        with without_heartbeat(), client_retries() as retries:
             result = fast_retrain_flow(params)
         wall = time.perf_counter() - started
         # The flow's own figure counts from its body's first line; Prefect's start of the run (and
@@ -311,6 +317,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
                 "served_version": result.served_version, "orchestration_s": orchestration,
                 "orchestration_share": orchestration / wall, "flow_wall_s": result.wall_s,
                 "orchestration_steps": result.orchestration_steps,
+                "client_retries": [dataclasses.asdict(r) for r in retries],
                 "gate": result.gate_table,
                 "fine_tune": {k: result.fine_tune[k] for k in ("epochs_planned", "epochs_run",
                                                                 "stopped_by_budget", "images_per_s",
@@ -448,6 +455,13 @@ def format_table(s: dict) -> str:
         rows.insert(2, ("labels in LS -> served (ship draw), s", f"{ship['wall_s']:.0f}", "-", "-", "<= 300"))
     steps = ", ".join(f"{k} {v:.1f}" for k, v in s["steps"].items())
     text = aligned(rows) + f"\nsteps (median s): {steps}"
+    timed = [("ship" if d is ship else f"seed {d['seed']}", d) for d in (s.get("draws") or []) + [ship]
+             if d and "client_retries" in d]  # older bench runs did not record the retries
+    if timed:
+        text += ("\norchestration per draw (share; Prefect client retries, each a stall: HTTP status, seconds slept): "
+                 + "; ".join(name + f" {d['orchestration_share']:.1%}" + "".join(
+                     f", {r['status'] or 'no answer'} {r['seconds']:.1f} s" for r in d["client_retries"])
+                     for name, d in timed))
     ways = [("fast retrain", s.get("draws") or []), ("full retrain", full.get("draws") or []),
             ("no replay", s.get("no_replay") or [])]
     paired = [(way, d) for way, draws in ways for d in draws

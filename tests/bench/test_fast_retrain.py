@@ -244,3 +244,19 @@ def test_a_result_with_look_alike_labels_says_so_in_its_row():
          "extra_decoys": 1250}]}).splitlines()
     assert "look-alike" not in lines[2]
     assert lines[3].startswith("expand, old weight 1, hard replay 0.5 (defaults), +1250 look-alike labels")
+
+
+def test_the_table_names_each_draw_s_orchestration_and_the_client_retries_that_stalled_it():
+    s = {"wall_s": 56.0, "new_class_recall": 0.97, "max_old_class_drop_pts": 0.78, "speedup_vs_full_retrain": 5.9,
+         "orchestration_share": 0.015, "steps": {"ingest": 17.8}, "device": "CPU", "full_retrain": None,
+         "no_replay_median": {"new_class_recall": 1.0, "max_old_class_drop_pts": 91.5},
+         "draws": [{"seed": 0, "orchestration_share": 0.059, "client_retries": [{"status": 503, "seconds": 2.05}]},
+                   {"seed": 1, "orchestration_share": 0.014, "client_retries": []}],
+         "ship_draw": {"wall_s": 58.0, "promoted": True, "served_version": "20", "steps": {"ingest": 17.0},
+                       "orchestration_share": 0.013, "client_retries": [{"status": None, "seconds": 4.0}]}}
+    line = next(x for x in format_table(s).splitlines() if x.startswith("orchestration per draw"))
+    assert "seed 0 5.9%, 503 2.0 s; seed 1 1.4%; ship 1.3%, no answer 4.0 s" in line
+    # A run recorded before the retries were: no such line, nothing made up.
+    for d in s["draws"] + [s["ship_draw"]]:
+        del d["client_retries"]
+    assert "orchestration per draw" not in format_table(s)
