@@ -25,7 +25,7 @@ and `not_fu` (at least 2,000 by default), with a 95 % interval of the paired dif
 Every flow runs as its command (`saofu fast-retrain`, `saofu train`) runs it: without Prefect's
 flow-run heartbeat thread, whose join costs up to 1 s at each run's end (`flows.heartbeat`). Each
 fast-retrain draw records the Prefect client's retries (`bench.prefect_retries`): on Prefect's
-SQLite API a write can be answered 503 and retried 2 s later, the one stall orchestration has shown.
+SQLite API a write can be answered 503 and retried 2 s later (the stall seen since the heartbeat went).
 
 Run it: `saofu bench fast-retrain` (it starts Label Studio and the serving app itself, in a
 folder of its own under `bench/work/`, and stops them).
