@@ -41,7 +41,7 @@ def test_a_503_the_real_client_retries_is_recorded_with_the_seconds_it_slept():
     assert 1.0 < retries[0].seconds <= waited < retries[0].seconds + 1.0
 
 
-def test_outside_the_block_nothing_is_recorded_and_the_logger_is_as_it_was(caplog):
+def test_outside_the_block_nothing_is_recorded_and_the_logger_is_as_it_was():
     log = logging.getLogger(CLIENT_LOGGER)
     level, propagate, handlers = log.level, log.propagate, list(log.handlers)
     with client_retries() as retries:
