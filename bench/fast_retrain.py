@@ -106,8 +106,11 @@ def split_world(world: Path, base: Path) -> tuple[list[Path], list[Path], list[t
     return labels, held_out, regression
 
 
-def _recalls(onnx_path: str | Path, paths: list[Path], labels: list[str], image_size: int) -> dict[str, np.ndarray]:
-    """Per class: 1/0 per image, right or not at the serving threshold (not_fu the fallback)."""
+def _answers(onnx_path: str | Path, paths: list[Path], labels: list[str],
+             image_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per class, 1/0 per image: right or not at the serving threshold (not_fu the fallback), and
+    sure or not (the model's own probability of the image's class reaches the threshold: right by
+    knowing, where the rest of the right answers are the fallback's, or a refinement group's)."""
     from saofu.refines import refinement_roots
     from tasks.release.evaluation import decide, onnx_classes, onnx_predict_proba, onnx_refines, session
     from tasks.release.sets import split_from_files
@@ -116,35 +119,54 @@ def _recalls(onnx_path: str | Path, paths: list[Path], labels: list[str], image_
     classes = onnx_classes(sess)
     split = split_from_files(paths, labels, classes, image_size)
     probs = onnx_predict_proba(sess, split)
+    truth = split.labels.numpy()
     # As the serving app decides (a sure `fu` group with an unsure member answers `fu`).
     decisions = decide(probs, THRESHOLD, classes.index("not_fu") if "not_fu" in classes else None,
                        refinement_roots(classes, onnx_refines(sess)))
-    right = decisions == split.labels.numpy()
-    return {c: right[np.asarray(labels) == c].astype(np.float64) for c in sorted(set(labels))}
+    right, sure = decisions == truth, probs[np.arange(len(truth)), truth] >= THRESHOLD
+    per_class = {c: np.asarray(labels) == c for c in sorted(set(labels))}
+    return ({c: right[m].astype(np.float64) for c, m in per_class.items()},
+            {c: sure[m] for c, m in per_class.items()})
 
 
-def paired_drop(before: np.ndarray, after: np.ndarray) -> dict:
+def _recalls(onnx_path: str | Path, paths: list[Path], labels: list[str], image_size: int) -> dict[str, np.ndarray]:
+    """Per class: 1/0 per image, right or not at the serving threshold (not_fu the fallback)."""
+    return _answers(onnx_path, paths, labels, image_size)[0]
+
+
+def paired_drop(before: np.ndarray, after: np.ndarray, sure: np.ndarray | None = None) -> dict:
     """Recall before and after on the same images (1/0 each), the drop in points with a 95 % interval
     of the paired difference, the share of images whose answer changed from right to wrong or back,
     those images counted each way (`lost`: right before, wrong after; `won`: back) and McNemar's exact
-    p on them (`tasks.release.changes`, as every release reports it)."""
+    p on them (`tasks.release.changes`, as every release reports it).
+
+    With `sure` (True per image the champion was sure of, `_answers`): how many of those right
+    before were sure (`sure`) and how many of the lost were (`lost_sure`). The others the champion
+    had right only by falling back to `not_fu` when unsure, which a new class's confident answer
+    can take without anything the champion knew being forgotten (README, the bench's section)."""
     from tasks.release.changes import mcnemar_exact
 
     d = before - after
     half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
     lost, won = int((d > 0).sum()), int((d < 0).sum())
-    return {"before": float(before.mean()), "after": float(after.mean()), "drop_pts": float(100 * d.mean()),
-            "ci95_pts": [float(100 * (d.mean() - half)), float(100 * (d.mean() + half))],
-            "flipped_pts": float(100 * (d != 0).mean()), "n": int(len(d)), "lost": lost, "won": won,
-            "p_value": mcnemar_exact(lost, won)}
+    row = {"before": float(before.mean()), "after": float(after.mean()), "drop_pts": float(100 * d.mean()),
+           "ci95_pts": [float(100 * (d.mean() - half)), float(100 * (d.mean() + half))],
+           "flipped_pts": float(100 * (d != 0).mean()), "n": int(len(d)), "lost": lost, "won": won,
+           "p_value": mcnemar_exact(lost, won)}
+    if sure is not None:
+        row.update(sure=int((sure & (before > 0)).sum()), lost_sure=int((sure & (d > 0)).sum()))
+    return row
 
 
 def measure(onnx_path: str | Path, champion_right: dict[str, np.ndarray], held_out: list[Path],
-            regression: list[tuple[Path, str]], image_size: int) -> dict:
-    """New-class recall on held-out fonts; old-class recall drop vs the champion with a 95 % interval."""
+            regression: list[tuple[Path, str]], image_size: int,
+            champion_sure: dict[str, np.ndarray] | None = None) -> dict:
+    """New-class recall on held-out fonts; old-class recall drop vs the champion with a 95 % interval
+    (and the lost images the champion was sure of, given `champion_sure`: `paired_drop`)."""
     new = _recalls(onnx_path, held_out, ["fu_merchant"] * len(held_out), image_size)["fu_merchant"]
     after = _recalls(onnx_path, [p for p, _ in regression], [c for _, c in regression], image_size)
-    old = {cls: paired_drop(before, after[cls]) for cls, before in champion_right.items()}
+    sure = champion_sure or {}
+    old = {cls: paired_drop(before, after[cls], sure.get(cls)) for cls, before in champion_right.items()}
     return {"new_class_recall": float(new.mean()), "new_class_n": int(len(new)), "old_classes": old,
             "max_old_class_drop_pts": max(v["drop_pts"] for v in old.values())}
 
@@ -267,7 +289,11 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         raise RuntimeError(f"the champion's release did not pass its gate:\n{first.gate_table}")
     champion = first.challenger_version
     champion_onnx = _version_onnx(champion)
-    champion_right = _recalls(champion_onnx, [p for p, _ in regression], [c for _, c in regression], 64)
+    champion_right, champion_sure = _answers(champion_onnx, [p for p, _ in regression], [c for _, c in regression], 64)
+
+    def scored(onnx: Path) -> dict:
+        """`measure` against this run's champion."""
+        return measure(onnx, champion_right, held_out, regression, 64, champion_sure)
     champion_digest = hashlib.sha256(champion_onnx.read_bytes()).hexdigest()
 
     ls = labeling_service.start(port=_free_port(), files_root=home)
@@ -309,7 +335,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         orchestration = max(wall - bodies, 0.0)
         print(step_table(result), flush=True)
         shipped = result.challenger_version
-        metrics = measure(_version_onnx(shipped), champion_right, held_out, regression, 64) if shipped else {}
+        metrics = scored(_version_onnx(shipped)) if shipped else {}
         print(f"{name}: {wall:.1f} s, promoted {result.promoted}, served {result.served_version}, new-class "
               f"recall {metrics.get('new_class_recall')}, largest old-class drop "
               f"{metrics.get('max_old_class_drop_pts')} pts", flush=True)
@@ -346,7 +372,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         wall = time.perf_counter() - started
         print(f"full retrain, seed {seed}: {wall:.1f} s, promoted {released.promoted}", flush=True)
         return {"seed": seed, "wall_s": wall, "promoted": released.promoted, "release_steps": released.steps,
-                **(measure(_version_onnx(released.challenger_version), champion_right, held_out, regression, 64)
+                **(scored(_version_onnx(released.challenger_version))
                    if released.challenger_version else {})}
 
     draws, ablations, full, ship = [], [], None, None
@@ -357,7 +383,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
             onnx, seconds, info = _no_replay(champion, str(dataset), budget_min, seed,
                                              home / "runs" / f"ablation{seed}")
             ablations.append({"seed": seed, "seconds": seconds, **info,
-                              **measure(onnx, champion_right, held_out, regression, 64)})
+                              **scored(onnx)})
         if full_retrain_draws:
             peers = [full_retrain_draw(seed) for seed in range(full_retrain_draws)]
             # The median draw, as the fast retrain's: one draw of the peer moved the speed-up by 4.9-6.2x
@@ -390,6 +416,8 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         "steps": {name: float(statistics.median(d["steps"].get(name, 0.0) for d in draws)) for name in step_names},
         "device": _device_name(),
         "draws": draws,
+        # Not a target: the drop left where the champion's right answer was knowledge (`paired_drop`).
+        "max_old_class_drop_sure_pts": float(statistics.median(sure_drop_pts(d) for d in draws)),
         "worst_draw": {"wall_s": max(d["wall_s"] for d in draws),
                        "new_class_recall": min(d["new_class_recall"] for d in draws),
                        "max_old_class_drop_pts": max(d["max_old_class_drop_pts"] for d in draws)},
@@ -418,6 +446,11 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         "orchestration_share": summary["orchestration_share"] < TARGETS["orchestration_share"],
     }
     return write_summary(summary, out, format_table)
+
+
+def sure_drop_pts(draw: dict) -> float:
+    """A draw's largest old-class loss in points among the images the champion was sure of."""
+    return max(100 * c["lost_sure"] / c["sure"] for c in draw["old_classes"].values())
 
 
 def write_summary(summary: dict, out: Path, table: Callable[[dict], str]) -> dict:
@@ -472,7 +505,14 @@ def format_table(s: dict) -> str:
         text += "".join(f"\n  {way} seed {d['seed']}: " + "; ".join(
             f"{cls} {c['before']:.4f} -> {c['after']:.4f}, {c['drop_pts']:+.2f} [{c['ci95_pts'][0]:+.2f}, "
             f"{c['ci95_pts'][1]:+.2f}], {c['lost']}/{c['won']} p {c['p_value']:.2g}"
+            + (f" ({c['lost_sure']} lost of {c['sure']} sure)" if "sure" in c else "")
             for cls, c in d["old_classes"].items()) for way, d in paired)
+    sure = [d for d in s.get("draws") or [] if all("sure" in c for c in d.get("old_classes", {None: {}}).values())]
+    if sure:  # older bench runs did not keep which images the champion was sure of
+        text += ("\nfast retrain, largest old-class loss among the images the champion was sure of (its own "
+                 "probability of the class >= 0.9; the rest of its right answers were not_fu by the fallback), "
+                 f"pts: {s['max_old_class_drop_sure_pts']:.2f} on the median; per draw "
+                 + ", ".join(f"{sure_drop_pts(d):.2f}" for d in sure))
     if full.get("draws"):
         text += "\nfull retrain draws: " + ", ".join(f"seed {d['seed']} {d['wall_s']:.0f} s"
                                                     + ("" if d["promoted"] else " (gate refused)")
