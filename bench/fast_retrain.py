@@ -107,10 +107,12 @@ def split_world(world: Path, base: Path) -> tuple[list[Path], list[Path], list[t
 
 
 def _answers(onnx_path: str | Path, paths: list[Path], labels: list[str],
-             image_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per class, 1/0 per image: right or not at the serving threshold (not_fu the fallback), and
-    sure or not (the model's own probability of the image's class reaches the threshold: right by
-    knowing, where the rest of the right answers are the fallback's, or a refinement group's)."""
+             image_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per class, per image: right or not at the serving threshold (1/0; not_fu the fallback); sure
+    or not (the model's own probability of the image's class reaches the threshold: right by
+    knowing, where the rest of the right answers are the fallback's, or a refinement group's); and
+    answered with a class refining its own (a 福 answered as the merchant's 福: wrong for this
+    bench, no disagreement for the gate and the canary)."""
     from saofu.refines import refinement_roots
     from tasks.release.evaluation import decide, onnx_classes, onnx_predict_proba, onnx_refines, session
     from tasks.release.sets import split_from_files
@@ -124,9 +126,11 @@ def _answers(onnx_path: str | Path, paths: list[Path], labels: list[str],
     decisions = decide(probs, THRESHOLD, classes.index("not_fu") if "not_fu" in classes else None,
                        refinement_roots(classes, onnx_refines(sess)))
     right, sure = decisions == truth, probs[np.arange(len(truth)), truth] >= THRESHOLD
+    roots = np.asarray(refinement_roots(classes, onnx_refines(sess)))
+    refined = ~right & (decisions >= 0) & (roots[np.maximum(decisions, 0)] == truth)
     per_class = {c: np.asarray(labels) == c for c in sorted(set(labels))}
     return ({c: right[m].astype(np.float64) for c, m in per_class.items()},
-            {c: sure[m] for c, m in per_class.items()})
+            {c: sure[m] for c, m in per_class.items()}, {c: refined[m] for c, m in per_class.items()})
 
 
 def _recalls(onnx_path: str | Path, paths: list[Path], labels: list[str], image_size: int) -> dict[str, np.ndarray]:
@@ -134,7 +138,8 @@ def _recalls(onnx_path: str | Path, paths: list[Path], labels: list[str], image_
     return _answers(onnx_path, paths, labels, image_size)[0]
 
 
-def paired_drop(before: np.ndarray, after: np.ndarray, sure: np.ndarray | None = None) -> dict:
+def paired_drop(before: np.ndarray, after: np.ndarray, sure: np.ndarray | None = None,
+                refined: np.ndarray | None = None) -> dict:
     """Recall before and after on the same images (1/0 each), the drop in points with a 95 % interval
     of the paired difference, the share of images whose answer changed from right to wrong or back,
     those images counted each way (`lost`: right before, wrong after; `won`: back) and McNemar's exact
@@ -143,7 +148,10 @@ def paired_drop(before: np.ndarray, after: np.ndarray, sure: np.ndarray | None =
     With `sure` (True per image the champion was sure of, `_answers`): how many of those right
     before were sure (`sure`) and how many of the lost were (`lost_sure`). The others the champion
     had right only by falling back to `not_fu` when unsure, which a new class's confident answer
-    can take without anything the champion knew being forgotten (README, the bench's section)."""
+    can take without anything the champion knew being forgotten (README, the bench's section).
+    With `refined` (True per image answered with a class refining its own, `_answers`): how many of
+    the lost were (`lost_refined`). With both: the lost the champion was sure of, answered with
+    another class than a refinement of theirs (`forgotten`)."""
     from tasks.release.changes import mcnemar_exact
 
     d = before - after
@@ -155,6 +163,10 @@ def paired_drop(before: np.ndarray, after: np.ndarray, sure: np.ndarray | None =
            "p_value": mcnemar_exact(lost, won)}
     if sure is not None:
         row.update(sure=int((sure & (before > 0)).sum()), lost_sure=int((sure & (d > 0)).sum()))
+    if refined is not None:
+        row["lost_refined"] = int((refined & (d > 0)).sum())
+    if sure is not None and refined is not None:  # what the champion knew, now answered as another class
+        row["forgotten"] = int((sure & ~refined & (d > 0)).sum())
     return row
 
 
@@ -162,11 +174,12 @@ def measure(onnx_path: str | Path, champion_right: dict[str, np.ndarray], held_o
             regression: list[tuple[Path, str]], image_size: int,
             champion_sure: dict[str, np.ndarray] | None = None) -> dict:
     """New-class recall on held-out fonts; old-class recall drop vs the champion with a 95 % interval
-    (and the lost images the champion was sure of, given `champion_sure`: `paired_drop`)."""
+    (and the lost images the champion was sure of, given `champion_sure`, and those answered with a
+    refinement of their class: `paired_drop`)."""
     new = _recalls(onnx_path, held_out, ["fu_merchant"] * len(held_out), image_size)["fu_merchant"]
-    after = _recalls(onnx_path, [p for p, _ in regression], [c for _, c in regression], image_size)
+    after, _, refined = _answers(onnx_path, [p for p, _ in regression], [c for _, c in regression], image_size)
     sure = champion_sure or {}
-    old = {cls: paired_drop(before, after[cls], sure.get(cls)) for cls, before in champion_right.items()}
+    old = {cls: paired_drop(before, after[cls], sure.get(cls), refined[cls]) for cls, before in champion_right.items()}
     return {"new_class_recall": float(new.mean()), "new_class_n": int(len(new)), "old_classes": old,
             "max_old_class_drop_pts": max(v["drop_pts"] for v in old.values())}
 
@@ -289,7 +302,8 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         raise RuntimeError(f"the champion's release did not pass its gate:\n{first.gate_table}")
     champion = first.challenger_version
     champion_onnx = _version_onnx(champion)
-    champion_right, champion_sure = _answers(champion_onnx, [p for p, _ in regression], [c for _, c in regression], 64)
+    champion_right, champion_sure, _ = _answers(champion_onnx, [p for p, _ in regression],
+                                                [c for _, c in regression], 64)
 
     def scored(onnx: Path) -> dict:
         """`measure` against this run's champion."""
@@ -416,8 +430,8 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         "steps": {name: float(statistics.median(d["steps"].get(name, 0.0) for d in draws)) for name in step_names},
         "device": _device_name(),
         "draws": draws,
-        # Not a target: the drop left where the champion's right answer was knowledge (`paired_drop`).
-        "max_old_class_drop_sure_pts": float(statistics.median(sure_drop_pts(d) for d in draws)),
+        # Not a target: the images the champion knew, forgotten (`paired_drop`), in points of those it knew.
+        "max_old_class_forgotten_pts": float(statistics.median(forgotten_pts(d) for d in draws)),
         "worst_draw": {"wall_s": max(d["wall_s"] for d in draws),
                        "new_class_recall": min(d["new_class_recall"] for d in draws),
                        "max_old_class_drop_pts": max(d["max_old_class_drop_pts"] for d in draws)},
@@ -448,9 +462,10 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
     return write_summary(summary, out, format_table)
 
 
-def sure_drop_pts(draw: dict) -> float:
-    """A draw's largest old-class loss in points among the images the champion was sure of."""
-    return max(100 * c["lost_sure"] / c["sure"] for c in draw["old_classes"].values())
+def forgotten_pts(draw: dict) -> float:
+    """A draw's largest old-class share, in points, of the images the champion was sure of that it forgot
+    (answered as another class than a refinement of theirs: `paired_drop`)."""
+    return max(100 * c["forgotten"] / c["sure"] for c in draw["old_classes"].values())
 
 
 def write_summary(summary: dict, out: Path, table: Callable[[dict], str]) -> dict:
@@ -505,14 +520,18 @@ def format_table(s: dict) -> str:
         text += "".join(f"\n  {way} seed {d['seed']}: " + "; ".join(
             f"{cls} {c['before']:.4f} -> {c['after']:.4f}, {c['drop_pts']:+.2f} [{c['ci95_pts'][0]:+.2f}, "
             f"{c['ci95_pts'][1]:+.2f}], {c['lost']}/{c['won']} p {c['p_value']:.2g}"
-            + (f" ({c['lost_sure']} lost of {c['sure']} sure)" if "sure" in c else "")
+            + (f" ({c['lost_sure']} of the lost sure, {c['lost_refined']} to a refinement)" if "forgotten" in c else "")
             for cls, c in d["old_classes"].items()) for way, d in paired)
-    sure = [d for d in s.get("draws") or [] if all("sure" in c for c in d.get("old_classes", {None: {}}).values())]
-    if sure:  # older bench runs did not keep which images the champion was sure of
-        text += ("\nfast retrain, largest old-class loss among the images the champion was sure of (its own "
-                 "probability of the class >= 0.9; the rest of its right answers were not_fu by the fallback), "
-                 f"pts: {s['max_old_class_drop_sure_pts']:.2f} on the median; per draw "
-                 + ", ".join(f"{sure_drop_pts(d):.2f}" for d in sure))
+    known = [d for d in s.get("draws") or [] if d.get("old_classes")
+             and all("forgotten" in c for c in d["old_classes"].values())]
+    if known:  # older bench runs did not keep which images the champion was sure of
+        text += ("\nfast retrain, forgotten: of the images the champion was sure of (its own probability of the "
+                 "class >= 0.9; its other right answers were not_fu by the fallback), the largest old-class share "
+                 "answered as another class than a refinement of theirs, pts: "
+                 f"{s['max_old_class_forgotten_pts']:.2f} on the median; per draw "
+                 + ", ".join(f"{forgotten_pts(d):.2f} (" + ", ".join(
+                     f"{cls} {c['forgotten']}/{c['sure']}" for cls, c in d["old_classes"].items()) + ")"
+                     for d in known))
     if full.get("draws"):
         text += "\nfull retrain draws: " + ", ".join(f"seed {d['seed']} {d['wall_s']:.0f} s"
                                                     + ("" if d["promoted"] else " (gate refused)")

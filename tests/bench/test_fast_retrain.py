@@ -79,13 +79,15 @@ def test_the_paired_drop_counts_flips_both_ways_and_its_interval_holds_the_drop(
     assert same["drop_pts"] == 0.0 and same["flipped_pts"] == 0.0 and same["ci95_pts"] == [0.0, 0.0]
 
 
-def test_the_paired_drop_says_how_many_of_the_lost_images_the_champion_was_sure_of():
+def test_the_paired_drop_splits_the_lost_by_what_the_champion_knew_and_what_they_became():
     before = np.array([1, 1, 1, 1, 0, 1], dtype=float)
-    after = np.array([0, 0, 1, 1, 1, 0], dtype=float)  # three lost, one won
-    sure = np.array([True, False, True, False, False, False])  # the champion knew images 0 and 2
-    d = paired_drop(before, after, sure)
-    assert (d["lost"], d["won"], d["sure"], d["lost_sure"]) == (3, 1, 2, 1)
-    assert "sure" not in paired_drop(before, after)  # the churn bench passes none
+    after = np.array([0, 0, 0, 1, 1, 0], dtype=float)  # four lost, one won
+    sure = np.array([True, True, False, True, False, False])  # the champion knew images 0, 1 (and 3)
+    refined = np.array([False, True, False, False, False, True])  # 1 and 5 answered with a refinement
+    d = paired_drop(before, after, sure, refined)
+    assert (d["lost"], d["won"], d["sure"], d["lost_sure"], d["lost_refined"]) == (4, 1, 3, 2, 2)
+    assert d["forgotten"] == 1  # image 0: known, and answered as another class
+    assert "forgotten" not in paired_drop(before, after, sure) and "sure" not in paired_drop(before, after)
 
 
 @pytest.mark.timeout(60)
@@ -95,34 +97,41 @@ def test_the_champion_is_sure_only_where_its_own_probability_of_the_class_reache
     from bench.fast_retrain import _answers
     from tests.deploy.test_canary_classes import colour_model
 
-    # logits: fu = R/10, not_fu = G/10. Red: a sure fu; green: a sure not_fu; dull orange: fu at p 0.69,
-    # under the threshold, so the answer falls back to not_fu: right for a not_fu image, but not known.
-    model = colour_model(tmp_path / "m.onnx", ["fu", "not_fu"], [[0.1, 0], [0, 0.1], [0, 0]])
-    colours = {"red": (250, 0, 0), "green": (0, 250, 0), "orange": (20, 12, 0)}
+    # logits: fu = R/10, not_fu = G/10, fu_merchant = B/10 (refining fu). Red: a sure fu; green: a sure
+    # not_fu; blue: a sure fu_merchant; dull orange: fu at p 0.69, under the threshold, so the answer falls
+    # back to not_fu: right for a not_fu image, but not known.
+    model = colour_model(tmp_path / "m.onnx", ["fu", "not_fu", "fu_merchant"],
+                         [[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.1]], {"fu_merchant": "fu"})
+    colours = {"red": (250, 0, 0), "green": (0, 250, 0), "orange": (20, 12, 0), "blue": (0, 0, 250)}
     paths = []
     for name, colour in colours.items():
         Image.new("RGB", (8, 8), colour).save(tmp_path / f"{name}.png")
         paths.append(tmp_path / f"{name}.png")
-    right, sure = _answers(model, paths + paths, ["fu"] * 3 + ["not_fu"] * 3, 8)
-    assert right["fu"].tolist() == [1, 0, 0] and sure["fu"].tolist() == [True, False, False]
-    assert right["not_fu"].tolist() == [0, 1, 1] and sure["not_fu"].tolist() == [False, True, False]
+    right, sure, refined = _answers(model, paths + paths, ["fu"] * 4 + ["not_fu"] * 4, 8)
+    assert right["fu"].tolist() == [1, 0, 0, 0] and sure["fu"].tolist() == [True, False, False, False]
+    assert right["not_fu"].tolist() == [0, 1, 1, 0] and sure["not_fu"].tolist() == [False, True, False, False]
+    # A 福 answered as the merchant's 福 is a refinement; a not_fu image answered so is not.
+    assert refined["fu"].tolist() == [False, False, False, True] and not refined["not_fu"].any()
 
 
-def test_the_table_gives_the_fast_retrain_s_loss_among_the_images_the_champion_was_sure_of():
-    def draw(seed: int, lost_sure: int) -> dict:
+def test_the_table_gives_what_the_fast_retrain_forgot_of_what_the_champion_knew():
+    def draw(seed: int, forgotten: int) -> dict:
         not_fu = {"before": 0.99, "after": 0.98, "drop_pts": 0.8, "ci95_pts": [0.2, 1.3], "lost": 8, "won": 0,
-                  "p_value": 0.008, "sure": 935, "lost_sure": lost_sure}
-        fu = {**not_fu, "drop_pts": 0.1, "lost": 4, "won": 3, "p_value": 1.0, "sure": 949, "lost_sure": 4}
+                  "p_value": 0.008, "sure": 935, "lost_sure": forgotten, "lost_refined": 0, "forgotten": forgotten}
+        fu = {**not_fu, "drop_pts": 0.1, "lost": 4, "won": 3, "p_value": 1.0, "sure": 949, "lost_sure": 4,
+              "lost_refined": 4, "forgotten": 0}
         return {"seed": seed, "old_classes": {"fu": fu, "not_fu": not_fu}}
 
     s = {"wall_s": 56.0, "new_class_recall": 0.97, "max_old_class_drop_pts": 0.78, "speedup_vs_full_retrain": 5.6,
          "orchestration_share": 0.014, "steps": {"fine-tune": 27.0}, "device": "CPU", "full_retrain": None,
          "no_replay_median": {"new_class_recall": 1.0, "max_old_class_drop_pts": 92.0},
-         "draws": [draw(0, 3), draw(1, 5)], "max_old_class_drop_sure_pts": 0.43}
+         "draws": [draw(0, 3), draw(1, 5)], "max_old_class_forgotten_pts": 0.43}
     table = format_table(s)
-    assert "8/0 p 0.008 (3 lost of 935 sure)" in table and "8/0 p 0.008 (5 lost of 935 sure)" in table
-    line = next(x for x in table.splitlines() if "the champion was sure of" in x)
-    assert "0.43 on the median" in line and line.endswith("per draw 0.42, 0.53")  # 4/949 beats 3/935 in draw 0
+    assert "8/0 p 0.008 (3 of the lost sure, 0 to a refinement)" in table
+    assert "4/3 p 1 (4 of the lost sure, 4 to a refinement)" in table
+    line = next(x for x in table.splitlines() if x.startswith("fast retrain, forgotten"))
+    assert "0.43 on the median" in line
+    assert line.endswith("per draw 0.32 (fu 0/949, not_fu 3/935), 0.53 (fu 0/949, not_fu 5/935)")
 
 
 def test_the_churn_table_names_each_reference_against_the_champion():
