@@ -112,7 +112,7 @@ def _answers(onnx_path: str | Path, paths: list[Path], labels: list[str],
     or not (the model's own probability of the image's class reaches the threshold: right by
     knowing, where the rest of the right answers are the fallback's, or a refinement group's); and
     answered with a class refining its own (a 福 answered as the merchant's 福: wrong for this
-    bench, no disagreement for the gate and the canary)."""
+    bench and for the gate's recall, agreement for the canary, `deploy.canary`)."""
     from saofu.refines import refinement_roots
     from tasks.release.evaluation import decide, onnx_classes, onnx_predict_proba, onnx_refines, session
     from tasks.release.sets import split_from_files

@@ -12,7 +12,7 @@ fine-tune per seed, as `bench.new_class_bias`) and reports:
   least the serving threshold) or had it right only because, unsure, its answer fell back to
   `not_fu`: a confident new class can take the latter without anything the champion knew being
   forgotten; and whether a lost image was answered with a refinement of its class (a 福 as the
-  merchant's 福, which the gate and the canary count as agreement). Known, and answered as another
+  merchant's 福: wrong for the bench and the gate's recall, agreement for the canary). Known, and answered as another
   class: *forgotten* (the fast-retrain bench records the same per draw);
 * per look-alike character of the regression set (褔 幅 辐 ...), framed by the merchant or not:
   how often the champion itself is sure it is a 福 (wrong), its median probability of `fu`, and
@@ -53,7 +53,7 @@ def losses(before: np.ndarray, after: np.ndarray, names: np.ndarray) -> dict:
 
 def refinement_answers(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
     """True per image answered, at the serving threshold, with a class refining its own (a 福 answered
-    as the merchant's 福: wrong for the bench, no disagreement for the gate and the canary)."""
+    as the merchant's 福: wrong for the bench and the gate's recall, agreement for the canary)."""
     from saofu.refines import refinement_roots
     from tasks.release.evaluation import decide
 
