@@ -20,7 +20,10 @@ promotion to the serving app answering with the new version in every run:
 Measured on images none of them trained on: new-class recall at the serving threshold on the
 merchant images of held-out fonts (the world's test split), and each old class's recall before
 (the champion) and after on the regression set: the world's held-out-font test images of `fu`
-and `not_fu` (at least 2,000 by default), with a 95 % interval of the paired difference.
+and `not_fu` (at least 2,000 by default), with a 95 % interval of the paired difference, and of
+the images lost how many the champion was sure of (the rest it had right only by the `not_fu`
+fallback) and how many were answered with a refinement of their class (`paired_drop`): what the
+champion knew and forgot is the share left (`forgotten_pts`, printed, not a target).
 
 Every flow runs as its command (`saofu fast-retrain`, `saofu train`) runs it: without Prefect's
 flow-run heartbeat thread, whose join costs up to 1 s at each run's end (`flows.heartbeat`). Each
