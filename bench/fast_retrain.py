@@ -109,28 +109,34 @@ def split_world(world: Path, base: Path) -> tuple[list[Path], list[Path], list[t
     return labels, held_out, regression
 
 
+def judged(probs: np.ndarray, truth: np.ndarray, classes: list[str],
+           refines: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: right or not at the serving threshold (not_fu the fallback, the refinement rule, as
+    the serving app decides); sure or not (the model's own probability of the image's class reaches
+    the threshold: right by knowing, where the rest of the right answers are the fallback's, or a
+    refinement group's); and answered with a class refining its own (a 福 answered as the merchant's
+    福: wrong for this bench and for the gate's recall, agreement for the canary, `deploy.canary`)."""
+    from saofu.refines import refinement_roots
+    from tasks.release.evaluation import decide
+
+    roots = refinement_roots(classes, {k: v for k, v in refines.items() if k in classes})
+    decisions = decide(probs, THRESHOLD, classes.index("not_fu") if "not_fu" in classes else None, roots)
+    right, sure = decisions == truth, probs[np.arange(len(truth)), truth] >= THRESHOLD
+    refined = ~right & (decisions >= 0) & (np.asarray(roots)[np.maximum(decisions, 0)] == truth)
+    return right, sure, refined
+
+
 def _answers(onnx_path: str | Path, paths: list[Path], labels: list[str],
              image_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per class, per image: right or not at the serving threshold (1/0; not_fu the fallback); sure
-    or not (the model's own probability of the image's class reaches the threshold: right by
-    knowing, where the rest of the right answers are the fallback's, or a refinement group's); and
-    answered with a class refining its own (a 福 answered as the merchant's 福: wrong for this
-    bench and for the gate's recall, agreement for the canary, `deploy.canary`)."""
-    from saofu.refines import refinement_roots
-    from tasks.release.evaluation import decide, onnx_classes, onnx_predict_proba, onnx_refines, session
+    """`judged` on the ONNX graph's answers, per class: right (1/0), sure, answered with a refinement."""
+    from tasks.release.evaluation import onnx_classes, onnx_predict_proba, onnx_refines, session
     from tasks.release.sets import split_from_files
 
     sess = session(onnx_path, threads=2)
     classes = onnx_classes(sess)
     split = split_from_files(paths, labels, classes, image_size)
-    probs = onnx_predict_proba(sess, split)
-    truth = split.labels.numpy()
-    # As the serving app decides (a sure `fu` group with an unsure member answers `fu`).
-    decisions = decide(probs, THRESHOLD, classes.index("not_fu") if "not_fu" in classes else None,
-                       refinement_roots(classes, onnx_refines(sess)))
-    right, sure = decisions == truth, probs[np.arange(len(truth)), truth] >= THRESHOLD
-    roots = np.asarray(refinement_roots(classes, onnx_refines(sess)))
-    refined = ~right & (decisions >= 0) & (roots[np.maximum(decisions, 0)] == truth)
+    right, sure, refined = judged(onnx_predict_proba(sess, split), split.labels.numpy(), classes,
+                                  onnx_refines(sess))
     per_class = {c: np.asarray(labels) == c for c in sorted(set(labels))}
     return ({c: right[m].astype(np.float64) for c, m in per_class.items()},
             {c: sure[m] for c, m in per_class.items()}, {c: refined[m] for c, m in per_class.items()})

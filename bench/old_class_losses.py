@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.fast_retrain import BUDGET_MIN, THRESHOLD
+from bench.fast_retrain import BUDGET_MIN, THRESHOLD, judged
 from bench.fine_tune_selection import REFINES, bench_world, decided_right, probabilities
 
 OUT = Path("bench/results/old_class_losses.json")
@@ -49,17 +49,6 @@ def losses(before: np.ndarray, after: np.ndarray, names: np.ndarray) -> dict:
         lost, won = int((before & ~after & m).sum()), int((~before & after & m).sum())
         out[c] = {"lost": lost, "won": won, "drop_pts": 100 * (lost - won) / int(m.sum())}
     return out
-
-
-def refinement_answers(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
-    """True per image answered, at the serving threshold, with a class refining its own (a 福 answered
-    as the merchant's 福: wrong for the bench and the gate's recall, agreement for the canary)."""
-    from saofu.refines import refinement_roots
-    from tasks.release.evaluation import decide
-
-    roots = np.asarray(refinement_roots(classes, {k: v for k, v in REFINES.items() if k in classes}))
-    decided = decide(probs, THRESHOLD, classes.index("not_fu"), roots.tolist())
-    return (decided != labels) & (roots[decided] == labels)
 
 
 def seeds_losing(lost_by_seed: list[np.ndarray]) -> dict[int, int]:
@@ -101,8 +90,7 @@ def run(seeds: list[int], budget_s: float) -> dict:
     base, state = load_checkpoint(world.champion)
     champion_classes = list(state["classes"])
     before_p, labels = probabilities(base, champion_classes, paths, list(names))
-    before = decided_right(before_p, labels, champion_classes)
-    sure = before_p[np.arange(len(labels)), labels] >= THRESHOLD
+    before, sure, _ = judged(before_p, labels, champion_classes, REFINES)
     draws, lost_by_seed, new_by_seed, held_by_seed, reg_by_seed = [], [], [], [], []
     for seed in seeds:
         cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed)
@@ -110,9 +98,9 @@ def run(seeds: list[int], budget_s: float) -> dict:
         held, held_labels = probabilities(result.model, result.classes, world.held_out,
                                           ["fu_merchant"] * len(world.held_out))
         reg, reg_labels = probabilities(result.model, result.classes, paths, list(names))
-        after = decided_right(reg, reg_labels, result.classes)
+        after, _, refined = judged(reg, reg_labels, result.classes, REFINES)
         lost = before & ~after
-        refined = lost & refinement_answers(reg, reg_labels, result.classes)
+        refined &= lost
         recall = float(decided_right(held, held_labels, result.classes).mean())
         row = {"seed": seed, "epochs_run": result.epochs_run, "new_class_recall": recall,
                "old_classes": losses(before, after, names),

@@ -22,12 +22,12 @@ def test_losses_count_each_old_class_both_ways():
 
 
 def test_a_fu_answered_as_the_merchant_s_fu_is_a_refinement_and_a_not_fu_so_answered_is_not():
-    from bench.old_class_losses import refinement_answers
+    from bench.fast_retrain import judged
 
     classes = ["fu", "not_fu", "fu_merchant"]
     probs = np.array([[0.02, 0.01, 0.97], [0.02, 0.01, 0.97], [0.95, 0.03, 0.02], [0.5, 0.1, 0.4]])
     labels = np.array([0, 1, 0, 0])  # the last: unsure, fu + fu_merchant 0.9 together: answered fu, right
-    assert refinement_answers(probs, labels, classes).tolist() == [True, False, False, False]
+    assert judged(probs, labels, classes, {"fu_merchant": "fu"})[2].tolist() == [True, False, False, False]
 
 
 def test_seeds_losing_counts_images_by_how_many_seeds_lose_them():
