@@ -28,6 +28,12 @@ def test_a_fu_answered_as_the_merchant_s_fu_is_a_refinement_and_a_not_fu_so_answ
     probs = np.array([[0.02, 0.01, 0.97], [0.02, 0.01, 0.97], [0.95, 0.03, 0.02], [0.5, 0.1, 0.4]])
     labels = np.array([0, 1, 0, 0])  # the last: unsure, fu + fu_merchant 0.9 together: answered fu, right
     assert judged(probs, labels, classes, {"fu_merchant": "fu"})[2].tolist() == [True, False, False, False]
+    # A graph naming no refinement (a full retrain's) is decided as it serves, without the group rule:
+    # the unsure last image falls back to not_fu, wrong. Its 福 answered as the merchant's is still
+    # the campaign's refinement.
+    right, _, refined = judged(probs, labels, classes, {})
+    assert right.tolist() == [False, False, True, False]
+    assert refined.tolist() == [True, False, False, False]
 
 
 def test_seeds_losing_counts_images_by_how_many_seeds_lose_them():

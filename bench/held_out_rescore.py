@@ -1,0 +1,113 @@
+"""Score a finished `saofu bench fast-retrain` run's models on each held-out set apart.
+
+    python -m bench.held_out_rescore [--home bench/work/fast_retrain] [--out bench/results/held_out_rescore.json]
+
+The bench judges its models on the world's own held-out-font test split and on a second world drawn
+in the same fonts (`bench.held_out_world`), together. This probe takes the models the run left
+registered in its folder (the champion, each fast-retrain draw's released version in the order they
+ran, the ship draw last, the full retrains) and scores them on each set apart and on both, with the
+bench's own `measure`: whether the 2,040 images of the test split alone, all the bench had until
+2026-12-07, told the same story as the 9,408 more. Two minutes on 2 cores, after the bench, alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench.fast_retrain import MODEL, _answers, _version_onnx, forgotten_pts, measure
+from bench.held_out_world import HELD_OUT_N, generate_held_out
+
+
+def bench_models(versions: list | None = None) -> dict[str, str]:
+    """Name -> registered version, of what the bench run left: `champion`, `fast retrain 1..k`, `ship`,
+    `full retrain 1..m`.
+
+    Read from the registry's lineage tags (`versions`: MLflow's model versions, the registry's
+    when None): a fine-tune has `saofu.change` and its parent is the champion; a release of it adds
+    `saofu.artefact`; a full retrain's release has the artefact tag and no change.
+    """
+    if versions is None:
+        from tasks import tracking
+
+        versions = tracking.client().search_model_versions(f"name='{MODEL}'")
+    versions = sorted(versions, key=lambda v: int(v.version))
+    fine_tunes = [v for v in versions if "saofu.change" in v.tags and "saofu.artefact" not in v.tags]
+    if not fine_tunes:
+        raise SystemExit("no fast-retrain fine-tune in this registry: run `saofu bench fast-retrain` first")
+    champion = fine_tunes[0].tags["parent_version"]
+    released = [str(v.version) for v in versions if "saofu.change" in v.tags and "saofu.artefact" in v.tags]
+    peers = [str(v.version) for v in versions  # (MLflow gives versions as numbers, tags as strings)
+             if "saofu.artefact" in v.tags and "saofu.change" not in v.tags and str(v.version) != champion]
+    return {"champion": champion, **{f"fast retrain {i + 1}": v for i, v in enumerate(released[:-1])},
+            "ship": released[-1], **{f"full retrain {i + 1}": v for i, v in enumerate(peers)}}
+
+
+def held_out_sets(home: Path) -> dict[str, tuple[list[Path], list[tuple[Path, str]]]]:
+    """The world's test split, the second world's (drawn if the run did not leave it), and both."""
+    from tasks.data.manifest import read_manifest
+
+    world = home / "world"
+    test = [r for r in read_manifest(world) if r["split"] == "test"]
+    own = ([world / r["path"] for r in test if r["label"] == "fu_merchant"],
+           [(world / r["path"], r["label"]) for r in test if r["label"] != "fu_merchant"])
+    extra_dir = home / "held_out_world"
+    if (extra_dir / "manifest.csv").is_file():
+        rows = [r for r in read_manifest(extra_dir) if r["split"] == "test"]
+        extra = ([extra_dir / r["path"] for r in rows if r["label"] == "fu_merchant"],
+                 [(extra_dir / r["path"], r["label"]) for r in rows if r["label"] != "fu_merchant"])
+    else:
+        extra = generate_held_out(extra_dir, HELD_OUT_N, world)
+    return {"test split": own, "second world": extra, "both": (own[0] + extra[0], own[1] + extra[1])}
+
+
+def rescore(home: Path) -> dict:
+    import os
+
+    os.environ["SAOFU_HOME"] = str(home.resolve())
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    models = bench_models()
+    onnx = {name: _version_onnx(v) for name, v in models.items()}
+    result = {"home": str(home), "versions": models, "sets": {}}
+    for set_name, (merchant, regression) in held_out_sets(home).items():
+        started = time.perf_counter()
+        paths, labels = [p for p, _ in regression], [c for _, c in regression]
+        right, sure, _ = _answers(onnx["champion"], paths, labels, 64)
+        scores = {name: measure(path, right, merchant, regression, 64, sure)
+                  for name, path in onnx.items() if name != "champion"}
+        draws = [s for name, s in scores.items() if name.startswith("fast retrain")]
+        peers = [s for name, s in scores.items() if name.startswith("full retrain")]
+        result["sets"][set_name] = {
+            "merchant_images": len(merchant), "regression_images": {c: labels.count(c) for c in sorted(set(labels))},
+            "fast_retrain_median": {
+                "new_class_recall": statistics.median(d["new_class_recall"] for d in draws),
+                "max_old_class_drop_pts": statistics.median(d["max_old_class_drop_pts"] for d in draws),
+                "max_old_class_forgotten_pts": statistics.median(forgotten_pts(d) for d in draws)},
+            "full_retrain_median": ({"new_class_recall": statistics.median(p["new_class_recall"] for p in peers),
+                                     "max_old_class_drop_pts": statistics.median(p["max_old_class_drop_pts"]
+                                                                                 for p in peers)} if peers else None),
+            "models": scores}
+        print(f"{set_name}: {len(merchant)} merchant, {len(regression)} old-class images, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+        for name, s in scores.items():
+            print(f"  {name:15s} recall {s['new_class_recall']:.3f}  " + "; ".join(
+                f"{c} {o['drop_pts']:+.2f} [{o['ci95_pts'][0]:+.2f}, {o['ci95_pts'][1]:+.2f}] {o['lost']}/{o['won']}"
+                f", forgotten {o['forgotten']} of {o['sure']}" for c, o in s["old_classes"].items()), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, default=Path("bench/work/fast_retrain"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/held_out_rescore.json"))
+    args = parser.parse_args()
+    result = rescore(args.home)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
