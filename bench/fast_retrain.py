@@ -4,8 +4,8 @@ A champion trained on `fu`/`not_fu` of the Fu world is serving (`saofu serve`, f
 `champion` alias). The merchant campaign starts: images of `fu_merchant` (the world's merchant
 frames, train fonts) are imported into a real Label Studio and answered by the simulated labeler.
 From that moment the clock runs, until the flow run ends: with the serving app answering the new
-version when the gate passes it. The issue's gate passes some draws on this world and refuses
-others (README), so one more draw, with the gate the README's demo uses, times the path through
+version when the gate passes it. The issue's gate refuses the draws on this world (its `not_fu`
+check, README), so one more draw, with the gate the README's demo uses, times the path through
 promotion to the serving app answering with the new version in every run:
 
 * fast retrain: `flows/fast_retrain.py`, one flow run at a 27-s budget (`BUDGET_MIN`; one draw per

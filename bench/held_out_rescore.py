@@ -8,18 +8,24 @@ registered in its folder (the champion, each fast-retrain draw's released versio
 ran, the ship draw last, the full retrains) and scores them on each set apart and on both, with the
 bench's own `measure`: whether the 2,040 images of the test split alone, all the bench had until
 2026-12-07, told the same story as the 9,408 more. Two minutes on 2 cores, after the bench, alone.
+
+With `--shift N` (repeat): each fast-retrain draw re-decided with `fu_merchant`'s logit lowered by N
+nats, on both sets: how much new-class recall each old-class image won back costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bench.fast_retrain import MODEL, _answers, _version_onnx, forgotten_pts, measure
-from bench.held_out_world import HELD_OUT_N, generate_held_out
+from bench.held_out_world import held_out_sets
 
 
 def bench_models(versions: list | None = None) -> dict[str, str]:
@@ -44,24 +50,6 @@ def bench_models(versions: list | None = None) -> dict[str, str]:
              if "saofu.artefact" in v.tags and "saofu.change" not in v.tags and str(v.version) != champion]
     return {"champion": champion, **{f"fast retrain {i + 1}": v for i, v in enumerate(released[:-1])},
             "ship": released[-1], **{f"full retrain {i + 1}": v for i, v in enumerate(peers)}}
-
-
-def held_out_sets(home: Path) -> dict[str, tuple[list[Path], list[tuple[Path, str]]]]:
-    """The world's test split, the second world's (drawn if the run did not leave it), and both."""
-    from tasks.data.manifest import read_manifest
-
-    world = home / "world"
-    test = [r for r in read_manifest(world) if r["split"] == "test"]
-    own = ([world / r["path"] for r in test if r["label"] == "fu_merchant"],
-           [(world / r["path"], r["label"]) for r in test if r["label"] != "fu_merchant"])
-    extra_dir = home / "held_out_world"
-    if (extra_dir / "manifest.csv").is_file():
-        rows = [r for r in read_manifest(extra_dir) if r["split"] == "test"]
-        extra = ([extra_dir / r["path"] for r in rows if r["label"] == "fu_merchant"],
-                 [(extra_dir / r["path"], r["label"]) for r in rows if r["label"] != "fu_merchant"])
-    else:
-        extra = generate_held_out(extra_dir, HELD_OUT_N, world)
-    return {"test split": own, "second world": extra, "both": (own[0] + extra[0], own[1] + extra[1])}
 
 
 def rescore(home: Path) -> dict:
@@ -99,12 +87,60 @@ def rescore(home: Path) -> dict:
     return result
 
 
+def shifted(probs: np.ndarray, column: int, nats: float) -> np.ndarray:
+    """The probabilities with one class's logit lowered by `nats` (softmax of the shifted logits)."""
+    out = probs.copy()
+    out[:, column] *= math.exp(-nats)
+    return out / out.sum(1, keepdims=True)
+
+
+def shift_curve(onnx: dict[str, Path], merchant: list[Path], regression: list[tuple[Path, str]],
+                shifts: list[float]) -> dict:
+    """Each fast-retrain draw's new-class recall and old-class drops with `fu_merchant`'s logit lowered
+    by each shift, on `merchant` and `regression`: the price in recall of each old-class image back."""
+    from bench.fast_retrain import judged
+    from tasks.release.evaluation import onnx_classes, onnx_predict_proba, onnx_refines, session
+    from tasks.release.sets import split_from_files
+
+    paths = [p for p, _ in regression] + merchant
+    labels = np.array([c for _, c in regression] + ["fu_merchant"] * len(merchant))
+    old = labels != "fu_merchant"
+    before = _answers(onnx["champion"], [p for p, _ in regression], list(labels[old]), 64)[0]
+    draws = {}
+    for name in (n for n in onnx if n.startswith("fast retrain")):
+        sess = session(onnx[name], threads=2)
+        classes = onnx_classes(sess)
+        split = split_from_files(paths, list(labels), classes, 64)
+        probs, truth, refines = onnx_predict_proba(sess, split), split.labels.numpy(), onnx_refines(sess)
+        rows = []
+        for nats in shifts:
+            right = judged(shifted(probs, classes.index("fu_merchant"), nats), truth, classes, refines)[0]
+            drops = {c: float(100 * (before[c] - right[old][labels[old] == c]).mean()) for c in before}
+            rows.append({"shift_nats": nats, "new_class_recall": float(right[~old].mean()), "drop_pts": drops})
+        draws[name] = rows
+        print(f"  {name:15s} " + " | ".join(f"-{r['shift_nats']:g}: {r['new_class_recall']:.3f}, "
+                                            + ", ".join(f"{c} {d:+.2f}" for c, d in r["drop_pts"].items())
+                                            for r in rows), flush=True)
+    median = [{"shift_nats": nats,
+               "new_class_recall": statistics.median(d[i]["new_class_recall"] for d in draws.values()),
+               "max_old_class_drop_pts": statistics.median(max(d[i]["drop_pts"].values()) for d in draws.values())}
+              for i, nats in enumerate(shifts)]
+    return {"draws": draws, "median": median}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=Path("bench/work/fast_retrain"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/held_out_rescore.json"))
+    parser.add_argument("--shift", type=float, action="append", default=None,
+                        help="also lower fu_merchant's logit by this many nats, on both sets (repeat)")
     args = parser.parse_args()
     result = rescore(args.home)
+    if args.shift:
+        print(f"fu_merchant's logit lowered (both sets), nats: {args.shift}", flush=True)
+        models = {name: _version_onnx(v) for name, v in result["versions"].items()}
+        merchant, regression = held_out_sets(args.home)["both"]
+        result["new_class_logit_shift"] = shift_curve(models, merchant, regression, sorted({0.0, *args.shift}))
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 

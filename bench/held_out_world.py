@@ -37,7 +37,6 @@ def generate_held_out(out: Path, n: int, like: Path, seed: int = SEED) -> tuple[
         SaofuError: the two worlds' test fonts differ (the set would not be held out the same way).
     """
     from tasks.data.fu_world import WorldConfig, generate_world
-    from tasks.data.manifest import read_manifest
 
     base = json.loads((like / "world.json").read_text())
     cfg = WorldConfig.from_dict({**base["config"], "n": n, "seed": seed, "splits": SPLITS})
@@ -45,7 +44,22 @@ def generate_held_out(out: Path, n: int, like: Path, seed: int = SEED) -> tuple[
     fonts = [json.loads((w / "world.json").read_text())["fonts"]["test_groups"] for w in (like, out)]
     if fonts[0] != fonts[1]:
         raise SaofuError(f"the extra held-out world's test fonts {fonts[1]} are not the bench world's {fonts[0]}")
-    test = [r for r in read_manifest(out) if r["split"] == "test"]
-    merchant = [out / r["path"] for r in test if r["label"] == "fu_merchant"]
-    regression = [(out / r["path"], r["label"]) for r in test if r["label"] != "fu_merchant"]
-    return merchant, regression
+    return world_test_split(out)
+
+
+def world_test_split(world: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """A world's test split: its `fu_merchant` images; its other images with their class."""
+    from tasks.data.manifest import read_manifest
+
+    test = [r for r in read_manifest(world) if r["split"] == "test"]
+    return ([world / r["path"] for r in test if r["label"] == "fu_merchant"],
+            [(world / r["path"], r["label"]) for r in test if r["label"] != "fu_merchant"])
+
+
+def held_out_sets(home: Path) -> dict[str, tuple[list[Path], list[tuple[Path, str]]]]:
+    """A fast-retrain bench folder's held-out sets, (merchant images, old-class images with their class):
+    the world's test split, the second world's (drawn if the run did not leave it), and both."""
+    own, extra_dir = world_test_split(home / "world"), home / "held_out_world"
+    extra = (world_test_split(extra_dir) if (extra_dir / "manifest.csv").is_file()
+             else generate_held_out(extra_dir, HELD_OUT_N, home / "world"))
+    return {"test split": own, "second world": extra, "both": (own[0] + extra[0], own[1] + extra[1])}

@@ -2,7 +2,8 @@
 
 The fast-retrain bench asks that no old class fall by more than half a point against the serving
 champion. This measures the floor under that target, on the same regression set (the held-out-font
-`fu`/`not_fu` test images of the bench's world) and the same decision (threshold 0.9, `not_fu`
+`fu`/`not_fu` test images of the bench's world and of its second held-out world, `bench.held_out_world`,
+since 2026-12-07) and the same decision (threshold 0.9, `not_fu`
 fallback): the champion's own unpruned parent (the model the release pruned it from), and champions
 trained exactly as it was (same data, split and settings) with other seeds, each against the
 champion's answers, image by image.
@@ -42,19 +43,17 @@ def run_retrain_churn_bench(seeds: tuple[int, ...] = (1, 2), home: Path = HOME,
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
     from bench.fast_retrain import MODEL, _recalls, _version_onnx, paired_drop, write_summary
+    from bench.held_out_world import held_out_sets
     from bench.models import _device_name
     from saofu.settings import get_settings
     from tasks.data.loading import prepare_dataset
-    from tasks.data.manifest import read_manifest
     from tasks.release.steps import load_candidate
     from tasks.train.export import export_onnx
     from tasks.train.loop import checkpoint_config, fit, load_checkpoint
     from tasks.train.retrain_steps import resolve_base
 
     started = time.perf_counter()
-    rows = read_manifest(home / "world")
-    regression = [(home / "world" / r["path"], r["label"]) for r in rows
-                  if r["label"] != "fu_merchant" and r["split"] == "test"]
+    regression = held_out_sets(home)["both"][1]  # the fast-retrain bench's own regression set
     paths, labels = [p for p, _ in regression], [c for _, c in regression]
     work = home / "runs" / "retrain-churn"
     work.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ image the challenger calls `fu_merchant` is lost. After a fast retrain that expa
 (`models.expand`) its old logits are kept, so the new class is behind every change: an old-class
 image is lost to it (answered as the new class, or pushed under the threshold by the probability
 it takes) and won only through the refinement rule (a `fu` the champion was unsure of, whose `fu`
-and `fu_merchant` together now clear the threshold); in `saofu bench fast-retrain`, `not_fu` lost
-5-6 images per draw and won none. The lost images of each set are drawn as one montage
-(`lost_<set>.png`, the challenger's most confident wrong answers first), with what the champion
+and `fu_merchant` together now clear the threshold); in `saofu bench fast-retrain`, `not_fu` loses
+images in every draw and wins none (the README has the figures). The lost images of each set are
+drawn as one montage (`lost_<set>.png`, the challenger's most confident wrong answers first), with what the champion
 answered and what the challenger answers under each: the images to look at when the gate refuses
 a model over half a point.
 """
