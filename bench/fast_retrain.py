@@ -22,10 +22,10 @@ merchant images of held-out fonts, and each old class's recall before (the champ
 the regression set, the held-out-font images of `fu` and `not_fu`: the world's test split (2,040)
 and a second world drawn in the same held-out fonts (`bench.held_out_world`, 12,000 images: about
 5,700 a class in all, so the interval resolves half a point), with a 95 % interval of the paired
-difference, and of
-the images lost how many the champion was sure of (the rest it had right only by the `not_fu`
-fallback) and how many were answered with a refinement of their class (`paired_drop`): what the
-champion knew and forgot is the share left (`forgotten_pts`, printed, not a target).
+difference, and of the images lost how many the champion was sure of (the rest it had right only
+by the `not_fu` fallback) and how many were answered with a refinement of their class
+(`paired_drop`): what the champion knew and forgot is the share left (`forgotten_pts`, printed,
+not a target).
 
 Every flow runs as its command (`saofu fast-retrain`, `saofu train`) runs it: without Prefect's
 flow-run heartbeat thread, whose join costs up to 1 s at each run's end (`flows.heartbeat`). Each
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.held_out_world import HELD_OUT_N, generate_held_out
+from bench.held_out_world import HELD_OUT_N, generate_held_out, world_test_split
 
 TARGETS = {"wall_s": 300.0, "new_class_recall": 0.95, "max_old_class_drop_pts": 0.5,
            "speedup_vs_full_retrain": 5.0, "orchestration_share": 0.03}
@@ -109,9 +109,7 @@ def split_world(world: Path, base: Path) -> tuple[list[Path], list[Path], list[t
         shutil.copyfile(world / r["path"], dst)
     write_manifest(base, keep)
     labels = [world / r["path"] for r in rows if r["label"] == "fu_merchant" and r["split"] != "test"]
-    held_out = [world / r["path"] for r in rows if r["label"] == "fu_merchant" and r["split"] == "test"]
-    regression = [(world / r["path"], r["label"]) for r in keep if r["split"] == "test"]
-    return labels, held_out, regression
+    return (labels, *world_test_split(world))
 
 
 def judged(probs: np.ndarray, truth: np.ndarray, classes: list[str],
@@ -136,17 +134,22 @@ def judged(probs: np.ndarray, truth: np.ndarray, classes: list[str],
     return right, sure, refined
 
 
-def _answers(onnx_path: str | Path, paths: list[Path], labels: list[str],
-             image_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """`judged` on the ONNX graph's answers, per class: right (1/0), sure, answered with a refinement."""
+def graph_probabilities(onnx_path: str | Path, paths: list[Path], labels: list[str],
+                        image_size: int) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, str]]:
+    """The ONNX graph's probabilities on the images, their true class indices, its classes and `refines`."""
     from tasks.release.evaluation import onnx_classes, onnx_predict_proba, onnx_refines, session
     from tasks.release.sets import split_from_files
 
     sess = session(onnx_path, threads=2)
     classes = onnx_classes(sess)
     split = split_from_files(paths, labels, classes, image_size)
-    right, sure, refined = judged(onnx_predict_proba(sess, split), split.labels.numpy(), classes,
-                                  onnx_refines(sess))
+    return onnx_predict_proba(sess, split), split.labels.numpy(), classes, onnx_refines(sess)
+
+
+def _answers(onnx_path: str | Path, paths: list[Path], labels: list[str],
+             image_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`judged` on the ONNX graph's answers, per class: right (1/0), sure, answered with a refinement."""
+    right, sure, refined = judged(*graph_probabilities(onnx_path, paths, labels, image_size))
     per_class = {c: np.asarray(labels) == c for c in sorted(set(labels))}
     return ({c: right[m].astype(np.float64) for c, m in per_class.items()},
             {c: sure[m] for c, m in per_class.items()}, {c: refined[m] for c, m in per_class.items()})

@@ -52,7 +52,8 @@ def bench_models(versions: list | None = None) -> dict[str, str]:
             "ship": released[-1], **{f"full retrain {i + 1}": v for i, v in enumerate(peers)}}
 
 
-def rescore(home: Path) -> dict:
+def rescore(home: Path, shifts: list[float] | None = None) -> dict:
+    """Every model on each set; with `shifts`, the fast-retrain draws' `shift_curve` on both sets too."""
     import os
 
     os.environ["SAOFU_HOME"] = str(home.resolve())
@@ -84,6 +85,11 @@ def rescore(home: Path) -> dict:
             print(f"  {name:15s} recall {s['new_class_recall']:.3f}  " + "; ".join(
                 f"{c} {o['drop_pts']:+.2f} [{o['ci95_pts'][0]:+.2f}, {o['ci95_pts'][1]:+.2f}] {o['lost']}/{o['won']}"
                 f", forgotten {o['forgotten']} of {o['sure']}" for c, o in s["old_classes"].items()), flush=True)
+        if set_name == "both":
+            both = (right, merchant, regression)
+    if shifts:
+        print(f"fu_merchant's logit lowered (both sets), nats: {shifts}", flush=True)
+        result["new_class_logit_shift"] = shift_curve(onnx, *both, sorted({0.0, *shifts}))
     return result
 
 
@@ -94,28 +100,24 @@ def shifted(probs: np.ndarray, column: int, nats: float) -> np.ndarray:
     return out / out.sum(1, keepdims=True)
 
 
-def shift_curve(onnx: dict[str, Path], merchant: list[Path], regression: list[tuple[Path, str]],
-                shifts: list[float]) -> dict:
+def shift_curve(onnx: dict[str, Path], champion_right: dict[str, np.ndarray], merchant: list[Path],
+                regression: list[tuple[Path, str]], shifts: list[float]) -> dict:
     """Each fast-retrain draw's new-class recall and old-class drops with `fu_merchant`'s logit lowered
-    by each shift, on `merchant` and `regression`: the price in recall of each old-class image back."""
-    from bench.fast_retrain import judged
-    from tasks.release.evaluation import onnx_classes, onnx_predict_proba, onnx_refines, session
-    from tasks.release.sets import split_from_files
+    by each shift, on `merchant` and `regression` (`champion_right`: the champion's answers there, per
+    class): the price in recall of each old-class image back."""
+    from bench.fast_retrain import graph_probabilities, judged
 
     paths = [p for p, _ in regression] + merchant
     labels = np.array([c for _, c in regression] + ["fu_merchant"] * len(merchant))
     old = labels != "fu_merchant"
-    before = _answers(onnx["champion"], [p for p, _ in regression], list(labels[old]), 64)[0]
     draws = {}
     for name in (n for n in onnx if n.startswith("fast retrain")):
-        sess = session(onnx[name], threads=2)
-        classes = onnx_classes(sess)
-        split = split_from_files(paths, list(labels), classes, 64)
-        probs, truth, refines = onnx_predict_proba(sess, split), split.labels.numpy(), onnx_refines(sess)
+        probs, truth, classes, refines = graph_probabilities(onnx[name], paths, list(labels), 64)
         rows = []
         for nats in shifts:
             right = judged(shifted(probs, classes.index("fu_merchant"), nats), truth, classes, refines)[0]
-            drops = {c: float(100 * (before[c] - right[old][labels[old] == c]).mean()) for c in before}
+            drops = {c: float(100 * (champion_right[c] - right[old][labels[old] == c]).mean())
+                     for c in champion_right}
             rows.append({"shift_nats": nats, "new_class_recall": float(right[~old].mean()), "drop_pts": drops})
         draws[name] = rows
         print(f"  {name:15s} " + " | ".join(f"-{r['shift_nats']:g}: {r['new_class_recall']:.3f}, "
@@ -135,12 +137,7 @@ def main() -> None:
     parser.add_argument("--shift", type=float, action="append", default=None,
                         help="also lower fu_merchant's logit by this many nats, on both sets (repeat)")
     args = parser.parse_args()
-    result = rescore(args.home)
-    if args.shift:
-        print(f"fu_merchant's logit lowered (both sets), nats: {args.shift}", flush=True)
-        models = {name: _version_onnx(v) for name, v in result["versions"].items()}
-        merchant, regression = held_out_sets(args.home)["both"]
-        result["new_class_logit_shift"] = shift_curve(models, merchant, regression, sorted({0.0, *args.shift}))
+    result = rescore(args.home, args.shift)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 
