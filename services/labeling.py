@@ -24,7 +24,6 @@ returns those instead of the local server's.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -35,9 +34,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
@@ -154,18 +154,6 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@contextmanager
-def _file_lock(path: Path):
-    """Hold an exclusive lock on `path` (two processes must not pip-install into one venv at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _run_checked(cmd: list[str], what: str) -> None:
     """Run an installer command, its output shown; raise SaofuError naming `what` on failure."""
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
@@ -192,7 +180,7 @@ def ensure_installed(venv_dir: Path | None = None) -> Path:
     stamp = venv_dir / _STAMP_NAME
     if exe.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return exe
-    with _file_lock(venv_dir.parent / f".{venv_dir.name}.lock"):
+    with FileLock(venv_dir.parent / f".{venv_dir.name}.lock"):  # two processes must not pip-install into one venv
         # another process may have finished the same installation while we waited for the lock
         if exe.exists() and stamp.exists() and stamp.read_text().strip() == digest:
             return exe
@@ -402,7 +390,7 @@ def start(
         The running server's handle (URL, token, pid, log path, login).
     """
     # two `saofu up` at once must not race to start two servers on one database
-    with _file_lock(state_dir() / ".labelstudio-start.lock"):
+    with FileLock(state_dir() / ".labelstudio-start.lock"):
         running = status()
         if running is not None:
             _progress(f"Label Studio already runs at {running.url} (pid {running.pid})")

@@ -32,7 +32,6 @@ and it must be able to enter the state folder, which `start_postgres` checks.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import json
 import os
@@ -49,6 +48,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
@@ -282,17 +283,6 @@ def _check_reachable(state_dir: Path, os_user: _OsUser) -> None:
         f"enter {blocking} (mode {mode}) on the way to {state_dir}. Let it pass (`setfacl -m u:{os_user.name}:x "
         f"{blocking}` or `chmod o+x {blocking}`), or keep the project (SAOFU_HOME) where that user can reach it."
     )
-
-
-@contextmanager
-def _file_lock(path: Path):
-    """Hold an exclusive lock on `path`: two `saofu up postgres` at once must not race on one cluster."""
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -561,7 +551,7 @@ def start_postgres(
         raise SaofuError(f"port {port} is not a TCP port (1-65535)")
     state_dir = _resolve_state_dir(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(state_dir / ".start.lock"):
+    with FileLock(state_dir / ".start.lock"):  # two `saofu up postgres` at once must not race on one cluster
         running = postgres_status(state_dir)
         if running is None:
             return _start_new(state_dir, port, database, user, fsync, timeout)

@@ -31,7 +31,6 @@ next to this Python), so its global state (logging, locks) never leaks into the 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -40,13 +39,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
@@ -215,7 +213,8 @@ def _version(src: Path, name: str, message: str, any_name: bool) -> DataVersion:
     _check_name(name)
     digests = _digests()
     fingerprint = _fingerprint_dataset(src, digests)
-    with _registry_lock():
+    # DVC's own repo lock fails a second writer at once; this one makes it wait its turn.
+    with FileLock(state_dir() / "data-registry.lock"):
         repo = _ensure_registry()
         _discard_unfinished(repo)
         versions = _read_versions(repo)
@@ -434,18 +433,6 @@ def _remove(path: Path) -> None:
 
 def _is_registry(repo: Path) -> bool:
     return (repo / ".git").exists() and (repo / ".dvc").is_dir()
-
-
-@contextmanager
-def _registry_lock() -> Iterator[None]:
-    # DVC's own repo lock fails a second writer at once; this one makes it wait its turn.
-    state_dir().mkdir(parents=True, exist_ok=True)
-    with (state_dir() / "data-registry.lock").open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _ensure_registry() -> Path:
