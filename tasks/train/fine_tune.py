@@ -165,7 +165,6 @@ class FineTuneConfig:
     # `loop.augment`'s strength; None: the base run's (0.3 at the defaults). Twice that generalised the
     # new class to held-out fonts better on both measured worlds (module docstring).
     aug_strength: float | None = 0.6
-    font_jitter: float = 0.0  # `loop.font_jitter`'s strength; 0: none
     seed: int | None = None  # None: the base run's
     device: str = "auto"
     # The epoch kept (`tasks/train/kept_epoch.py`): expanding, the last; growing, among those whose old
@@ -422,7 +421,7 @@ def fine_tune(
     def step(m: nn.Module, batch: TensorSplit, optimizer, scheduler, generator) -> dict[str, float]:
         # One batch per call, so the budget's clock is checked between batches.
         return fine_tune_step(m, teacher, batch, optimizer, scheduler, tcfg, device, generator, fold,
-                              distill_weight, cfg.distill_temperature, class_weight, cfg.font_jitter)
+                              distill_weight, cfg.distill_temperature, class_weight)
     # Epoch 0: the grown model untrained. Its old-class logits are the base model's, so the base
     # model's predictions (argmax over the old columns) come from the same pass.
     start = clock()

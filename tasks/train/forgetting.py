@@ -20,7 +20,7 @@ from saofu.refines import known_ancestor
 from tasks.data.loading import TensorSplit
 from tasks.data.preprocess import normalize, to_float
 from tasks.train.config import TrainConfig
-from tasks.train.loop import augment, font_jitter
+from tasks.train.loop import augment
 
 
 def fold_matrix(classes: Sequence[str], old: Sequence[str], refines: dict[str, str]) -> Tensor:
@@ -41,7 +41,7 @@ def fold_matrix(classes: Sequence[str], old: Sequence[str], refines: dict[str, s
 def fine_tune_step(model: nn.Module, teacher: nn.Module, batch: TensorSplit, optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, device: torch.device,
                    generator: torch.Generator, fold: Tensor, weight: float, temperature: float,
-                   class_weight: Tensor | None = None, font_jitter_strength: float = 0.0) -> dict[str, float]:
+                   class_weight: Tensor | None = None) -> dict[str, float]:
     """One optimiser step on `batch` (augmented as `loop.train_one_epoch` does): cross-entropy on its
     labels (each class weighted by `class_weight`, when given), plus, with `weight` > 0, on its
     old-class images the KL divergence from the base model's answer to the model's answer folded
@@ -55,8 +55,7 @@ def fine_tune_step(model: nn.Module, teacher: nn.Module, batch: TensorSplit, opt
     """
     train_mode(model)
     images, labels = batch.images.to(device), batch.labels.to(device)
-    x = augment(to_float(images), cfg.aug_strength, generator)
-    x = normalize(font_jitter(x, font_jitter_strength, generator))
+    x = normalize(augment(to_float(images), cfg.aug_strength, generator))
     logits = model(x)
     loss = F.cross_entropy(logits, labels, weight=class_weight, label_smoothing=cfg.label_smoothing)
     old = labels < fold.shape[1]

@@ -119,26 +119,6 @@ def augment(x: torch.Tensor, strength: float, generator: torch.Generator) -> tor
     return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
 
 
-def font_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Stroke-weight and edge jitter on a float [0,1] batch: what separates one font's rendering from another's.
-
-    Per image, a 3x3 max (bright strokes wider, dark ones thinner) or min filter blended in by up to
-    `strength`, then a 3x3 blur (or, negative, an unsharp mask) blended in by up to `strength`.
-    """
-    if strength <= 0:
-        return x
-    n, dev = x.shape[0], x.device
-
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) * (hi - lo) + lo).to(dev).view(n, 1, 1, 1)
-
-    weight = uniform(-1, 1) * strength
-    widened = torch.where(weight > 0, F.max_pool2d(x, 3, 1, 1), -F.max_pool2d(-x, 3, 1, 1))
-    x = x + weight.abs() * (widened - x)
-    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    return (x + uniform(-0.5, 1) * strength * (blurred - x)).clamp_(0, 1)
-
-
 def train_one_epoch(
     model: nn.Module,
     split: TensorSplit,
