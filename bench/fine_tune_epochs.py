@@ -30,7 +30,7 @@ import statistics
 from pathlib import Path
 from unittest import mock
 
-from bench.fine_tune_selection import REFINES, ProbeWorld, bench_world, champion_scorer, selection_world
+from bench.fine_tune_selection import REFINES, ProbeWorld, bench_world, champion_scorer, seed_list, selection_world
 
 OUT = "bench/results/fine_tune_epochs_{world}.json"
 
@@ -120,7 +120,7 @@ def format_table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fine_tune_epochs", description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=["selection", "bench"], default="selection")
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated (default 0,1,2,3,4)")
+    parser.add_argument("--seeds", type=seed_list, default="0,1,2,3,4", help="comma-separated (default 0,1,2,3,4)")
     parser.add_argument("--budget-s", type=float, default=45.0)
     parser.add_argument("--out", type=Path,
                         help="where the JSON goes (default bench/results/fine_tune_epochs_<world>.json)")
@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         over = json.loads(args.config)
-        seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError as exc:
         parser.error(f"{exc}")
     if not isinstance(over, dict):
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"not FineTuneConfig fields: {', '.join(unknown)}")
     world = bench_world() if args.world == "bench" else selection_world()
-    summary = run(world, seeds, args.budget_s, over)
+    summary = run(world, args.seeds, args.budget_s, over)
     out = args.out or Path(OUT.format(world=args.world))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

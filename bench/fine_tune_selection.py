@@ -86,6 +86,14 @@ class ProbeWorld:
     work: Path  # where the fine-tunes write
 
 
+def seed_list(text: str) -> list[int]:
+    """`--seeds` of the fine-tune probes: comma-separated integers ("0,1,2,3,4"); argparse's `type`."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+
+
 def prepare(home: Path) -> Path:
     """The selection world, its champion (fu/not_fu, 20 epochs) and the campaign dataset, once."""
     from tasks.data.fu_world import WorldConfig, generate_world

@@ -33,7 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.fine_tune_selection import REFINES, ProbeWorld, bench_world, decided_right, probabilities, selection_world
+from bench.fine_tune_selection import (
+    REFINES,
+    ProbeWorld,
+    bench_world,
+    decided_right,
+    probabilities,
+    seed_list,
+    selection_world,
+)
 
 OUT = "bench/results/new_class_bias_{world}.json"
 BIASES = [round(0.25 * i, 2) for i in range(17)]  # 0 .. 4 nats
@@ -137,16 +145,12 @@ def format_table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.new_class_bias", description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=["selection", "bench"], default="bench")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--seeds", type=seed_list, default="0,1,2,3,4")
     parser.add_argument("--budget-s", type=float, default=45.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError as exc:
-        parser.error(f"--seeds: {exc}")
     world = bench_world() if args.world == "bench" else selection_world()
-    summary = run(world, seeds, args.budget_s)
+    summary = run(world, args.seeds, args.budget_s)
     out = args.out or Path(OUT.format(world=args.world))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

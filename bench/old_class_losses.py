@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.fast_retrain import BUDGET_MIN, THRESHOLD, judged
-from bench.fine_tune_selection import REFINES, bench_world, decided_right, probabilities
+from bench.fine_tune_selection import REFINES, bench_world, decided_right, probabilities, seed_list
 
 OUT = Path("bench/results/old_class_losses.json")
 OLD = ("fu", "not_fu")
@@ -177,14 +177,11 @@ def format_report(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.old_class_losses", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--seeds", type=seed_list, default="0,1,2,3,4")
     parser.add_argument("--budget-s", type=float, default=60 * BUDGET_MIN, help="the fast-retrain bench's")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError as exc:
-        parser.error(f"--seeds: {exc}")
+    seeds = args.seeds
     if len(seeds) < 2:
         parser.error("--seeds: at least two (the probe compares seeds)")
     summary = run(seeds, args.budget_s)

@@ -34,7 +34,7 @@ def test_the_table_gives_each_rule_its_medians_and_every_seed():
 
 
 @pytest.mark.parametrize("args, named", [(["{oops"], "Expecting"), (['{"old_weight": 3}'], "old_weight"),
-                                         (["[1]"], "JSON object"), (["--seeds", "0,x"], "invalid literal")])
+                                         (["[1]"], "JSON object"), (["--seeds", "0,x"], "comma-separated integers")])
 def test_a_bad_config_is_refused_before_a_world_is_prepared(args, named, capsys, monkeypatch):
     import bench.fine_tune_epochs as epochs
 

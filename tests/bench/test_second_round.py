@@ -1,0 +1,72 @@
+"""The second-round probe: which images go to the labelers, and the dataset they join."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.fine_tune_selection import ProbeWorld
+from tasks.data.manifest import add_images, read_manifest
+from tests.reliability.test_dataset_lock import png
+
+CLASSES = ["fu", "not_fu", "fu_merchant"]
+
+
+def world_of(tmp_path: Path, held_out: list[Path], regression: list[tuple[Path, str]], data_dir: Path) -> ProbeWorld:
+    return ProbeWorld("test world", tmp_path / "champion.pt", data_dir, 0.15, 0, tmp_path / "cache", held_out,
+                      regression, tmp_path / "work")
+
+
+@pytest.mark.timeout(30)
+def test_the_badcases_are_the_test_images_decided_wrong_at_the_threshold_with_their_true_class(tmp_path, monkeypatch):
+    import bench.second_round as second_round
+
+    merchant_sure, merchant_unsure, lookalike, plain = (tmp_path / f"{n}.png" for n in range(4))
+    world = world_of(tmp_path, [merchant_sure, merchant_unsure], [(lookalike, "not_fu"), (plain, "not_fu")],
+                     tmp_path / "ds")
+    probs = np.array([
+        [0.02, 0.03, 0.95],  # a merchant 福 answered as one, sure: right
+        [0.30, 0.20, 0.50],  # a merchant 福 the model is unsure of: falls back to not_fu, wrong
+        [0.01, 0.04, 0.95],  # a framed look-alike answered fu_merchant, sure: wrong
+        [0.01, 0.97, 0.02],  # a plain not_fu: right
+    ])
+    seen = {}
+
+    def fake_probabilities(model, classes, paths, labels):
+        seen["paths"], seen["labels"] = paths, labels
+        return probs, np.array([classes.index(c) for c in labels])
+
+    monkeypatch.setattr(second_round, "probabilities", fake_probabilities)
+
+    rows = second_round.badcases(world, model=None, classes=CLASSES)
+
+    assert seen["labels"] == ["fu_merchant", "fu_merchant", "not_fu", "not_fu"]
+    assert [(Path(r["image"]), r["label"]) for r in rows] == [(merchant_unsure, "fu_merchant"), (lookalike, "not_fu")]
+    assert all(r["source"] == "human" and r["split"] == "train" for r in rows)
+
+
+@pytest.mark.timeout(30)
+def test_the_labelled_badcases_join_a_linked_copy_and_the_worlds_dataset_is_untouched(tmp_path):
+    from bench.second_round import with_labelled
+
+    ds = tmp_path / "ds"
+    add_images(ds, [{"image": str(png(tmp_path / "src" / f"{n}.png", n)), "label": "fu", "source": "generated",
+                     "split": "train"} for n in range(3)])
+    before = (ds / "manifest.csv").read_text()
+    case = png(tmp_path / "case.png", 7)
+    world = world_of(tmp_path, [], [], ds)
+
+    grown = with_labelled(world, [{"image": str(case), "label": "not_fu", "source": "human", "split": "train"}],
+                          tmp_path / "round2")
+
+    assert (ds / "manifest.csv").read_text() == before  # the original dataset gained nothing
+    rows = read_manifest(grown.data_dir)
+    assert sorted(r["label"] for r in rows) == ["fu", "fu", "fu", "not_fu"]
+    kept = [r for r in rows if r["label"] == "fu"][0]["path"]
+    assert (grown.data_dir / kept).stat().st_ino == (ds / kept).stat().st_ino  # hard links, not copies
+    assert grown.work == tmp_path / "round2" / "fine-tune" and grown.champion == world.champion
+
+    again = with_labelled(world, [], tmp_path / "round2")  # the next seed starts from the world's dataset again
+    assert len(read_manifest(again.data_dir)) == 3
