@@ -16,9 +16,13 @@ held-out fonts (`bench.held_out_world`, another seed), which nobody labels: new-
 each old class's drop in points, with its 95 % interval.
 
 Run it alone (two torch processes on 2 cores slow each other):
-    python -m bench.second_round [--seeds 0,1,2,3,4] [--budget-s 60] [--held-out-n 12000] [--out PATH]
-The selection world (`bench.fine_tune_selection`), built on first use. About 2.5 minutes a seed
-on 2 CPU cores (12 min for five). Writes bench/results/second_round.json.
+    python -m bench.second_round [--world selection|bench] [--seeds 0,1,2,3,4] [--budget-s S]
+                                 [--held-out-n 12000] [--bench-results PATH] [--out PATH]
+`--world selection` (default): the selection world (`bench.fine_tune_selection`), built on first
+use, at the flow's 60 s; its clean set is drawn here (`--held-out-n`). `--world bench`: the
+fast-retrain bench's world as its last run left it (`--bench-results`: that run's JSON, for the
+champion version), at the bench's 27 s; its clean set is the bench's own second world. About 2.5
+minutes a seed on 2 CPU cores. Writes bench/results/second_round[_bench].json.
 """
 
 from __future__ import annotations
@@ -34,18 +38,22 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.fast_retrain import paired_drop
+from bench.fast_retrain import BUDGET_MIN, paired_drop
 from bench.fine_tune_selection import (
+    BENCH_HOME,
+    BENCH_RESULTS,
     HOME,
     REFINES,
     ProbeWorld,
+    bench_world,
     decided_right,
     probabilities,
     seed_list,
     selection_world,
 )
 
-OUT = Path("bench/results/second_round.json")
+OUT = {"selection": Path("bench/results/second_round.json"), "bench": Path("bench/results/second_round_bench.json")}
+BUDGET_S = {"selection": 60.0, "bench": 60 * BUDGET_MIN}  # the flow's default; the bench's own
 CLEAN_SEED = 2  # the selection world is seed 1; the clean set must be another draw
 WORK = HOME / "second-round"
 
@@ -73,7 +81,7 @@ def with_labelled(world: ProbeWorld, rows: list[dict], home: Path) -> ProbeWorld
 
 
 def clean_world(world: ProbeWorld, n: int) -> ProbeWorld:
-    """`world` scored on a second world of `n` images in its held-out fonts instead of its test split."""
+    """The selection world scored on a second world of `n` images in its held-out fonts, not its test split."""
     from bench.held_out_world import generate_held_out, world_test_split
 
     out = WORK / f"clean-{n}"
@@ -96,30 +104,45 @@ def score(clean: ProbeWorld, before: np.ndarray, model, classes: list[str]) -> d
             "max_old_class_drop_pts": max(d["drop_pts"] for d in drops.values())}
 
 
-def run(seeds: list[int], budget_s: float, held_out_n: int) -> dict:
+def bench_clean_world(world: ProbeWorld) -> ProbeWorld:
+    """The bench's world scored on the second world its run drew in the same held-out fonts."""
+    from bench.held_out_world import held_out_sets
+
+    held, regression = held_out_sets(BENCH_HOME)["second world"]
+    return dataclasses.replace(world, held_out=held, regression=regression)
+
+
+def run(world_name: str, seeds: list[int], budget_s: float, held_out_n: int,
+        bench_results: Path = BENCH_RESULTS) -> dict:
     from bench.models import _device_name
     from tasks.data.loading import prepare_dataset
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
     from tasks.train.loop import load_checkpoint
 
-    world = selection_world()
-    clean = clean_world(world, held_out_n)
+    if world_name == "bench":
+        world = bench_world(results=bench_results)
+        clean, clean_set = bench_clean_world(world), "the bench's second world, in the same held-out fonts"
+    else:
+        world = selection_world()
+        clean = clean_world(world, held_out_n)
+        clean_set = f"a second world, seed {CLEAN_SEED}, {held_out_n} images in the same held-out fonts"
+    work = WORK if world_name == "selection" else WORK.with_name("second-round-bench")
     base, state = load_checkpoint(world.champion)
     paths, old = [p for p, _ in clean.regression], [c for _, c in clean.regression]
     before = decided_right(*probabilities(base, state["classes"], paths, old), state["classes"])
 
     def round_of(w: ProbeWorld, seed: int, home: Path):
-        data = prepare_dataset(w.data_dir, 64, w.val_share, w.split_seed, WORK / "cache")
+        data = prepare_dataset(w.data_dir, 64, w.val_share, w.split_seed, work / "cache")
         cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed)
         home.mkdir(parents=True, exist_ok=True)
         return fine_tune(w.champion, data, cfg, home / f"seed{seed}.pt")
 
     draws = []
     for seed in seeds:
-        first = round_of(world, seed, WORK / "round1")
+        first = round_of(world, seed, work / "round1")
         model1 = first.model.eval()
         cases = badcases(world, model1, first.classes)
-        second = round_of(with_labelled(world, cases, WORK / f"round2-seed{seed}"), seed, WORK / "round2")
+        second = round_of(with_labelled(world, cases, work / f"round2-seed{seed}"), seed, work / "round2")
         draw = {"seed": seed, "badcases": dict(sorted(_count(cases).items())),
                 "round1": {**score(clean, before, model1, first.classes), "epochs_run": first.epochs_run},
                 "round2": {**score(clean, before, second.model.eval(), second.classes),
@@ -129,8 +152,7 @@ def run(seeds: list[int], budget_s: float, held_out_n: int) -> dict:
               + "; ".join(f"{r} {_cell(draw[r])}" for r in ("round1", "round2")), flush=True)
     medians = {r: {k: statistics.median(d[r][k] for d in draws) for k in ("new_class_recall", "max_old_class_drop_pts")}
                for r in ("round1", "round2")}
-    return {"world": world.description, "clean_set": f"a second world, seed {CLEAN_SEED}, {held_out_n} images in "
-                                                      "the same held-out fonts, never labelled",
+    return {"world": world.description, "clean_set": f"{clean_set}, never labelled",
             "budget_s": budget_s, "seeds": seeds, "held_out_merchant": len(clean.held_out),
             "regression_images": len(clean.regression), "device": _device_name(), "draws": draws,
             "median": medians}
@@ -163,18 +185,22 @@ def format_table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.second_round", description=__doc__.split("\n")[0])
+    parser.add_argument("--world", choices=sorted(OUT), default="selection")
     parser.add_argument("--seeds", type=seed_list, default="0,1,2,3,4")
-    parser.add_argument("--budget-s", type=float, default=60.0, help="each fine-tune's budget (the flow's default)")
-    parser.add_argument("--held-out-n", type=int, default=12_000, help="images of the clean second world")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--budget-s", type=float, help="each fine-tune's budget (default: 60 selection, 27 bench)")
+    parser.add_argument("--held-out-n", type=int, default=12_000, help="images of the selection world's clean set")
+    parser.add_argument("--bench-results", type=Path, default=BENCH_RESULTS,
+                        help="with --world bench: the JSON of the bench run that left its world")
+    parser.add_argument("--out", type=Path, help="default bench/results/second_round[_bench].json")
     args = parser.parse_args(argv)
+    out = args.out or OUT[args.world]
     started = time.perf_counter()
-    summary = run(args.seeds, args.budget_s, args.held_out_n)
+    summary = run(args.world, args.seeds, args.budget_s or BUDGET_S[args.world], args.held_out_n, args.bench_results)
     summary["seconds"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
     print(format_table(summary))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":  # generate_world spawns workers: the guard keeps them from running this

@@ -70,3 +70,28 @@ def test_the_labelled_badcases_join_a_linked_copy_and_the_worlds_dataset_is_unto
 
     again = with_labelled(world, [], tmp_path / "round2")  # the next seed starts from the world's dataset again
     assert len(read_manifest(again.data_dir)) == 3
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("world, budget", [("selection", 60.0), ("bench", 27.0)])
+def test_each_world_runs_at_its_own_budget_unless_told(world, budget, tmp_path, monkeypatch):
+    """The selection world at the flow's default minute; the bench's world at the bench's 27 s."""
+    import bench.second_round as second_round
+
+    calls = []
+
+    def fake_run(world_name, seeds, budget_s, held_out_n, bench_results):
+        calls.append((world_name, seeds, budget_s, bench_results))
+        median = {r: {"new_class_recall": 0.0, "max_old_class_drop_pts": 0.0} for r in ("round1", "round2")}
+        return {"world": world_name, "clean_set": "c", "held_out_merchant": 0, "regression_images": 0,
+                "budget_s": budget_s, "draws": [], "median": median}
+
+    monkeypatch.setattr(second_round, "run", fake_run)
+    out = tmp_path / "out.json"
+    second_round.main(["--world", world, "--seeds", "3,4", "--bench-results", str(tmp_path / "b.json"),
+                       "--out", str(out)])
+    second_round.main(["--world", world, "--budget-s", "10", "--out", str(out)])
+
+    assert calls[0] == (world, [3, 4], pytest.approx(budget), tmp_path / "b.json")
+    assert calls[1][2] == 10.0
+    assert out.is_file()
