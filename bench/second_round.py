@@ -17,11 +17,15 @@ each old class's drop in points, with its 95 % interval.
 
 Run it alone (two torch processes on 2 cores slow each other):
     python -m bench.second_round [--world selection|bench] [--seeds 0,1,2,3,4] [--budget-s S]
-                                 [--held-out-n 12000] [--bench-results PATH] [--out PATH]
+                                 [--held-out-n 12000] [--bench-results PATH] [--badcase-copies K]
+                                 [--out PATH]
 `--world selection` (default): the selection world (`bench.fine_tune_selection`), built on first
 use, at the flow's 60 s; its clean set is drawn here (`--held-out-n`). `--world bench`: the
 fast-retrain bench's world as its last run left it (`--bench-results`: that run's JSON, for the
-champion version), at the bench's 27 s; its clean set is the bench's own second world. About 2.5
+champion version), at the bench's 27 s; its clean set is the bench's own second world.
+`--badcase-copies K`: each labelled badcase of an old class K times in round 2's training images,
+so the replay's sample draws it about K times as often (as the flow would, were new labels of old
+classes replayed first; the new class's images are all trained every epoch anyway). About 2.5
 minutes a seed on 2 CPU cores. Writes bench/results/second_round[_bench].json.
 """
 
@@ -80,6 +84,22 @@ def with_labelled(world: ProbeWorld, rows: list[dict], home: Path) -> ProbeWorld
     return dataclasses.replace(world, data_dir=data_dir, work=home / "fine-tune")
 
 
+def repeated(split, rel_paths: set[str], copies: int):
+    """`split` (a `TensorSplit`) with each image at `rel_paths` (dataset-relative, POSIX) `copies`
+    times: the replay's class-stratified sample then draws it about `copies` times as often."""
+    import torch
+
+    from tasks.data.loading import TensorSplit
+
+    ends = tuple("/" + r for r in rel_paths)
+    idx = [i for i, p in enumerate(split.paths) if Path(p).as_posix().endswith(ends)]
+    if copies <= 1 or not idx:
+        return split
+    extra = torch.tensor(idx * (copies - 1))
+    return TensorSplit(torch.cat([split.images, split.images[extra]]), torch.cat([split.labels, split.labels[extra]]),
+                       split.classes, split.paths + [split.paths[i] for i in extra.tolist()])
+
+
 def clean_world(world: ProbeWorld, n: int) -> ProbeWorld:
     """The selection world scored on a second world of `n` images in its held-out fonts, not its test split."""
     from bench.held_out_world import generate_held_out, world_test_split
@@ -113,9 +133,10 @@ def bench_clean_world(world: ProbeWorld) -> ProbeWorld:
 
 
 def run(world_name: str, seeds: list[int], budget_s: float, held_out_n: int,
-        bench_results: Path = BENCH_RESULTS) -> dict:
+        bench_results: Path = BENCH_RESULTS, badcase_copies: int = 1) -> dict:
     from bench.models import _device_name
     from tasks.data.loading import prepare_dataset
+    from tasks.data.manifest import file_sha256, read_manifest
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
     from tasks.train.loop import load_checkpoint
 
@@ -131,8 +152,12 @@ def run(world_name: str, seeds: list[int], budget_s: float, held_out_n: int,
     paths, old = [p for p, _ in clean.regression], [c for _, c in clean.regression]
     before = decided_right(*probabilities(base, state["classes"], paths, old), state["classes"])
 
-    def round_of(w: ProbeWorld, seed: int, home: Path):
+    def round_of(w: ProbeWorld, seed: int, home: Path, cases: list[dict] = ()):
         data = prepare_dataset(w.data_dir, 64, w.val_share, w.split_seed, work / "cache")
+        if cases and badcase_copies > 1:  # the old classes' labelled badcases counted more in the replay
+            shas = {file_sha256(c["image"]) for c in cases if c["label"] in state["classes"]}
+            rel = {r["path"] for r in read_manifest(w.data_dir) if r["sha256"] in shas}
+            data = dataclasses.replace(data, train=repeated(data.train, rel, badcase_copies))
         cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed)
         home.mkdir(parents=True, exist_ok=True)
         return fine_tune(w.champion, data, cfg, home / f"seed{seed}.pt")
@@ -142,7 +167,7 @@ def run(world_name: str, seeds: list[int], budget_s: float, held_out_n: int,
         first = round_of(world, seed, work / "round1")
         model1 = first.model.eval()
         cases = badcases(world, model1, first.classes)
-        second = round_of(with_labelled(world, cases, work / f"round2-seed{seed}"), seed, work / "round2")
+        second = round_of(with_labelled(world, cases, work / f"round2-seed{seed}"), seed, work / "round2", cases)
         draw = {"seed": seed, "badcases": dict(sorted(_count(cases).items())),
                 "round1": {**score(clean, before, model1, first.classes), "epochs_run": first.epochs_run},
                 "round2": {**score(clean, before, second.model.eval(), second.classes),
@@ -154,7 +179,8 @@ def run(world_name: str, seeds: list[int], budget_s: float, held_out_n: int,
                for r in ("round1", "round2")}
     return {"world": world.description, "clean_set": f"{clean_set}, never labelled",
             "budget_s": budget_s, "seeds": seeds, "held_out_merchant": len(clean.held_out),
-            "regression_images": len(clean.regression), "device": _device_name(), "draws": draws,
+            "regression_images": len(clean.regression), "badcase_copies": badcase_copies,
+            "device": _device_name(), "draws": draws,
             "median": medians}
 
 
@@ -191,11 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held-out-n", type=int, default=12_000, help="images of the selection world's clean set")
     parser.add_argument("--bench-results", type=Path, default=BENCH_RESULTS,
                         help="with --world bench: the JSON of the bench run that left its world")
+    parser.add_argument("--badcase-copies", type=int, default=1,
+                        help="each old-class badcase this many times in round 2's training data (replay draws it more)")
     parser.add_argument("--out", type=Path, help="default bench/results/second_round[_bench].json")
     args = parser.parse_args(argv)
     out = args.out or OUT[args.world]
     started = time.perf_counter()
-    summary = run(args.world, args.seeds, args.budget_s or BUDGET_S[args.world], args.held_out_n, args.bench_results)
+    summary = run(args.world, args.seeds, args.budget_s or BUDGET_S[args.world], args.held_out_n, args.bench_results,
+                  args.badcase_copies)
     summary["seconds"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))

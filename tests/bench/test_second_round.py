@@ -80,8 +80,8 @@ def test_each_world_runs_at_its_own_budget_unless_told(world, budget, tmp_path, 
 
     calls = []
 
-    def fake_run(world_name, seeds, budget_s, held_out_n, bench_results):
-        calls.append((world_name, seeds, budget_s, bench_results))
+    def fake_run(world_name, seeds, budget_s, held_out_n, bench_results, badcase_copies):
+        calls.append((world_name, seeds, budget_s, bench_results, badcase_copies))
         median = {r: {"new_class_recall": 0.0, "max_old_class_drop_pts": 0.0} for r in ("round1", "round2")}
         return {"world": world_name, "clean_set": "c", "held_out_merchant": 0, "regression_images": 0,
                 "budget_s": budget_s, "draws": [], "median": median}
@@ -92,6 +92,28 @@ def test_each_world_runs_at_its_own_budget_unless_told(world, budget, tmp_path, 
                        "--out", str(out)])
     second_round.main(["--world", world, "--budget-s", "10", "--out", str(out)])
 
-    assert calls[0] == (world, [3, 4], pytest.approx(budget), tmp_path / "b.json")
+    assert calls[0] == (world, [3, 4], pytest.approx(budget), tmp_path / "b.json", 1)
     assert calls[1][2] == 10.0
     assert out.is_file()
+
+
+@pytest.mark.timeout(30)
+def test_repeated_badcases_are_appended_copies_and_nothing_else_changes():
+    import torch
+
+    from bench.second_round import repeated
+    from tasks.data.loading import TensorSplit
+
+    images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
+    split = TensorSplit(images, torch.tensor([0, 1, 1, 0]), ["fu", "not_fu"],
+                        ["/d/train/fu/a.png", "/d/train/not_fu/b.png", "/d/train/not_fu/c.png", "/d/train/fu/d.png"])
+
+    grown = repeated(split, {"train/not_fu/c.png"}, 3)
+
+    assert len(grown) == 6 and grown.paths[4:] == ["/d/train/not_fu/c.png"] * 2
+    assert grown.labels.tolist() == [0, 1, 1, 0, 1, 1]
+    assert torch.equal(grown.images[4], images[2]) and torch.equal(grown.images[:4], images)
+    assert repeated(split, {"train/not_fu/c.png"}, 1) is split
+    assert repeated(split, {"train/not_fu/zz.png"}, 5) is split  # names no image of the split
+    assert len(repeated(split, {"not_fu/b.png"}, 2)) == 5  # matched on whole path components
+    assert repeated(split, {"u/b.png"}, 2) is split
