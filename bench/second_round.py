@@ -38,6 +38,7 @@ import os
 import shutil
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,7 @@ def run(world_name: str, seeds: list[int], budget_s: float, held_out_n: int,
         model1 = first.model.eval()
         cases = badcases(world, model1, first.classes)
         second = round_of(with_labelled(world, cases, work / f"round2-seed{seed}"), seed, work / "round2", cases)
-        draw = {"seed": seed, "badcases": dict(sorted(_count(cases).items())),
+        draw = {"seed": seed, "badcases": dict(sorted(Counter(c["label"] for c in cases).items())),
                 "round1": {**score(clean, before, model1, first.classes), "epochs_run": first.epochs_run},
                 "round2": {**score(clean, before, second.model.eval(), second.classes),
                            "epochs_run": second.epochs_run}}
@@ -182,13 +183,6 @@ def run(world_name: str, seeds: list[int], budget_s: float, held_out_n: int,
             "regression_images": len(clean.regression), "badcase_copies": badcase_copies,
             "device": _device_name(), "draws": draws,
             "median": medians}
-
-
-def _count(rows: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["label"]] = counts.get(r["label"], 0) + 1
-    return counts
 
 
 def _cell(r: dict) -> str:
