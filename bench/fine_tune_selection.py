@@ -161,6 +161,18 @@ def bench_world(bench_home: Path = BENCH_HOME, results: Path = BENCH_RESULTS,
                       work / "fine-tune")
 
 
+def dataset_with(src: Path, dst: Path, rows: list[dict]) -> None:
+    """`dst`: a hard-linked copy of the dataset `src` that also holds `rows` (`add_images` rows);
+    `src` is untouched (its manifest is copied, not linked, since `add_images` rewrites it)."""
+    from tasks.data.manifest import add_images
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, copy_function=os.link)
+    (dst / "manifest.csv").unlink()
+    shutil.copyfile(src / "manifest.csv", dst / "manifest.csv")
+    add_images(dst, rows)
+
+
 def with_extra_decoys(world: ProbeWorld, n: int, home: Path = HOME / "decoys") -> ProbeWorld:
     """`world` with `n` more merchant-framed look-alikes labelled `not_fu` among its training images.
 
@@ -172,7 +184,7 @@ def with_extra_decoys(world: ProbeWorld, n: int, home: Path = HOME / "decoys") -
     """
     from saofu.errors import SaofuError
     from tasks.data.fu_world import WorldConfig, generate_world
-    from tasks.data.manifest import add_images, read_manifest
+    from tasks.data.manifest import read_manifest
 
     home = home.resolve()
     decoys = home / f"world-{n}"
@@ -190,12 +202,8 @@ def with_extra_decoys(world: ProbeWorld, n: int, home: Path = HOME / "decoys") -
         raise SaofuError(f"the decoy world drew {len(rows)} merchant-framed look-alikes, fewer than {n}")
     data_dir = home / f"dataset-{n}"
     if not (data_dir / "manifest.csv").exists():
-        shutil.rmtree(data_dir, ignore_errors=True)
-        shutil.copytree(world.data_dir, data_dir, copy_function=os.link)
-        (data_dir / "manifest.csv").unlink()  # a file of its own: add_images rewrites it
-        shutil.copyfile(world.data_dir / "manifest.csv", data_dir / "manifest.csv")
-        add_images(data_dir, [{"image": str(decoys / r["path"]), "label": "not_fu", "source": "generated",
-                               "split": "train"} for r in rows])
+        dataset_with(world.data_dir, data_dir, [{"image": str(decoys / r["path"]), "label": "not_fu",
+                                                 "source": "generated", "split": "train"} for r in rows])
     return dataclasses.replace(world, description=f"{world.description}, with {n} more merchant-framed look-alikes "
                                                   "labelled not_fu", data_dir=data_dir, cache_dir=home / "cache",
                                work=home / "fine-tune")

@@ -34,12 +34,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,11 +51,15 @@ from bench.fine_tune_selection import (
     REFINES,
     ProbeWorld,
     bench_world,
+    dataset_with,
     decided_right,
     probabilities,
     seed_list,
     selection_world,
 )
+
+if TYPE_CHECKING:
+    from tasks.data.loading import TensorSplit
 
 OUT = {"selection": Path("bench/results/second_round.json"), "bench": Path("bench/results/second_round_bench.json")}
 BUDGET_S = {"selection": 60.0, "bench": 60 * BUDGET_MIN}  # the flow's default; the bench's own
@@ -74,19 +78,12 @@ def badcases(world: ProbeWorld, model, classes: list[str]) -> list[dict]:
 
 def with_labelled(world: ProbeWorld, rows: list[dict], home: Path) -> ProbeWorld:
     """`world` whose dataset also holds `rows` (a hard-linked copy; the original is untouched)."""
-    from tasks.data.manifest import add_images
-
-    data_dir = home / "dataset"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    shutil.copytree(world.data_dir, data_dir, copy_function=os.link)
-    (data_dir / "manifest.csv").unlink()  # a file of its own: add_images rewrites it
-    shutil.copyfile(world.data_dir / "manifest.csv", data_dir / "manifest.csv")
-    add_images(data_dir, rows)
-    return dataclasses.replace(world, data_dir=data_dir, work=home / "fine-tune")
+    dataset_with(world.data_dir, home / "dataset", rows)
+    return dataclasses.replace(world, data_dir=home / "dataset", work=home / "fine-tune")
 
 
-def repeated(split, rel_paths: set[str], copies: int):
-    """`split` (a `TensorSplit`) with each image at `rel_paths` (dataset-relative, POSIX) `copies`
+def repeated(split: TensorSplit, rel_paths: set[str], copies: int) -> TensorSplit:
+    """`split` with each image at `rel_paths` (dataset-relative, POSIX paths) `copies`
     times: the replay's class-stratified sample then draws it about `copies` times as often."""
     import torch
 
