@@ -9,12 +9,19 @@ Each simulated annotator is a real Label Studio user (username `sim-1`, e-mail
 `sim-1@sim.saofu.invalid`), created through the API when missing; annotations are posted by the
 admin's token with `completed_by` set to that user, so the export names the simulated annotator
 exactly as it would name a person, and several annotators can disagree on one task.
+
+Annotations are posted from a few threads at once, as a team labels side by side: Label Studio
+takes about 90 ms to store one (its signals and project statistics), and on a 2-core machine two
+requests in flight store 200 in 9.6 s instead of 18.1 (four: no faster there, 2026-12-07). The
+answers do not depend on the order, so the threads change only the time.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from label_studio_sdk import LabelStudio
@@ -23,6 +30,7 @@ from saofu.errors import SaofuError
 from tasks.labeling.client import CHOICES_NAME, IMAGE_NAME, list_tasks, project_classes
 
 SIM_EMAIL_DOMAIN = "sim.saofu.invalid"  # `.invalid` is reserved: these addresses reach nobody
+POSTING_THREADS = 4  # annotations in flight at once (module docstring: 2 already halve the time)
 
 
 def ensure_users(client: LabelStudio, names: Sequence[str]) -> dict[str, int]:
@@ -103,9 +111,11 @@ def simulate_labeling(
     if error_rate > 0 and len(classes) < 2:
         raise SaofuError("a wrong label needs at least two classes")
     users = ensure_users(client, annotators)
-    counts = {"tasks": 0, "annotations": 0, "correct": 0, "wrong": 0, "skipped": 0}
+    answers: list[tuple[int, str, str | None, float]] = []  # (task, annotator, label or None: skip, lead time)
+    outcomes: Counter[str] = Counter()
+    n_tasks = 0
     for task in sorted(list_tasks(client, project_id), key=lambda t: t["id"]):
-        if limit is not None and counts["tasks"] >= limit:
+        if limit is not None and n_tasks >= limit:
             break
         todo = _open_for(task, annotators, users)
         if not todo:
@@ -116,17 +126,30 @@ def simulate_labeling(
         for name in todo:
             rng = random.Random(f"{seed}:{task['id']}:{name}")
             label, outcome = _answer(rng, true_label, classes, error_rate, skip_rate)
-            client.annotations.create(
-                id=task["id"],
-                result=[] if label is None else _choice_result(label),
-                was_cancelled=label is None,
-                completed_by=users[name],
-                lead_time=round(rng.uniform(1.0, 8.0), 2),  # simulated seconds spent
-            )
-            counts[outcome] += 1
-            counts["annotations"] += 1
-        counts["tasks"] += 1
-    return {**counts, "annotators": users}
+            answers.append((task["id"], name, label, round(rng.uniform(1.0, 8.0), 2)))  # simulated seconds
+            outcomes[outcome] += 1
+        n_tasks += 1
+
+    def post(answer: tuple[int, str, str | None, float]) -> None:
+        task_id, name, label, lead_time = answer
+        client.annotations.create(
+            id=task_id,
+            result=[] if label is None else _choice_result(label),
+            was_cancelled=label is None,
+            completed_by=users[name],
+            lead_time=lead_time,
+        )
+
+    with ThreadPoolExecutor(POSTING_THREADS) as pool:
+        posts = [pool.submit(post, answer) for answer in answers]
+        try:
+            for done in posts:
+                done.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # post nothing more after the first failure
+            raise
+    return {"tasks": n_tasks, "annotations": len(answers),
+            **{k: outcomes[k] for k in ("correct", "wrong", "skipped")}, "annotators": users}
 
 
 def _open_for(task: Mapping[str, Any], annotators: Sequence[str], users: Mapping[str, int]) -> list[str]:
