@@ -195,6 +195,21 @@ def bench_retrain_churn(
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
 
 
+@app.command("ingest-scale")
+def bench_ingest_scale(
+    copies: list[int] = typer.Option([1, 2, 4], "--copies", help="Dataset sizes, as copies of the world's (repeat)."),
+    draws: int = typer.Option(3, "--draws", help="Draws per size (interleaved)."),
+    out: Path = typer.Option(Path("bench/results/ingest_scale.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """The fast retrain's ingest (suite and data version) into datasets 1, 2 and 4 times the world's."""
+    from bench.ingest_scale import run
+
+    with progress_to_stderr(as_json):
+        result = run(copies, draws, Path("bench/work/ingest_scale").resolve(), out)
+    emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
+
+
 @app.command("prefect-db")
 def bench_prefect_db(
     draws: int = typer.Option(3, "--draws", help="Fresh servers per database (alternating)."),
