@@ -212,6 +212,30 @@ def _version_onnx(version: str) -> Path:
     return next(tracking.download_model_version(MODEL, version).rglob("*.onnx"))
 
 
+def campaign_dataset(base: Path, dataset: Path) -> Path:
+    """`dataset`: a copy of `base` as a team's dataset stands when a campaign starts.
+
+    Versioned: its next version is the increment (only the new files copied and hashed), as in
+    production, not a first version of 14,000 files. Validated when it was last ingested: the
+    suite's facts of its images are known (keyed by inode), so the campaign's ingest reads only the
+    new images; without this, each draw's fresh copy would be read whole inside the clock. And
+    trained on: its images are decoded in the tensor cache, so the fine-tune decodes only the
+    campaign's (`tasks.data.loading._rows_decoded_before`; the copy loads the base's entry, same
+    fingerprint, and counts it as its own last entry since 2026-12-06 11:25: the bench run of 09:44
+    decoded all 17,000 images in every draw instead).
+    """
+    from saofu.settings import get_settings
+    from tasks.data.loading import prepare_dataset
+    from tasks.data.validation import validate_dataset
+    from tasks.data.versions import create_version
+
+    shutil.copytree(base, dataset)
+    create_version(dataset, dataset.name, "the dataset before the merchant campaign")
+    validate_dataset(dataset, classes=["fu", "not_fu"])
+    prepare_dataset(dataset, 64, cache_dir=get_settings().cache_dir)
+    return dataset
+
+
 def _label_in_label_studio(project: str, images: list[Path], files_root: Path, seed: int) -> None:
     from tasks.labeling.client import LabelingItem, connect, ensure_project, import_tasks
     from tasks.labeling.simulated_labeler import simulate_labeling
@@ -299,11 +323,8 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
     from flows.heartbeat import without_heartbeat
     from flows.release import ReleaseParams, release_flow
     from flows.train import TrainFlowParams, train_flow
-    from saofu.settings import get_settings
     from tasks.data.fu_world import WorldConfig, generate_world
-    from tasks.data.loading import prepare_dataset
-    from tasks.data.validation import validate_dataset
-    from tasks.data.versions import content_fingerprint, create_version
+    from tasks.data.versions import content_fingerprint
     from tasks.release.registry import current_champion, promote
 
     t_bench = time.perf_counter()
@@ -342,20 +363,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
 
     def campaign_draw(seed: int, name: str, **gate) -> dict:
         """One campaign on its own copy of the dataset and Label Studio project: labels in, fast retrain run."""
-        dataset = home / "data" / f"fu_{name}"
-        shutil.copytree(base, dataset)
-        # A team's dataset is versioned before a campaign starts: its next version is the increment
-        # (only the new files copied and hashed), as in production, not a first version of 14,000 files.
-        create_version(dataset, dataset.name, "the dataset before the merchant campaign")
-        # ... and was validated when it was last ingested: the suite's facts of its images are
-        # known (keyed by inode), so the campaign's ingest reads only the new images, as a
-        # team's would. Without this, each draw's fresh copy would be read whole inside the clock.
-        validate_dataset(dataset, classes=["fu", "not_fu"])
-        # ... and trained on: its images are decoded in the tensor cache (the fine-tune then
-        # decodes only the campaign's images, `tasks.data.loading._rows_decoded_before`). This copy
-        # loads the base's entry (same fingerprint) and counts it as its own last entry since
-        # 2026-12-06 11:25; the bench run of 09:44 decoded all 17,000 images in every draw instead.
-        prepare_dataset(dataset, 64, cache_dir=get_settings().cache_dir)
+        dataset = campaign_dataset(base, home / "data" / f"fu_{name}")
         project = f"fu-merchant-{name}"
         _label_in_label_studio(project, labels, ls.files_root, seed)
         params = FastRetrainParams(

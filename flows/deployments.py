@@ -46,6 +46,11 @@ HOURLY = timedelta(hours=1)
 TEN_MINUTES = timedelta(minutes=10)
 NIGHTLY_CRON = "0 2 * * *"
 NAMES = ("fast-retrain", "active-learning", "ingest", "release", "search", "cycle")
+# How often the executor asks the server for runs to start. Prefect's default, 10 s, is the wait a
+# click in the UI adds before anything runs: 3-10 s of the clicked fast retrain's 61-74 s in
+# `saofu bench click-path` (README). Every ask is one request (the server marks the deployments
+# polled); at 2 s that is one every two seconds on loopback.
+POLL_S = 2
 
 
 def deployment_specs(
@@ -128,7 +133,7 @@ def serve_all(webhook_url: str = "", **kwargs: Any) -> None:
     url = webhook_url or webhook_url_from_env()
     if url:
         ensure_failure_webhook(url)
-    runner = Runner(name="saofu", pause_on_shutdown=False)
+    runner = Runner(name="saofu", pause_on_shutdown=False, query_seconds=POLL_S)
     for f, kw in deployment_specs(**kwargs):
         runner.add_flow(f, **kw)
     # every deployment is registered now: `saofu up` waits for this line (services.prefect_server.SERVING_LINE)

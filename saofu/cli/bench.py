@@ -210,6 +210,20 @@ def bench_ingest_scale(
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
 
 
+@app.command("click-path")
+def bench_click_path(
+    draws: int = typer.Option(3, "--draws", help="Draws of each way (alternating which goes first)."),
+    out: Path = typer.Option(Path("bench/results/click_path.json"), "--out"),
+    as_json: bool = JsonOpt,
+):
+    """After `bench fast-retrain`: the fast retrain clicked in the Prefect UI vs called in-process, to served."""
+    from bench.click_path import run
+
+    with progress_to_stderr(as_json):
+        result = run(draws, out=out)
+    emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
+
+
 @app.command("prefect-db")
 def bench_prefect_db(
     draws: int = typer.Option(3, "--draws", help="Fresh servers per database (alternating)."),

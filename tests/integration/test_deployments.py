@@ -73,7 +73,9 @@ def serve_test_flows(interval_s: float) -> None:
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
 
-    runner = Runner(name="saofu-test", pause_on_shutdown=False)
+    from flows.deployments import POLL_S
+
+    runner = Runner(name="saofu-test", pause_on_shutdown=False, query_seconds=POLL_S)
     runner.add_flow(tick, name="tick", interval=timedelta(seconds=interval_s))
     runner.add_flow(boom, name="boom")
     runner.add_flow(flaky.with_options(retries=1, retry_delay_seconds=1), name="flaky")

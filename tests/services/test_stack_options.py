@@ -63,11 +63,11 @@ def test_the_executor_is_ready_on_the_line_it_prints_after_registering(saofu_hom
 
     from flows import deployments
 
-    registered = []
+    registered, options = [], {}
 
     class FakeRunner:  # records what the executor registers; `start` returns at once
         def __init__(self, **kwargs):
-            pass
+            options.update(kwargs)
 
         def add_flow(self, flow, **kwargs):
             registered.append(kwargs["name"])
@@ -79,6 +79,8 @@ def test_the_executor_is_ready_on_the_line_it_prints_after_registering(saofu_hom
     deployments.serve_all()
     printed = capsys.readouterr().out
     assert sorted(registered) == sorted(deployments.NAMES)
+    # schedules stay active when it stops; a click waits at most POLL_S for it, not Prefect's 10 s
+    assert options["pause_on_shutdown"] is False and options["query_seconds"] == deployments.POLL_S == 2
     log = saofu_home / "executor.log"
     log.write_text(f"{prefect_server.SAOFU_LOG_MARK} at now ===\n{printed}")
     monkeypatch.setattr(prefect_server, "deployment_names", lambda url: sorted(registered))
