@@ -212,7 +212,7 @@ def _version_onnx(version: str) -> Path:
     return next(tracking.download_model_version(MODEL, version).rglob("*.onnx"))
 
 
-def campaign_dataset(base: Path, dataset: Path) -> Path:
+def campaign_dataset(base: Path, dataset: Path, image_size: int = 64) -> Path:
     """`dataset`: a copy of `base` as a team's dataset stands when a campaign starts.
 
     Versioned: its next version is the increment (only the new files copied and hashed), as in
@@ -232,7 +232,7 @@ def campaign_dataset(base: Path, dataset: Path) -> Path:
     shutil.copytree(base, dataset)
     create_version(dataset, dataset.name, "the dataset before the merchant campaign")
     validate_dataset(dataset, classes=["fu", "not_fu"])
-    prepare_dataset(dataset, 64, cache_dir=get_settings().cache_dir)
+    prepare_dataset(dataset, image_size, cache_dir=get_settings().cache_dir)
     return dataset
 
 
@@ -302,7 +302,8 @@ def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, ou
 
 def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN, seeds: tuple[int, ...] = SEEDS,
                            epochs: int = 20, full_retrain_draws: int = 3, home: Path | None = None,
-                           out: Path = Path("bench/results/fast_retrain.json"), held_out_n: int = HELD_OUT_N) -> dict:
+                           out: Path = Path("bench/results/fast_retrain.json"), held_out_n: int = HELD_OUT_N,
+                           image_size: int = 64) -> dict:
     from services import labeling as labeling_service
 
     # Label Studio's venv of the project folder (minutes to create): shared, not made again in the bench's folder.
@@ -330,7 +331,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
     t_bench = time.perf_counter()
     world = home / "world"
     print(f"generating the Fu world with merchants: {world_n} images", flush=True)
-    generate_world(world, WorldConfig(n=world_n, seed=0, image_size=64, merchant=True))
+    generate_world(world, WorldConfig(n=world_n, seed=0, image_size=image_size, merchant=True))
     base = home / "data" / "fu_base"
     labels, held_out, regression = split_world(world, base)
     if held_out_n:  # more held-out images, so that the old classes' interval resolves half a point
@@ -340,8 +341,8 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
           f"{len(regression)} old-class regression images", flush=True)
 
     print(f"training the champion: saofu_fu, {epochs} epochs on fu/not_fu", flush=True)
-    trained = train_flow(TrainFlowParams(data_dir=str(base), epochs=epochs, registered_model=MODEL,
-                                         experiment="bench-base"))
+    trained = train_flow(TrainFlowParams(data_dir=str(base), epochs=epochs, image_size=image_size,
+                                         registered_model=MODEL, experiment="bench-base"))
     first = release_flow(ReleaseParams(registered_model=MODEL, candidate_version=trained.version,
                                        experiment="bench-base"))
     if not first.promoted:
@@ -349,11 +350,11 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
     champion = first.challenger_version
     champion_onnx = _version_onnx(champion)
     champion_right, champion_sure, _ = _answers(champion_onnx, [p for p, _ in regression],
-                                                [c for _, c in regression], 64)
+                                                [c for _, c in regression], image_size)
 
     def scored(onnx: Path) -> dict:
         """`measure` against this run's champion."""
-        return measure(onnx, champion_right, held_out, regression, 64, champion_sure)
+        return measure(onnx, champion_right, held_out, regression, image_size, champion_sure)
     champion_digest = hashlib.sha256(champion_onnx.read_bytes()).hexdigest()
 
     ls = labeling_service.start(port=_free_port(), files_root=home)
@@ -363,7 +364,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
 
     def campaign_draw(seed: int, name: str, **gate) -> dict:
         """One campaign on its own copy of the dataset and Label Studio project: labels in, fast retrain run."""
-        dataset = campaign_dataset(base, home / "data" / f"fu_{name}")
+        dataset = campaign_dataset(base, home / "data" / f"fu_{name}", image_size)
         project = f"fu-merchant-{name}"
         _label_in_label_studio(project, labels, ls.files_root, seed)
         params = FastRetrainParams(
@@ -407,10 +408,10 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         started = time.perf_counter()
         dataset = home / "data" / f"fu_draw{seeds[0]}"
         with without_heartbeat():
-            peer = train_flow(TrainFlowParams(data_dir=str(dataset), epochs=epochs, seed=seed,
+            peer = train_flow(TrainFlowParams(data_dir=str(dataset), epochs=epochs, seed=seed, image_size=image_size,
                                               registered_model=MODEL, experiment="bench-full-retrain"))
         # Judged like the fast retrain: held-out images of every class (its release's fresh slice).
-        judge, _ = held_out_folder(dataset, 64, home / "runs" / f"full-retrain{seed}-held-out")
+        judge, _ = held_out_folder(dataset, image_size, home / "runs" / f"full-retrain{seed}-held-out")
         with without_heartbeat():
             released = release_flow(ReleaseParams(
                 registered_model=MODEL, candidate_version=peer.version, labelled_dir=str(judge),
@@ -474,7 +475,8 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         "no_replay_median": {"new_class_recall": median("new_class_recall", ablations),
                              "max_old_class_drop_pts": median("max_old_class_drop_pts", ablations)},
         "targets": TARGETS,
-        "setup": {"world_n": world_n, "budget_min": budget_min, "seeds": list(seeds), "epochs": epochs,
+        "setup": {"world_n": world_n, "image_size": image_size, "budget_min": budget_min, "seeds": list(seeds),
+                  "epochs": epochs,
                   "full_retrain_draws": full_retrain_draws,
                   "merchant_labels": len(labels), "held_out_merchant": len(held_out),
                   "regression_images": len(regression), "held_out_world_n": held_out_n,
@@ -588,6 +590,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, action="append")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--full-retrain-draws", type=int, default=3, help="0: no peer")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--home", type=Path, help="the bench's folder (default bench/work/fast_retrain)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/fast_retrain.json"))
     args = parser.parse_args()
     run_fast_retrain_bench(args.world_n, args.budget_min, tuple(args.seed or SEEDS), args.epochs,
-                           args.full_retrain_draws)
+                           args.full_retrain_draws, home=args.home, out=args.out, image_size=args.image_size)

@@ -141,6 +141,11 @@ def bench_fast_retrain(
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Epochs of the champion and of the full retrain."),
     full_retrain_draws: int = typer.Option(3, "--full-retrain-draws", min=0,
                                            help="Naive-peer draws (seeds 0, 1, ...; median compared); 0: none."),
+    image_size: int = typer.Option(64, "--image-size", min=16, max=512,
+                                   help="Side of the world's images and the models' input, in pixels."),
+    home: Path = typer.Option(Path("bench/work/fast_retrain"), "--home",
+                              help="The bench's folder (emptied first; `bench click-path` and `bench "
+                                   "retrain-churn` read the default one)."),
     out: Path = typer.Option(Path("bench/results/fast_retrain.json"), "--out"),
     as_json: bool = JsonOpt,
 ):
@@ -149,7 +154,8 @@ def bench_fast_retrain(
 
     with progress_to_stderr(as_json):
         result = run_fast_retrain_bench(world_n=n, budget_min=budget_min, seeds=tuple(seeds), epochs=epochs,
-                                        full_retrain_draws=full_retrain_draws, out=out, held_out_n=held_out_n)
+                                        full_retrain_draws=full_retrain_draws, out=out, held_out_n=held_out_n,
+                                        image_size=image_size, home=home)
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
 
 

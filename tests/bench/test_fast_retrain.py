@@ -315,3 +315,29 @@ def test_the_table_names_each_draw_s_orchestration_and_the_client_retries_that_s
     for d in s["draws"] + [s["ship_draw"]]:
         del d["client_retries"]
     assert "orchestration per draw" not in format_table(s)
+
+
+@pytest.mark.timeout(60)
+def test_the_bench_command_passes_the_image_size_and_its_folder_to_the_bench(tmp_path, monkeypatch):
+    """`--image-size` sizes the world and the models; `--home` keeps a second run out of the default folder."""
+    from typer.testing import CliRunner
+
+    import bench.fast_retrain
+    from saofu.cli import app
+
+    seen = {}
+
+    def fake_bench(**kwargs):
+        seen.update(kwargs)
+        return {"table": "the table", "wall_s": 1.0}
+
+    monkeypatch.setattr(bench.fast_retrain, "run_fast_retrain_bench", fake_bench)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["bench", "fast-retrain", "--image-size", "96", "--home", str(tmp_path / "h"),
+                                      "--full-retrain-draws", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert seen["image_size"] == 96 and seen["home"] == tmp_path / "h" and seen["full_retrain_draws"] == 0
+    assert seen["out"] == out
+
+    refused = CliRunner().invoke(app, ["bench", "fast-retrain", "--image-size", "8"])
+    assert refused.exit_code == 2 and "image-size" in refused.output
