@@ -304,11 +304,14 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
                            epochs: int = 20, full_retrain_draws: int = 3, home: Path | None = None,
                            out: Path = Path("bench/results/fast_retrain.json"), held_out_n: int = HELD_OUT_N,
                            image_size: int = 64) -> dict:
+    from saofu.errors import SaofuError
     from services import labeling as labeling_service
 
+    home = (home or Path("bench/work/fast_retrain")).resolve()
+    if home.is_dir() and any(home.iterdir()) and not (home / "world" / "world.json").is_file():  # emptied below
+        raise SaofuError(f"{home} is not empty and holds no earlier fast-retrain bench run: give a new folder")
     # Label Studio's venv of the project folder (minutes to create): shared, not made again in the bench's folder.
     os.environ.setdefault("SAOFU_LABELSTUDIO_VENV", str(labeling_service.default_venv_dir()))
-    home = (home or Path("bench/work/fast_retrain")).resolve()
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
@@ -476,8 +479,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
                              "max_old_class_drop_pts": median("max_old_class_drop_pts", ablations)},
         "targets": TARGETS,
         "setup": {"world_n": world_n, "image_size": image_size, "budget_min": budget_min, "seeds": list(seeds),
-                  "epochs": epochs,
-                  "full_retrain_draws": full_retrain_draws,
+                  "epochs": epochs, "full_retrain_draws": full_retrain_draws,
                   "merchant_labels": len(labels), "held_out_merchant": len(held_out),
                   "regression_images": len(regression), "held_out_world_n": held_out_n,
                   "threshold": THRESHOLD, "champion_version": champion,

@@ -144,8 +144,8 @@ def bench_fast_retrain(
     image_size: int = typer.Option(64, "--image-size", min=16, max=512,
                                    help="Side of the world's images and the models' input, in pixels."),
     home: Path = typer.Option(Path("bench/work/fast_retrain"), "--home",
-                              help="The bench's folder (emptied first; `bench click-path` and `bench "
-                                   "retrain-churn` read the default one)."),
+                              help="The bench's folder: new, empty or an earlier run's (it is emptied first; `bench "
+                                   "click-path` and `bench retrain-churn` read the default one)."),
     out: Path = typer.Option(Path("bench/results/fast_retrain.json"), "--out"),
     as_json: bool = JsonOpt,
 ):

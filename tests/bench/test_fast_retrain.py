@@ -341,3 +341,15 @@ def test_the_bench_command_passes_the_image_size_and_its_folder_to_the_bench(tmp
 
     refused = CliRunner().invoke(app, ["bench", "fast-retrain", "--image-size", "8"])
     assert refused.exit_code == 2 and "image-size" in refused.output
+
+
+@pytest.mark.timeout(60)
+def test_the_bench_refuses_to_empty_a_folder_no_bench_run_left(tmp_path):
+    """`--home` is emptied first: a folder holding anything but an earlier run is refused, untouched."""
+    from bench.fast_retrain import run_fast_retrain_bench
+    from saofu.errors import SaofuError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SaofuError, match="is not empty and holds no earlier fast-retrain bench run"):
+        run_fast_retrain_bench(home=tmp_path, out=tmp_path / "r.json")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "r.json").exists()
