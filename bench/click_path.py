@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench.fast_retrain import MODEL, SHIP_GATE, _free_port, _label_in_label_studio, campaign_dataset
+from bench.held_out_world import world_image_size
 
 WAYS = ("click", "in-process")
 PHASES = ("waiting for the executor", "starting the run's process", "the flow")
@@ -140,6 +141,7 @@ def run(draws: int = 3, home: Path = Path("bench/work/fast_retrain"),
     from tasks.release.registry import current_champion, promote
 
     world, base = home / "world", home / "data" / "fu_base"
+    size = world_image_size(world)  # the models' input: the bench may have run at another size than 64
     labels = [world / r["path"] for r in read_manifest(world) if r["label"] == "fu_merchant" and r["split"] != "test"]
     champion = bench_models()["champion"]
     stamp = time.strftime("%H%M%S")
@@ -150,7 +152,7 @@ def run(draws: int = 3, home: Path = Path("bench/work/fast_retrain"),
                 if current_champion(MODEL) != champion:
                     promote(MODEL, champion, "bench click-path: the campaign's champion again")
                 name = f"{way.replace('-', '')}{draw}_{stamp}"
-                dataset = campaign_dataset(base, home / "data" / f"fu_{name}")
+                dataset = campaign_dataset(base, home / "data" / f"fu_{name}", size)
                 project = f"fu-merchant-{name}"
                 _label_in_label_studio(project, labels, home, seed=draw)
                 params = FastRetrainParams(

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.fast_retrain import MODEL, _answers, _version_onnx, forgotten_pts, measure
-from bench.held_out_world import held_out_sets
+from bench.fast_retrain import CAMPAIGN_REFINES, MODEL, _answers, _version_onnx, forgotten_pts, measure
+from bench.held_out_world import held_out_sets, world_image_size
 
 
 def bench_models(versions: list | None = None) -> dict[str, str]:
@@ -110,7 +110,7 @@ def rescore(home: Path, shifts: list[float] | None = None, gates: list[float] | 
             onnx, *both, size, "gate", [None, *sorted(set(gates), reverse=True)],
             lambda probs, classes, sure: parent_gated(
                 probs, classes.index("fu_merchant"),
-                [i for i, c in enumerate(classes) if c not in ("fu", "fu_merchant")], sure))
+                [i for i, c in enumerate(classes) if c not in ("fu_merchant", CAMPAIGN_REFINES["fu_merchant"])], sure))
     return result
 
 
@@ -153,11 +153,6 @@ def lost_by_look_alike(onnx: dict[str, Path], champion_right: dict[str, np.ndarr
               f"{out[c]['champion_sure']} the champion was sure of); image-draws by kind: "
               + ", ".join(f"{k} {n}" for k, n in kinds.most_common(8)), flush=True)
     return out
-
-
-def world_image_size(world: Path) -> int:
-    """The side, in pixels, of a generated world's images (its `world.json`)."""
-    return int(json.loads((world / "world.json").read_text())["config"]["image_size"])
 
 
 def shifted(probs: np.ndarray, column: int, nats: float) -> np.ndarray:

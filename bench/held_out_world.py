@@ -47,6 +47,11 @@ def generate_held_out(out: Path, n: int, like: Path, seed: int = SEED) -> tuple[
     return world_test_split(out)
 
 
+def world_image_size(world: Path) -> int:
+    """The side, in pixels, of a generated world's images (its `world.json`)."""
+    return int(json.loads((world / "world.json").read_text())["config"]["image_size"])
+
+
 def world_test_split(world: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """A world's test split: its `fu_merchant` images; its other images with their class."""
     from tasks.data.manifest import read_manifest

@@ -71,7 +71,7 @@ def test_the_parent_gate_gives_the_champion_s_answer_where_it_is_sure_of_another
 def test_the_rescore_reads_images_at_the_bench_world_s_size(tmp_path):
     import json
 
-    from bench.held_out_rescore import world_image_size
+    from bench.held_out_world import world_image_size
 
     (tmp_path / "world.json").write_text(json.dumps({"config": {"image_size": 96, "n": 10}}))
     assert world_image_size(tmp_path) == 96
