@@ -32,8 +32,14 @@ flow-run heartbeat thread, whose join costs up to 1 s at each run's end (`flows.
 fast-retrain draw records the Prefect client's retries (`bench.prefect_retries`): on Prefect's
 SQLite API a write can be answered 503 and retried 2 s later (the stall seen since the heartbeat went).
 
+With `--parent-gate S` the fast retrain and the ablation gate the new class by its parent
+(`models.expand.ParentGate`): shipped in the graph, measured as served.
+
 Run it: `saofu bench fast-retrain` (it starts Label Studio and the serving app itself, in a
 folder of its own under `bench/work/`, and stops them).
+
+Size: one module on purpose (~610 lines): one scenario, its three ways and its table; the probes that
+read its runs afterwards live beside it (`bench.held_out_rescore`, `bench.old_class_losses`).
 """
 
 from __future__ import annotations
@@ -275,7 +281,8 @@ def _serve(home: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("saofu serve did not come up in 120 s")
 
 
-def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, out: Path) -> tuple[Path, float, dict]:
+def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, out: Path,
+               parent_gate: float = 0.0) -> tuple[Path, float, dict]:
     """The ablation: the same fine-tune without replay; exported, not registered."""
     from saofu.settings import get_settings
     from tasks.data.loading import prepare_dataset
@@ -288,7 +295,8 @@ def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, ou
     ckpt = base_checkpoint(base, out / "base")  # the fast retrain's own start (the shipped weights)
     data = prepare_dataset(dataset, base.image_size, base.val_share, base.split_seed, get_settings().cache_dir)
     result = fine_tune(ckpt, data, FineTuneConfig(new_classes=["fu_merchant"], refines={"fu_merchant": "fu"},
-                                                  replay_share=0.0, budget_s=budget_min * 60, seed=seed),
+                                                  replay_share=0.0, budget_s=budget_min * 60, seed=seed,
+                                                  parent_gate=parent_gate),
                        out / "no_replay.pt")
     path = export_onnx(result.model, result.classes, out / "no_replay.onnx", base.image_size, {"fu_merchant": "fu"})
     # Expanded like the fast retrain's, the fine-tune keeps its last epoch (`tasks/train/kept_epoch.py`):
@@ -303,7 +311,7 @@ def _no_replay(base_version: str, dataset: str, budget_min: float, seed: int, ou
 def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN, seeds: tuple[int, ...] = SEEDS,
                            epochs: int = 20, full_retrain_draws: int = 3, home: Path | None = None,
                            out: Path = Path("bench/results/fast_retrain.json"), held_out_n: int = HELD_OUT_N,
-                           image_size: int = 64) -> dict:
+                           image_size: int = 64, parent_gate: float = 0.0) -> dict:
     from saofu.errors import SaofuError
     from services import labeling as labeling_service
 
@@ -373,7 +381,8 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
         params = FastRetrainParams(
             registered_model=MODEL, changes=[ClassChange(name="fu_merchant", kind="new", refines="fu")],
             labels=project, labels_kind="label-studio", dataset_dir=str(dataset), base_version=champion,
-            budget_min=budget_min, serve_url=url, seed=seed, experiment="bench-fast-retrain", **gate)
+            budget_min=budget_min, serve_url=url, seed=seed, experiment="bench-fast-retrain",
+            parent_gate=parent_gate, **gate)
         started = time.perf_counter()  # labels are in Label Studio
         # Run as `saofu fast-retrain` runs it (the full retrain below too), the client's retries recorded:
         # each is a stall of the orchestration (`bench.prefect_retries`).
@@ -432,7 +441,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
             draws.append(campaign_draw(seed, f"draw{seed}"))
             dataset = home / "data" / f"fu_draw{seed}"
             onnx, seconds, info = _no_replay(champion, str(dataset), budget_min, seed,
-                                             home / "runs" / f"ablation{seed}")
+                                             home / "runs" / f"ablation{seed}", parent_gate)
             ablations.append({"seed": seed, "seconds": seconds, **info,
                               **scored(onnx)})
         if full_retrain_draws:
@@ -479,6 +488,7 @@ def run_fast_retrain_bench(world_n: int = 17000, budget_min: float = BUDGET_MIN,
                              "max_old_class_drop_pts": median("max_old_class_drop_pts", ablations)},
         "targets": TARGETS,
         "setup": {"world_n": world_n, "image_size": image_size, "budget_min": budget_min, "seeds": list(seeds),
+                  "parent_gate": parent_gate,
                   "epochs": epochs, "full_retrain_draws": full_retrain_draws,
                   "merchant_labels": len(labels), "held_out_merchant": len(held_out),
                   "regression_images": len(regression), "held_out_world_n": held_out_n,
@@ -594,7 +604,9 @@ if __name__ == "__main__":
     parser.add_argument("--full-retrain-draws", type=int, default=3, help="0: no peer")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--home", type=Path, help="the bench's folder (default bench/work/fast_retrain)")
+    parser.add_argument("--parent-gate", type=float, default=0.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/fast_retrain.json"))
     args = parser.parse_args()
     run_fast_retrain_bench(args.world_n, args.budget_min, tuple(args.seed or SEEDS), args.epochs,
-                           args.full_retrain_draws, home=args.home, out=args.out, image_size=args.image_size)
+                           args.full_retrain_draws, home=args.home, out=args.out, image_size=args.image_size,
+                           parent_gate=args.parent_gate)

@@ -135,6 +135,9 @@ class FastRetrainParams(BaseModel):
                                                                          "any old class, in points")
     max_latency_ms: float = Field(1.0, gt=0, description="gate: p95 latency budget (batch 1, 1 thread)")
     threshold: float = Field(0.9, ge=0, le=1, description="the serving threshold")
+    parent_gate: float = Field(0.0, ge=0, le=1, description="answer a new class only where the base model is "
+                                                            "not this sure of a class other than the one it "
+                                                            "refines (0: off; 0.99 kept the old classes at 96 px)")
     prune_amount: float = Field(0.0, ge=0, lt=1, description="release: share of channels pruned (0: none; "
                                                              "pruning adds a fine-tune of its own)")
     fresh_n: int = Field(5000, ge=10, description="most held-out images the release judges on")
@@ -151,6 +154,9 @@ class FastRetrainParams(BaseModel):
         doubled = sorted({n for n in names if names.count(n) > 1})
         if doubled:
             raise ValueError(f"changes name {doubled} more than once")
+        if 0 < self.parent_gate < 0.5:
+            raise ValueError(f"parent_gate must be 0 (off) or at least 0.5, got {self.parent_gate}: below "
+                             "one half the base can be 'sure' of two classes at once")
         if self.canary_share > 0 and not self.serve_url:
             raise ValueError("canary_share needs serve_url (the serving app that runs the canary)")
         return self
@@ -263,10 +269,10 @@ def ingest_folder_step(folder: str, dataset_dir: str, dataset_name: str, classes
 def fine_tune_step(base: BaseModelInfo, data_dir: str, data_version: str, new: list[str], changed: list[str],
                    refines: dict[str, str], budget_s: float, replay_share: float, seed: int, experiment: str,
                    store: str, run_dir: str, tags: dict[str, str], threshold: float = 0.9,
-                   max_old_class_drop: float = 0.005) -> FineTuneOutcome:
+                   max_old_class_drop: float = 0.005, parent_gate: float = 0.0) -> FineTuneOutcome:
     return fine_tune_and_register(base, data_dir, data_version, new, changed, refines, budget_s, replay_share,
                                   seed, experiment, run_dir, tags, threshold=threshold,
-                                  max_old_class_drop=max_old_class_drop)
+                                  max_old_class_drop=max_old_class_drop, parent_gate=parent_gate)
 
 
 @task(name="held-out-set", retries=1)
@@ -343,7 +349,8 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
                       params.budget_min * 60, params.replay_share, params.seed, params.experiment,
                       settings.tracking_uri, str(run_dir / "fine-tune"), tags)
     # The fine-tune keeps an epoch that passes the gate's old-class check on its val split.
-    keep = {"threshold": params.threshold, "max_old_class_drop": params.max_old_class_drop_pts / 100}
+    keep = {"threshold": params.threshold, "max_old_class_drop": params.max_old_class_drop_pts / 100,
+            "parent_gate": params.parent_gate}
     fine_tune_state = fine_tune_step(*fine_tune_args, **keep, return_state=True)
     tuned: FineTuneOutcome = fine_tune_state.result()
     reused = fine_tune_state.name == "Cached"

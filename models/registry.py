@@ -153,8 +153,10 @@ def build_from_checkpoint_meta(meta: dict[str, Any]) -> nn.Module:
     kwargs = dict(meta.get("kwargs") or {})
     if name == EXPANDED_MODEL:  # made by a fast retrain (`models.expand`), not by a factory: no registry name
         inner = build_from_checkpoint_meta(kwargs["base"])
+        # Checkpoints from before the parent gate have no gate keys: off.
         model = ExpandedRecognizer(inner, int(meta["num_classes"]) - inner.num_classes,
-                                   int(kwargs.get("shared_stages", DEFAULT_SHARED_STAGES)))
+                                   int(kwargs.get("shared_stages", DEFAULT_SHARED_STAGES)),
+                                   float(kwargs.get("parent_gate", 0.0)), kwargs.get("gate_parents"))
         if model.arch_string != meta["arch"]:
             raise SaofuError(f"checkpoint arch {meta['arch']!r} does not match the expanded model it "
                              f"describes ({model.arch_string!r})")

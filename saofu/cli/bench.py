@@ -143,6 +143,9 @@ def bench_fast_retrain(
                                            help="Naive-peer draws (seeds 0, 1, ...; median compared); 0: none."),
     image_size: int = typer.Option(64, "--image-size", min=16, max=512,
                                    help="Side of the world's images and the models' input, in pixels."),
+    parent_gate: float = typer.Option(0.0, "--parent-gate", min=0.0, max=1.0,
+                                      help="Gate fu_merchant by its parent in the fast retrain and the ablation "
+                                           "(the flow's parent_gate; 0: off)."),
     home: Path = typer.Option(Path("bench/work/fast_retrain"), "--home",
                               help="The bench's folder: new, empty or an earlier run's (it is emptied first; `bench "
                                    "click-path` and `bench retrain-churn` read the default one)."),
@@ -155,7 +158,7 @@ def bench_fast_retrain(
     with progress_to_stderr(as_json):
         result = run_fast_retrain_bench(world_n=n, budget_min=budget_min, seeds=tuple(seeds), epochs=epochs,
                                         full_retrain_draws=full_retrain_draws, out=out, held_out_n=held_out_n,
-                                        image_size=image_size, home=home)
+                                        image_size=image_size, home=home, parent_gate=parent_gate)
     emit({k: v for k, v in result.items() if k != "table"}, as_json, result["table"])
 
 

@@ -24,6 +24,8 @@ def fast_retrain(
     replay_share: float = typer.Option(0.5, "--replay-share", help="Share of each epoch from the other classes."),
     new_class_recall: float = typer.Option(0.95, "--new-class-recall", help="Gate: each new class's recall target."),
     max_old_drop: float = typer.Option(0.5, "--max-old-drop-pts", help="Gate: largest old-class recall drop, points."),
+    parent_gate: float = typer.Option(0.0, "--parent-gate", help="Answer a new class only where the base model is "
+                                      "not this sure of a class other than its --refines parent (0: off)."),
     canary_share: float = typer.Option(0.0, "--canary-share", help="Promote through the serving app's canary."),
     serve_url: str = typer.Option("", "--serve-url", help="Wait until this serving app answers with the new version."),
     as_json: bool = JsonOpt,
@@ -42,7 +44,7 @@ def fast_retrain(
     params = FastRetrainParams(
         registered_model=model, changes=changes, labels=labels, dataset_dir=dataset, base_version=base_version,
         budget_min=budget_min, replay_share=replay_share, new_class_recall=new_class_recall,
-        max_old_class_drop_pts=max_old_drop, canary_share=canary_share, serve_url=serve_url,
+        max_old_class_drop_pts=max_old_drop, parent_gate=parent_gate, canary_share=canary_share, serve_url=serve_url,
     )
     with progress_to_stderr(as_json):
         result = run_flow(fast_retrain_flow, params)

@@ -55,6 +55,9 @@ QUANTIZATION_TAG = "int8-static-u8s8-per-channel"
 # NNAPI/XNNPACK/CoreML execution provider can take, and the format onnxruntime recommends.
 QUANT_FORMAT = QuantFormat.QDQ
 CALIBRATION_BATCH = 32  # images per calibration run; MinMax ranges do not depend on it
+# Nodes left in float: an expanded model's parent gate (`models.expand.ParentGate`) compares the
+# base's softmax with a certainty such as 0.99, which a u8 softmax (1/255 steps) would move.
+FLOAT_SCOPES = ("/parent_gate/",)
 
 
 class PixelCalibrationReader(CalibrationDataReader):
@@ -225,6 +228,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="saofu-quant-") as tmp:
         prepared = prepare_for_quantization(fp32_path, Path(tmp) / "prepared.onnx")
         quantized = Path(tmp) / "int8.onnx"
+        in_float = [n.name for n in onnx.load(str(prepared)).graph.node if any(s in n.name for s in FLOAT_SCOPES)]
         quantize_static(
             str(prepared),
             str(quantized),
@@ -237,6 +241,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=in_float,
         )
         int8 = onnx.load(str(quantized))
     meta = {p.key: p.value for p in fp32.metadata_props}

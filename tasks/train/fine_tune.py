@@ -141,6 +141,9 @@ class FineTuneConfig:
     # classifier and fine-tune the upper layers with distillation (`grow_classifier`).
     expand: bool = True
     shared_stages: int = DEFAULT_SHARED_STAGES  # expand: the base's leading stages the branch reads from
+    # expand: answer a refining class only where the base is not this sure of another class
+    # (`models.expand.ParentGate`; 0: off). Acts when the model answers, not in training.
+    parent_gate: float = 0.0
     # Share of that replay taken from the old images most like the new classes (`confusable_ranking`):
     # with expansion they are what its new class could be mistaken for (the merchant-frame decoys).
     hard_replay_share: float = 0.5
@@ -334,7 +337,7 @@ def _check(cfg: FineTuneConfig, old: list[str], data: PreparedData, image_size: 
     replay_count(0, 0, cfg.replay_share)  # range check
     if not 0.0 <= cfg.hard_replay_share <= 1.0:
         raise SaofuError(f"hard_replay_share must be in [0, 1], got {cfg.hard_replay_share!r}")
-    for name in ("max_old_class_drop", "prior_correction_scale"):
+    for name in ("max_old_class_drop", "prior_correction_scale", "parent_gate"):
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             raise SaofuError(f"{name} must be in [0, 1], got {value!r}")
@@ -406,7 +409,7 @@ def fine_tune(
     init_generator = torch.Generator().manual_seed(seed)  # the new rows that refine nothing
     if expanding or isinstance(base, ExpandedRecognizer):  # a base expanded before keeps its shape
         model = expand_recognizer(base, old, cfg.new_classes, cfg.refines, cfg.refine_logit_offset, init_generator,
-                                  cfg.shared_stages)
+                                  cfg.shared_stages, cfg.parent_gate)
         if not expanding:
             model.unfreeze_base()  # a changed class may be one of the base's own: everything trains
     else:

@@ -168,7 +168,8 @@ class FineTuneOutcome:
 def fine_tune_and_register(base: BaseModelInfo, data_dir: str, data_version: str, new: list[str],
                            changed: list[str], refines: dict[str, str], budget_s: float, replay_share: float,
                            seed: int, experiment: str, run_dir: str | Path, tags: dict[str, str],
-                           threshold: float = 0.9, max_old_class_drop: float = 0.005) -> FineTuneOutcome:
+                           threshold: float = 0.9, max_old_class_drop: float = 0.005,
+                           parent_gate: float = 0.0) -> FineTuneOutcome:
     """Fine-tune the base's checkpoint on the change within `budget_s`, export, register as a trained version.
 
     The version carries its lineage: the parent (base) version, the data version, the change,
@@ -187,7 +188,8 @@ def fine_tune_and_register(base: BaseModelInfo, data_dir: str, data_version: str
     data = prepare_dataset(data_dir, base.image_size, base.val_share, base.split_seed, get_settings().cache_dir)
     read_data = time.perf_counter()
     cfg = FineTuneConfig(new_classes=new, changed_classes=changed, refines=refines, replay_share=replay_share,
-                         budget_s=budget_s, seed=seed, threshold=threshold, max_old_class_drop=max_old_class_drop)
+                         budget_s=budget_s, seed=seed, threshold=threshold, max_old_class_drop=max_old_class_drop,
+                         parent_gate=parent_gate)
     change = change_record(new, changed, refines)
     run_id = tracking.start_run(experiment, f"fast-retrain-{base.name}", {
         **{k: v for k, v in asdict(cfg).items() if k not in ("new_classes", "changed_classes", "refines")},

@@ -334,13 +334,15 @@ def test_the_bench_command_passes_the_image_size_and_its_folder_to_the_bench(tmp
     monkeypatch.setattr(bench.fast_retrain, "run_fast_retrain_bench", fake_bench)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(app, ["bench", "fast-retrain", "--image-size", "96", "--home", str(tmp_path / "h"),
-                                      "--full-retrain-draws", "0", "--out", str(out)])
+                                      "--full-retrain-draws", "0", "--out", str(out), "--parent-gate", "0.99"])
     assert result.exit_code == 0, result.output
     assert seen["image_size"] == 96 and seen["home"] == tmp_path / "h" and seen["full_retrain_draws"] == 0
-    assert seen["out"] == out
+    assert seen["out"] == out and seen["parent_gate"] == 0.99
 
     refused = CliRunner().invoke(app, ["bench", "fast-retrain", "--image-size", "8"])
     assert refused.exit_code == 2 and "image-size" in refused.output
+    refused = CliRunner().invoke(app, ["bench", "fast-retrain", "--parent-gate", "2"])
+    assert refused.exit_code == 2 and "parent-gate" in refused.output
 
 
 @pytest.mark.timeout(60)

@@ -81,11 +81,11 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
 
     with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="injected"):
         patch.setattr("flows.release.build_variants", broken)
-        fast_retrain_flow(_params(labels))
+        fast_retrain_flow(_params(labels, parent_gate=0.99))
     assert len(calls) == 1 and registry.current_champion(MODEL) == champion
 
     # The same parameters again: the fine-tune's persisted result is reused, the release finishes.
-    result = fast_retrain_flow(_params(labels))
+    result = fast_retrain_flow(_params(labels, parent_gate=0.99))
     assert len(calls) == 1, "the fine-tune ran again on resume"
     assert result.fine_tune_reused and result.steps["fine-tune"] < 5
     assert result.promoted and result.champion_before == champion
@@ -106,6 +106,8 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     # The gate's own old-class check reaches the fine-tune (its --max-old-drop-pts, as a fraction; the
     # keeper of a grown model holds epochs to it).
     assert float(run_params["max_old_class_drop"]) == 1.0
+    # ...and so does the parent gate (on a class that refines nothing it has nothing to hold down).
+    assert float(run_params["parent_gate"]) == 0.99
     # The budget is the step's: reading the base and the data came out of the training's share.
     training_s = client.get_run(tuned["run_id"]).data.metrics["training_budget_s"]
     assert float(run_params["budget_s"]) == 15.0 and 0.25 * 15.0 <= training_s < 15.0
@@ -183,6 +185,10 @@ def test_bad_parameters_are_refused_naming_the_field():
         FastRetrainParams(changes=[ClassChange(name="a"), ClassChange(name="a")])
     with pytest.raises(ValueError, match="serve_url"):
         FastRetrainParams(canary_share=0.1)
+    with pytest.raises(ValueError, match="parent_gate"):
+        FastRetrainParams(parent_gate=0.3)
+    with pytest.raises(ValueError, match="parent_gate"):
+        FastRetrainParams(parent_gate=1.2)
     assert all(f.default is not None or f.default_factory for f in FastRetrainParams.model_fields.values())
 
 
