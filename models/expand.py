@@ -29,9 +29,10 @@ base is sure of: wherever the base's own softmax puts at least S on an old class
 the new class refines, the new class's logit is held `GATED_MARGIN` nats under the base's largest,
 so the answer there is the base's. The gate decides answers, not training: it acts in eval mode
 only, so the branch learns from every image. It pays where the base reads the look-alikes a new
-class confuses: on the fast-retrain bench at 96 px, at 0.99, five draws' median (new-class recall,
-largest old-class drop in points) went from (0.979, 0.59) to (0.963, 0.44); at 64 px, where the
-base's confidence carries no such signal, (0.976, 0.86) to (0.945, 0.69) (docs/fine_tune_measurements.md).
+class confuses: on the fast-retrain bench at 96 px, five draws' median (new-class recall, largest
+old-class drop in points) was (0.979, 0.59) without it and (0.962, 0.42) shipped with it at 0.99;
+at 64 px, where the base is unsure of those very images, it gave (0.945, 0.69) re-decided post hoc
+(docs/fine_tune_measurements.md).
 
 Only a saofu `Recognizer` can be expanded (it has named stages); `can_expand` says whether a model can.
 The result rebuilds from its checkpoint like any model: `models.build_from_checkpoint_meta` knows
