@@ -350,7 +350,8 @@ def _fast_retrain(params: FastRetrainParams, started: float, waited: float) -> F
     fine_tune_args = (base, dataset, data_version, params.new, params.changed, params.refines,
                       params.budget_min * 60, params.replay_share, params.seed, params.experiment,
                       settings.tracking_uri, str(run_dir / "fine-tune"), tags)
-    # The fine-tune keeps an epoch that passes the gate's old-class check on its val split.
+    # The fine-tune keeps an epoch that passes the gate's old-class check on its val split, and builds
+    # the parent gate into the model it registers.
     keep = {"threshold": params.threshold, "max_old_class_drop": params.max_old_class_drop_pts / 100,
             "parent_gate": params.parent_gate}
     fine_tune_state = fine_tune_step(*fine_tune_args, **keep, return_state=True)
