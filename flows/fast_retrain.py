@@ -459,6 +459,10 @@ def summary_markdown(result: FastRetrainResult, params: FastRetrainParams, sourc
             ("challenger", f"version {result.challenger_version or '-'}"),
             ("labels", f"{result.labels_added} added from {source}, data version `{result.data_version or '-'}`"),
             ("wall time", f"{result.wall_s:.0f} s, orchestration {result.orchestration_share:.1%}")]
+    if params.parent_gate:
+        rows.append(("parent gate", f"{params.parent_gate:g}: " + (
+            "a refining class is not answered where the base is at least this sure of a class other than its parent"
+            if params.refines else "nothing to gate (no new class refines a class of the base)")))
     if result.canary:
         rows.append(("canary", result.canary))
     table = key_value_table(rows)

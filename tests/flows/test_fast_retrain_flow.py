@@ -126,6 +126,7 @@ def test_a_class_added_from_a_folder_ships_with_lineage_and_resumes_without_trai
     summary = stored[0].data
     assert summary.startswith(f"# Fast retrain of `{MODEL}`: promoted: version {result.challenger_version}")
     assert "new `triangle`" in summary and f"version {result.fine_tuned_version}: reused" in summary
+    assert "parent gate | 0.99: nothing to gate" in summary  # triangle refines nothing
     assert result.gate_table.splitlines()[0] in summary and "release/compress" in summary
     # Paired with the champion image by image, on the classes both know (the new one is judged by its target).
     paired = {line.split("|")[2].strip() for line in result.changes_table.splitlines()[2:] if line.startswith("| ")}
