@@ -96,6 +96,17 @@ def test_the_gate_survives_the_checkpoint_meta_and_old_checkpoints_have_none(bas
     assert old.parent_gate.sure == 0.0 and old.parent_gate.parents == [-1, -1]
 
 
+def test_a_second_change_grows_the_gate_and_the_runs_setting_is_the_whole_models(base):
+    model = eager_branch(base, 0.97)  # circle_red refines circle, blob nothing
+    grown = expand_recognizer(model, OLD + CLASSES[2:], ["square_red", "blob_red"],
+                              refines={"square_red": "square", "blob_red": "blob"}, parent_gate=0.9)
+    # square_red refines a base class; blob_red refines a branch class, which the base cannot be sure of
+    assert grown.parent_gate.parents == [0, -1, 1, -1] and grown.parent_gate.sure == 0.9
+    assert grown.parent_gate.others.tolist() == [[0, 1], [0, 0], [1, 0], [0, 0]]
+    assert model_meta(grown)["kwargs"]["gate_parents"] == [0, -1, 1, -1]
+    assert expand_recognizer(model, OLD + CLASSES[2:], []).parent_gate.sure == 0.0  # the run's setting wins
+
+
 def test_bad_gate_settings_are_refused_with_the_setting_named(base):
     with pytest.raises(SaofuError, match="parent_gate must be between 0"):
         eager_branch(base, 1.5)
