@@ -120,17 +120,14 @@ class ExpandedRecognizer(nn.Module):
         if len(parents) != new_classes or any(not -1 <= p < base.num_classes for p in parents):
             raise SaofuError(f"gate_parents must name a base class (0 .. {base.num_classes - 1}) or -1 for each "
                              f"of the {new_classes} new classes, got {parents}")
-        if not 0 <= parent_gate <= 1:
-            raise SaofuError(f"parent_gate must be between 0 (off) and 1, got {parent_gate}")
-        self.parent_gate = ParentGate(base.num_classes, parents, parent_gate)
+        self.parent_gate = ParentGate(base.num_classes, parents)
+        self.set_parent_gate(parent_gate)
         self.num_classes = base.num_classes + new_classes
         self.in_chans = base.in_chans
         self.num_features = base.num_features
         self.arch_string = f"expanded{shared_stages}({base.arch_string})"
-        # What `models.model_meta` saves; `models.build_from_checkpoint_meta` rebuilds from it.
         self.model_name = EXPANDED_MODEL
-        self.model_kwargs = {"base": _meta_of(base), "shared_stages": shared_stages}
-        self._record_gate()
+        self._base_meta = _meta_of(base)  # its architecture: fixed, whatever training does to its weights
         self.default_input_size = getattr(base, "default_input_size", None)
         self.freeze_base()
 
@@ -145,16 +142,17 @@ class ExpandedRecognizer(nn.Module):
         self.base.requires_grad_(True)
         self.base.saofu_frozen = False
 
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """What `models.model_meta` saves; `models.build_from_checkpoint_meta` rebuilds from it."""
+        return {"base": self._base_meta, "shared_stages": self.shared_stages, "parent_gate": self.parent_gate.sure,
+                "gate_parents": list(self.parent_gate.parents)}
+
     def set_parent_gate(self, sure: float) -> None:
-        """Gate the refining new classes at certainty `sure` (0: off); saved with the model's meta."""
+        """Gate the refining new classes at certainty `sure` (0: off)."""
         if not 0 <= sure <= 1:
             raise SaofuError(f"parent_gate must be between 0 (off) and 1, got {sure}")
         self.parent_gate.sure = float(sure)
-        self._record_gate()
-
-    def _record_gate(self) -> None:
-        self.model_kwargs["parent_gate"] = self.parent_gate.sure
-        self.model_kwargs["gate_parents"] = list(self.parent_gate.parents)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, base classes + new classes): the base's, then the branch's (gated in eval mode)."""
