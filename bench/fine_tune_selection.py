@@ -84,6 +84,7 @@ class ProbeWorld:
     held_out: list[Path]  # merchant images of held-out fonts
     regression: list[tuple[Path, str]]  # old-class images of held-out fonts, with their class
     work: Path  # where the fine-tunes write
+    image_size: int = 64  # the side its images are read at: its champion's input
 
 
 def seed_list(text: str) -> list[int]:
@@ -158,7 +159,7 @@ def bench_world(bench_home: Path = BENCH_HOME, results: Path = BENCH_RESULTS,
     return ProbeWorld(f"the fast-retrain bench's world (Fu world, seed 0, held-out fonts bsmi/gbsn/uming), "
                       f"from its released champion, version {version}", champion, dataset, base.val_share,
                       base.split_seed, get_settings().cache_dir, *_held_out_sets(bench_home / "world", rows),
-                      work / "fine-tune")
+                      work / "fine-tune", base.image_size)
 
 
 def dataset_with(src: Path, dst: Path, rows: list[dict]) -> None:
@@ -214,13 +215,13 @@ def _held_out_sets(world: Path, test_rows: list[dict]) -> tuple[list[Path], list
     return held, [(world / r["path"], r["label"]) for r in test_rows if r["label"] != "fu_merchant"]
 
 
-def probabilities(model: torch.nn.Module, classes: list[str], paths: list[Path],
-                  labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The model's softmax on the images at `paths`, and their labels as indices into `classes`."""
+def probabilities(model: torch.nn.Module, classes: list[str], paths: list[Path], labels: list[str],
+                  image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's softmax on the images at `paths` read at `image_size`, and their labels as indices."""
     from tasks.release.sets import split_from_files
     from tasks.train.loop import predict_proba
 
-    split = split_from_files(paths, labels, classes, 64)
+    split = split_from_files(paths, labels, classes, image_size)
     return np.asarray(predict_proba(model, split, torch.device("cpu"))), split.labels.numpy()
 
 
@@ -233,8 +234,9 @@ def decided_right(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> 
     return decide(probs, THRESHOLD, classes.index("not_fu"), roots) == labels
 
 
-def _right(model: torch.nn.Module, classes: list[str], paths: list[Path], labels: list[str]) -> np.ndarray:
-    return decided_right(*probabilities(model, classes, paths, labels), classes)
+def _right(model: torch.nn.Module, classes: list[str], paths: list[Path], labels: list[str],
+           image_size: int) -> np.ndarray:
+    return decided_right(*probabilities(model, classes, paths, labels, image_size), classes)
 
 
 def champion_scorer(world: ProbeWorld) -> Callable[[torch.nn.Module, list[str]], dict]:
@@ -248,12 +250,13 @@ def champion_scorer(world: ProbeWorld) -> Callable[[torch.nn.Module, list[str]],
     held, paths = world.held_out, [p for p, _ in world.regression]
     old = np.array([c for _, c in world.regression])
     base, state = load_checkpoint(world.champion)
-    before = _right(base, state["classes"], paths, list(old))
+    before = _right(base, state["classes"], paths, list(old), world.image_size)
 
     def score(model: torch.nn.Module, classes: list[str]) -> dict:
-        after = _right(model, classes, paths, list(old))
+        after = _right(model, classes, paths, list(old), world.image_size)
         drops = {c: float(100 * (before[old == c].mean() - after[old == c].mean())) for c in ("fu", "not_fu")}
-        return {"new_class_recall": float(_right(model, classes, held, ["fu_merchant"] * len(held)).mean()),
+        recall = _right(model, classes, held, ["fu_merchant"] * len(held), world.image_size)
+        return {"new_class_recall": float(recall.mean()),
                 "old_class_drop_pts": drops, "max_old_class_drop_pts": max(drops.values())}
 
     return score
@@ -265,7 +268,7 @@ def run(configs: list[dict], world: ProbeWorld, seeds: tuple[int, ...] = (0, 1, 
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
 
     score = champion_scorer(world)
-    data = prepare_dataset(world.data_dir, 64, world.val_share, world.split_seed, world.cache_dir)
+    data = prepare_dataset(world.data_dir, world.image_size, world.val_share, world.split_seed, world.cache_dir)
     results = []
     for over in configs:
         draws = []

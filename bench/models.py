@@ -34,6 +34,11 @@ BENCH_MODELS = (
 THRESHOLD = 0.9
 
 
+# The side every model here is trained and measured at: 64 px, the Fu world's size when these
+# figures were measured (README); the world's default is 96 since 2026-12-07 (`saofu.pixels`).
+SIZE = 64
+
+
 def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -109,13 +114,14 @@ def run_models_bench(
     if data_dir is None:
         from tasks.train.steps import generate_fu_world
 
-        data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}"), n, seed)
-    data = prepare_dataset(data_dir, 64, 0.15, seed, settings.cache_dir)
+        data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}_{SIZE}px"), n, seed, SIZE)
+    data = prepare_dataset(data_dir, SIZE, 0.15, seed, settings.cache_dir)
     eval_split = data.test if data.test is not None else data.val
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            rows.append(train_and_measure(TrainConfig(model=name, epochs=epochs, seed=seed), data, Path(tmp), name))
+            cfg = TrainConfig(model=name, epochs=epochs, seed=seed, image_size=SIZE)
+            rows.append(train_and_measure(cfg, data, Path(tmp), name))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     summary = {
         "benchmark": "models",

@@ -85,12 +85,14 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
     from tasks.train.fine_tune import FineTuneConfig, fine_tune
     from tasks.train.loop import load_checkpoint, predict_proba
 
-    data = prepare_dataset(world.data_dir, 64, world.val_share, world.split_seed, world.cache_dir)
+    size = world.image_size
+    data = prepare_dataset(world.data_dir, size, world.val_share, world.split_seed, world.cache_dir)
     reg_paths = [p for p, _ in world.regression]
     reg_names = [c for _, c in world.regression]
     names = np.array(reg_names)
     base, state = load_checkpoint(world.champion)
-    before = decided_right(*probabilities(base, list(state["classes"]), reg_paths, reg_names), list(state["classes"]))
+    before = decided_right(*probabilities(base, list(state["classes"]), reg_paths, reg_names, size),
+                           list(state["classes"]))
     draws = []
     for seed in seeds:
         cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed)
@@ -100,8 +102,9 @@ def run(world: ProbeWorld, seeds: list[int], budget_s: float) -> dict:
         val = np.asarray(predict_proba(result.model, data.val, torch.device("cpu")))
         # the val split's labels index the data's classes; the model's columns are in its own order
         val_labels = np.array([classes.index(data.classes[i]) for i in data.val.labels.numpy()])
-        held, held_labels = probabilities(result.model, classes, world.held_out, ["fu_merchant"] * len(world.held_out))
-        reg, reg_labels = probabilities(result.model, classes, reg_paths, reg_names)
+        held, held_labels = probabilities(result.model, classes, world.held_out, ["fu_merchant"] * len(world.held_out),
+                                          size)
+        reg, reg_labels = probabilities(result.model, classes, reg_paths, reg_names, size)
         old, parents = len(classes) - len(new), [classes.index(REFINES["fu_merchant"])]
         rows = []
         for b, gate in REDECISIONS:

@@ -85,19 +85,20 @@ def run(seeds: list[int], budget_s: float) -> dict:
     from tasks.train.loop import load_checkpoint
 
     world = bench_world()
-    data = prepare_dataset(world.data_dir, 64, world.val_share, world.split_seed, world.cache_dir)
+    size = world.image_size
+    data = prepare_dataset(world.data_dir, size, world.val_share, world.split_seed, world.cache_dir)
     paths, names = [p for p, _ in world.regression], np.array([c for _, c in world.regression])
     base, state = load_checkpoint(world.champion)
     champion_classes = list(state["classes"])
-    before_p, labels = probabilities(base, champion_classes, paths, list(names))
+    before_p, labels = probabilities(base, champion_classes, paths, list(names), size)
     before, sure, _ = judged(before_p, labels, champion_classes, REFINES)
     draws, lost_by_seed, new_by_seed, held_by_seed, reg_by_seed = [], [], [], [], []
     for seed in seeds:
         cfg = FineTuneConfig(new_classes=["fu_merchant"], refines=REFINES, budget_s=budget_s, seed=seed)
         result = fine_tune(world.champion, data, cfg, world.work / f"losses-seed{seed}.pt")
         held, held_labels = probabilities(result.model, result.classes, world.held_out,
-                                          ["fu_merchant"] * len(world.held_out))
-        reg, reg_labels = probabilities(result.model, result.classes, paths, list(names))
+                                          ["fu_merchant"] * len(world.held_out), size)
+        reg, reg_labels = probabilities(result.model, result.classes, paths, list(names), size)
         after, _, refined = judged(reg, reg_labels, result.classes, REFINES)
         lost = before & ~after
         refined &= lost

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.models import _device_name
+from bench.models import SIZE, _device_name
 from saofu.settings import get_settings
 from tasks.data.fu_world import WorldConfig
 from tasks.data.loading import prepare_dataset
@@ -36,15 +36,15 @@ def compression_rows(n: int, epochs: int, fresh_n: int, seed: int, tmp: Path) ->
     settings = get_settings()
     from tasks.train.steps import generate_fu_world
 
-    data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}"), n, seed)
-    data = prepare_dataset(data_dir, 64, 0.15, seed, settings.cache_dir)
+    data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}_{SIZE}px"), n, seed, SIZE)
+    data = prepare_dataset(data_dir, SIZE, 0.15, seed, settings.cache_dir)
     print(f"== saofu_fu: {epochs} epochs on {len(data.train)} images", flush=True)
-    cfg = TrainConfig(model="saofu_fu", epochs=epochs, seed=seed)
+    cfg = TrainConfig(model="saofu_fu", epochs=epochs, seed=seed, image_size=SIZE)
     result = fit(cfg, data.train, data.val, tmp / "checkpoint.pt", on_epoch=epoch_printer(epochs, prefix="  "))
     candidate = Candidate(name="bench", version="0", run_id="", checkpoint=str(tmp / "checkpoint.pt"),
-                          classes=list(data.classes), image_size=64, arch=result.model.arch_string,
+                          classes=list(data.classes), image_size=SIZE, arch=result.model.arch_string,
                           data_dir=str(data_dir), data_version="")
-    fresh, info = simulated_fresh_slice(tmp / "pool", list(data.classes), 64, fresh_n, seed)
+    fresh, info = simulated_fresh_slice(tmp / "pool", list(data.classes), SIZE, fresh_n, seed)
     variants: list[Variant] = []
     for i, amount in enumerate((0.0, *PRUNE_AMOUNTS)):
         built = build_variants(candidate, data.train, data.val, tmp / f"a{i}", amount, 3, seed,

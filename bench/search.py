@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.models import BENCH_MODELS, _device_name, format_table, train_and_measure
+from bench.models import BENCH_MODELS, SIZE, _device_name, format_table, train_and_measure
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
 from tasks.data.fu_world import WorldConfig
@@ -142,8 +142,9 @@ def run_search_bench(
     targets = targets or ScoreTargets(mflops=LIMIT_MFLOPS, kparams=LIMIT_KPARAMS)
     from tasks.train.steps import generate_fu_world
 
-    data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}"), n, seed)
-    search_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{search_n}_s{seed}"), search_n, seed)
+    data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}_{SIZE}px"), n, seed, SIZE)
+    search_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{search_n}_s{seed}_{SIZE}px"), search_n,
+                                      seed, SIZE)
     out = Path(out)
 
     # 1. the three studies at equal compute
@@ -178,10 +179,10 @@ def run_search_bench(
         searched_data = prepare_dataset(data_dir, plan.image_size, 0.15, seed, settings.cache_dir)
         rows.append(train_and_measure(plan.train_config(final_epochs, seed, "auto"), searched_data, Path(tmp),
                                       "searched"))
-        data64 = prepare_dataset(data_dir, 64, 0.15, seed, settings.cache_dir)
+        data64 = prepare_dataset(data_dir, SIZE, 0.15, seed, settings.cache_dir)
         for name in baselines:
-            rows.append(train_and_measure(TrainConfig(model=name, epochs=final_epochs, seed=seed), data64, Path(tmp),
-                                          name))
+            cfg = TrainConfig(model=name, epochs=final_epochs, seed=seed, image_size=SIZE)
+            rows.append(train_and_measure(cfg, data64, Path(tmp), name))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     searched = rows[0]
     peers = [r for r in rows[1:] if r["model"] != "saofu_fu"]

@@ -22,7 +22,7 @@ Run it alone (two torch processes on 2 cores slow each other):
 `--world selection` (default): the selection world (`bench.fine_tune_selection`), built on first
 use, at the flow's 60 s; its clean set is drawn here (`--held-out-n`). `--world bench`: the
 fast-retrain bench's world as its last run left it (`--bench-results`: that run's JSON, for the
-champion version), at the bench's 27 s; its clean set is the bench's own second world.
+champion version), at the bench's budget; its clean set is the bench's own second world.
 `--badcase-copies K`: each labelled badcase of an old class K times in round 2's training images,
 so the replay's sample draws it about K times as often (as the flow would, were new labels of old
 classes replayed first; the new class's images are all trained every epoch anyway). About 2.5
@@ -71,7 +71,7 @@ def badcases(world: ProbeWorld, model, classes: list[str]) -> list[dict]:
     """The world's test-split images `model` decides wrong, as `add_images` rows with their true class."""
     paths = list(world.held_out) + [p for p, _ in world.regression]
     labels = ["fu_merchant"] * len(world.held_out) + [c for _, c in world.regression]
-    right = decided_right(*probabilities(model, classes, paths, labels), classes)
+    right = decided_right(*probabilities(model, classes, paths, labels, world.image_size), classes)
     return [{"image": str(p), "label": c, "source": "human", "split": "train"}
             for p, c, ok in zip(paths, labels, right, strict=True) if not ok]
 
@@ -115,8 +115,9 @@ def score(clean: ProbeWorld, before: np.ndarray, model, classes: list[str]) -> d
     """New-class recall and each old class's drop against the champion (`paired_drop`) on the clean set."""
     held = clean.held_out
     paths, old = [p for p, _ in clean.regression], np.array([c for _, c in clean.regression])
-    after = decided_right(*probabilities(model, classes, paths, list(old)), classes)
-    recall = float(decided_right(*probabilities(model, classes, held, ["fu_merchant"] * len(held)), classes).mean())
+    after = decided_right(*probabilities(model, classes, paths, list(old), clean.image_size), classes)
+    held_p = probabilities(model, classes, held, ["fu_merchant"] * len(held), clean.image_size)
+    recall = float(decided_right(*held_p, classes).mean())
     drops = {c: paired_drop(before[old == c].astype(float), after[old == c].astype(float)) for c in ("fu", "not_fu")}
     return {"new_class_recall": recall, "old_classes": drops,
             "max_old_class_drop_pts": max(d["drop_pts"] for d in drops.values())}
@@ -148,10 +149,10 @@ def run(world_name: str, seeds: list[int], budget_s: float, held_out_n: int,
     work = WORK if world_name == "selection" else WORK.with_name("second-round-bench")
     base, state = load_checkpoint(world.champion)
     paths, old = [p for p, _ in clean.regression], [c for _, c in clean.regression]
-    before = decided_right(*probabilities(base, state["classes"], paths, old), state["classes"])
+    before = decided_right(*probabilities(base, state["classes"], paths, old, world.image_size), state["classes"])
 
     def round_of(w: ProbeWorld, seed: int, home: Path, cases: list[dict] = ()):
-        data = prepare_dataset(w.data_dir, 64, w.val_share, w.split_seed, work / "cache")
+        data = prepare_dataset(w.data_dir, w.image_size, w.val_share, w.split_seed, work / "cache")
         if cases and badcase_copies > 1:  # the old classes' labelled badcases counted more in the replay
             shas = {file_sha256(c["image"]) for c in cases if c["label"] in state["classes"]}
             rel = {r["path"] for r in read_manifest(w.data_dir) if r["sha256"] in shas}
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.second_round", description=__doc__.split("\n")[0])
     parser.add_argument("--world", choices=sorted(OUT), default="selection")
     parser.add_argument("--seeds", type=seed_list, default="0,1,2,3,4")
-    parser.add_argument("--budget-s", type=float, help="each fine-tune's budget (default: 60 selection, 27 bench)")
+    parser.add_argument("--budget-s", type=float, help="each fine-tune's budget (default: 60 selection, the bench's own budget for bench)")
     parser.add_argument("--held-out-n", type=int, default=12_000, help="images of the selection world's clean set")
     parser.add_argument("--bench-results", type=Path, default=BENCH_RESULTS,
                         help="with --world bench: the JSON of the bench run that left its world")

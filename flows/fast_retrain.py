@@ -135,11 +135,10 @@ class FastRetrainParams(BaseModel):
                                                                          "any old class, in points")
     max_latency_ms: float = Field(1.0, gt=0, description="gate: p95 latency budget (batch 1, 1 thread)")
     threshold: float = Field(0.9, ge=0, le=1, description="the serving threshold")
-    parent_gate: float = Field(0.0, ge=0, le=1, description="answer a new class only where the base model is "
-                                                            "not this sure of a class other than the one it "
-                                                            "refines (0: off; 0.99 kept the old classes at 96 "
-                                                            "px); the whole model's: a base gated before takes "
-                                                            "this value too")
+    parent_gate: float = Field(0.99, ge=0, le=1, description="answer a new class only where the base model is "
+                                                             "not this sure of a class other than the one it "
+                                                             "refines (0: off); the whole model's: a base gated "
+                                                             "before takes this value too")
     prune_amount: float = Field(0.0, ge=0, lt=1, description="release: share of channels pruned (0: none; "
                                                              "pruning adds a fine-tune of its own)")
     fresh_n: int = Field(5000, ge=10, description="most held-out images the release judges on")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from bench.fast_retrain import BUDGET_MIN as FAST_RETRAIN_BUDGET_MIN
+from bench.fast_retrain import PARENT_GATE as FAST_RETRAIN_PARENT_GATE
 from bench.fast_retrain import SEEDS as FAST_RETRAIN_SEEDS
 from bench.held_out_world import HELD_OUT_N
 from saofu.cli.common import JsonOpt, emit, progress_to_stderr
@@ -134,16 +135,15 @@ def bench_fast_retrain(
                                    help="Images of a second world drawn in the held-out fonts, judged on beside "
                                         "the test split (12000: 9408 old-class, 2352 merchant); 0: none."),
     budget_min: float = typer.Option(FAST_RETRAIN_BUDGET_MIN, "--budget-min",
-                                     help="The fast retrain's budget (27 s: more training stopped buying "
-                                          "recall or old classes before it; the flow's default is 1 minute)."),
+                                     help="The fast retrain's budget (the flow's default)."),
     seeds: list[int] = typer.Option(list(FAST_RETRAIN_SEEDS), "--seed",
                                     help="One fast-retrain draw per seed (repeat)."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Epochs of the champion and of the full retrain."),
     full_retrain_draws: int = typer.Option(3, "--full-retrain-draws", min=0,
                                            help="Naive-peer draws (seeds 0, 1, ...; median compared); 0: none."),
-    image_size: int = typer.Option(64, "--image-size", min=16, max=512,
+    image_size: int = typer.Option(TrainConfig.image_size, "--image-size", min=16, max=512,
                                    help="Side of the world's images and the models' input, in pixels."),
-    parent_gate: float = typer.Option(0.0, "--parent-gate", min=0.0, max=1.0,
+    parent_gate: float = typer.Option(FAST_RETRAIN_PARENT_GATE, "--parent-gate", min=0.0, max=1.0,
                                       help="Gate fu_merchant by its parent in the fast retrain and the ablation "
                                            "(the flow's parent_gate; 0: off)."),
     home: Path = typer.Option(Path("bench/work/fast_retrain"), "--home",

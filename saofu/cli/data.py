@@ -17,7 +17,7 @@ def data_generate(
     out: Path = typer.Option(..., "--out", help="Output folder (ImageFolder tree + manifest.csv)."),
     n: int = typer.Option(WorldConfig.n, "--n", help="Number of images."),
     seed: int = typer.Option(0, "--seed"),
-    size: int = typer.Option(64, "--size", help="Image side length in pixels."),
+    size: int = typer.Option(WorldConfig.image_size, "--size", help="Image side length in pixels."),
     merchant: bool = typer.Option(False, "--merchant", help="Add the directional class fu_merchant."),
     as_json: bool = JsonOpt,
 ):

@@ -24,8 +24,8 @@ def fast_retrain(
     replay_share: float = typer.Option(0.5, "--replay-share", help="Share of each epoch from the other classes."),
     new_class_recall: float = typer.Option(0.95, "--new-class-recall", help="Gate: each new class's recall target."),
     max_old_drop: float = typer.Option(0.5, "--max-old-drop-pts", help="Gate: largest old-class recall drop, points."),
-    parent_gate: float = typer.Option(0.0, "--parent-gate", help="Answer a new class only where the base model is "
-                                      "not this sure of a class other than its --refines parent (0: off)."),
+    parent_gate: float = typer.Option(0.99, "--parent-gate", help="Answer a new class only where the base model "
+                                      "is not this sure of a class other than its --refines parent (0: off)."),
     canary_share: float = typer.Option(0.0, "--canary-share", help="Promote through the serving app's canary."),
     serve_url: str = typer.Option("", "--serve-url", help="Wait until this serving app answers with the new version."),
     as_json: bool = JsonOpt,

@@ -31,7 +31,7 @@ DEMO_NEXT = (
 # ---------------------------------------------------------------- models
 @models_app.command("list")
 def models_list(
-    size: int = typer.Option(64, "--size", help="Input size for the FLOP count."),
+    size: int = typer.Option(TrainConfig.image_size, "--size", help="Input size for the FLOP count."),
     classes: int = typer.Option(2, "--classes", help="Class count of the head."),
     as_json: bool = JsonOpt,
 ):
@@ -73,7 +73,7 @@ def train(
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs"),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size"),
     lr: float = typer.Option(TrainConfig.lr, "--lr"),
-    image_size: int = typer.Option(64, "--image-size"),
+    image_size: int = typer.Option(TrainConfig.image_size, "--image-size"),
     val_share: float = typer.Option(
         TrainConfig.val_share, "--val-share", help="Validation share when DIR has no val/ folder."
     ),
@@ -144,7 +144,7 @@ def step_train(
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs"),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size"),
     lr: float = typer.Option(TrainConfig.lr, "--lr"),
-    image_size: int = typer.Option(64, "--image-size"),
+    image_size: int = typer.Option(TrainConfig.image_size, "--image-size"),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt if it exists."),
     as_json: bool = JsonOpt,
@@ -190,7 +190,7 @@ def step_evaluate(
     model: Path = typer.Option(..., "--model", help="ONNX file."),
     data: Path = typer.Option(..., "--data"),
     out: Path = typer.Option(..., "--out", help="Report JSON."),
-    image_size: int = typer.Option(64, "--image-size"),
+    image_size: int = typer.Option(TrainConfig.image_size, "--image-size"),
     threshold: float = typer.Option(0.9, "--threshold"),
     negative_class: str | None = typer.Option(None, "--negative-class"),
     as_json: bool = JsonOpt,

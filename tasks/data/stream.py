@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from saofu.errors import SaofuError
+from saofu.pixels import DEFAULT_IMAGE_SIZE
 from tasks.data.fonts import FontFace, discover_fonts, split_fonts
 from tasks.data.fu_world import (
     FU_CLASS,
@@ -98,7 +99,7 @@ def simulate_scans(
     start: datetime,
     rate_per_hour: float,
     schedule: Sequence[DriftPhase] = DEFAULT_SCHEDULE,
-    image_size: int = 64,
+    image_size: int = DEFAULT_IMAGE_SIZE,
     *,
     difficulty: float | None = None,
     test_groups: Sequence[str] | None = None,

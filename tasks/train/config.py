@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saofu.pixels import DEFAULT_IMAGE_SIZE
+
 
 @dataclass
 class TrainConfig:
@@ -26,7 +28,7 @@ class TrainConfig:
     dropout: float = 0.1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    image_size: int = 64
+    image_size: int = DEFAULT_IMAGE_SIZE
     val_share: float = 0.15  # share of each class held out when the dataset has no val/ folder
 
     def model_kwargs(self) -> dict:

@@ -16,6 +16,7 @@ from prefect import task
 
 from models import count_flops, count_params
 from saofu.errors import SaofuError
+from saofu.pixels import DEFAULT_IMAGE_SIZE
 from saofu.settings import get_settings
 from tasks import tracking
 from tasks.data.loading import prepare_dataset
@@ -56,7 +57,8 @@ def _write_history(history: list[dict], path: Path) -> None:
 
 
 @task(name="generate-fu-world")
-def generate_fu_world(out_dir: str, n: int, seed: int, image_size: int = 64, merchant: bool = False) -> str:
+def generate_fu_world(out_dir: str, n: int, seed: int, image_size: int = DEFAULT_IMAGE_SIZE,
+                      merchant: bool = False) -> str:
     """Generate the Fu world into `out_dir`, reusing it when the same world is already there."""
     from tasks.data.fu_world import WorldConfig, generate_world, is_same_world
 
@@ -175,7 +177,7 @@ def export_recognizer(
 
 @task(name="evaluate-onnx")
 def evaluate_recognizer(
-    onnx_path: str, data_dir: str, report_path: str, image_size: int = 64, threshold: float = 0.9,
+    onnx_path: str, data_dir: str, report_path: str, image_size: int = DEFAULT_IMAGE_SIZE, threshold: float = 0.9,
     negative_class: str | None = None, val_share: float = 0.15, seed: int = 0, run_id: str | None = None,
 ) -> dict:
     """Evaluate the ONNX graph on the held-out test split (the val split when there is none).

@@ -346,6 +346,27 @@ def test_the_bench_command_passes_the_image_size_and_its_folder_to_the_bench(tmp
 
 
 @pytest.mark.timeout(60)
+def test_the_plain_bench_command_measures_what_a_click_runs_on_the_default_world(tmp_path, monkeypatch):
+    """No options: the world at its default size, the fast retrain with the flow's budget and parent gate."""
+    from typer.testing import CliRunner
+
+    import bench.fast_retrain
+    from flows.fast_retrain import FastRetrainParams
+    from saofu.cli import app
+    from saofu.pixels import DEFAULT_IMAGE_SIZE
+    from tasks.train.config import TrainConfig
+
+    seen = {}
+    monkeypatch.setattr(bench.fast_retrain, "run_fast_retrain_bench",
+                        lambda **kw: seen.update(kw) or {"table": "the table", "wall_s": 1.0})
+    result = CliRunner().invoke(app, ["bench", "fast-retrain", "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    click = FastRetrainParams()
+    assert seen["budget_min"] == click.budget_min and seen["parent_gate"] == click.parent_gate > 0
+    assert seen["image_size"] == WorldConfig().image_size == TrainConfig().image_size == DEFAULT_IMAGE_SIZE
+
+
+@pytest.mark.timeout(60)
 def test_the_bench_refuses_to_empty_a_folder_no_bench_run_left(tmp_path):
     """`--home` is emptied first: a folder holding anything but an earlier run is refused, untouched."""
     from bench.fast_retrain import run_fast_retrain_bench

@@ -100,7 +100,7 @@ def test_dvc_repro_reproduces_a_training_offline(tmp_path):
     work.mkdir()
     shutil.copy(repo / "dvc.yaml", work)
     params = (repo / "params.yaml").read_text()
-    params = (params.replace("n: 4000", "n: 90").replace("image_size: 64", "image_size: 32")
+    params = (params.replace("n: 4000", "n: 90").replace("image_size: 96", "image_size: 32")
               .replace("epochs: 20", "epochs: 2").replace("model: saofu_fu", "model: saofu_fu_tiny"))
     (work / "params.yaml").write_text(params)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",

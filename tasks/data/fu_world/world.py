@@ -22,6 +22,7 @@ import PIL
 from PIL import Image
 
 from saofu.errors import SaofuError
+from saofu.pixels import DEFAULT_IMAGE_SIZE
 from tasks.data.fonts import (
     FontFace,
     design_lineage,
@@ -66,7 +67,7 @@ class WorldConfig:
 
     n: int = 4000
     seed: int = 0
-    image_size: int = 64
+    image_size: int = DEFAULT_IMAGE_SIZE
     merchant: bool = False
     splits: tuple[float, float, float] = (0.7, 0.15, 0.15)
     class_weights: dict[str, float] | None = None
