@@ -18,7 +18,7 @@ import torch
 
 from models import count_flops, count_params
 from saofu.settings import get_settings
-from tasks.data.fu_world import WorldConfig
+from tasks.data.fu_world import WorldConfig, world_folder_name
 from tasks.data.loading import PreparedData, prepare_dataset
 from tasks.release.evaluation import evaluate_onnx, measure_latency
 from tasks.train.export import export_onnx
@@ -114,7 +114,7 @@ def run_models_bench(
     if data_dir is None:
         from tasks.train.steps import generate_fu_world
 
-        data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}_{SIZE}px"), n, seed, SIZE)
+        data_dir = generate_fu_world.fn(str(settings.data_dir / world_folder_name(n, seed, SIZE)), n, seed, SIZE)
     data = prepare_dataset(data_dir, SIZE, 0.15, seed, settings.cache_dir)
     eval_split = data.test if data.test is not None else data.val
     rows = []

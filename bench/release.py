@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.models import SIZE, _device_name
 from saofu.settings import get_settings
-from tasks.data.fu_world import WorldConfig
+from tasks.data.fu_world import WorldConfig, world_folder_name
 from tasks.data.loading import prepare_dataset
 from tasks.release.sets import simulated_fresh_slice
 from tasks.release.steps import Candidate, Variant, build_variants, choose_artefact, format_variants, measure_variants
@@ -36,7 +36,7 @@ def compression_rows(n: int, epochs: int, fresh_n: int, seed: int, tmp: Path) ->
     settings = get_settings()
     from tasks.train.steps import generate_fu_world
 
-    data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}_{SIZE}px"), n, seed, SIZE)
+    data_dir = generate_fu_world.fn(str(settings.data_dir / world_folder_name(n, seed, SIZE)), n, seed, SIZE)
     data = prepare_dataset(data_dir, SIZE, 0.15, seed, settings.cache_dir)
     print(f"== saofu_fu: {epochs} epochs on {len(data.train)} images", flush=True)
     cfg = TrainConfig(model="saofu_fu", epochs=epochs, seed=seed, image_size=SIZE)

@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.models import BENCH_MODELS, SIZE, _device_name, format_table, train_and_measure
 from saofu.errors import SaofuError
 from saofu.settings import get_settings
-from tasks.data.fu_world import WorldConfig
+from tasks.data.fu_world import WorldConfig, world_folder_name
 from tasks.data.loading import prepare_dataset
 from tasks.search.objective import ScoreTargets
 from tasks.search.report import best_row, best_so_far, rebuild_plan, trial_rows
@@ -142,8 +142,8 @@ def run_search_bench(
     targets = targets or ScoreTargets(mflops=LIMIT_MFLOPS, kparams=LIMIT_KPARAMS)
     from tasks.train.steps import generate_fu_world
 
-    data_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{n}_s{seed}_{SIZE}px"), n, seed, SIZE)
-    search_dir = generate_fu_world.fn(str(settings.data_dir / f"fu_world_n{search_n}_s{seed}_{SIZE}px"), search_n,
+    data_dir = generate_fu_world.fn(str(settings.data_dir / world_folder_name(n, seed, SIZE)), n, seed, SIZE)
+    search_dir = generate_fu_world.fn(str(settings.data_dir / world_folder_name(search_n, seed, SIZE)), search_n,
                                       seed, SIZE)
     out = Path(out)
 

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.second_round", description=__doc__.split("\n")[0])
     parser.add_argument("--world", choices=sorted(OUT), default="selection")
     parser.add_argument("--seeds", type=seed_list, default="0,1,2,3,4")
-    parser.add_argument("--budget-s", type=float, help="each fine-tune's budget (default: 60 selection, the bench's own budget for bench)")
+    parser.add_argument("--budget-s", type=float, help="each fine-tune's budget (default: 60, or the bench's)")
     parser.add_argument("--held-out-n", type=int, default=12_000, help="images of the selection world's clean set")
     parser.add_argument("--bench-results", type=Path, default=BENCH_RESULTS,
                         help="with --world bench: the JSON of the bench run that left its world")

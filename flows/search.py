@@ -19,7 +19,7 @@ from flows.train import TrainFlowParams, TrainFlowResult, train_flow
 from saofu.settings import get_settings
 from saofu.urls import hide_password
 from tasks import tracking
-from tasks.data.fu_world import WorldConfig
+from tasks.data.fu_world import WorldConfig, world_folder_name
 from tasks.data.manifest import plain_name
 from tasks.search.objective import ScoreTargets
 from tasks.search.passwords import dashboard_command, refuse_password
@@ -128,8 +128,8 @@ def search_flow(params: SearchFlowParams = SearchFlowParams()) -> SearchFlowResu
         n_trials = grid_size(params.space)
         log.info("grid has %d points: n_trials lowered to that", n_trials)
     data_dir = params.data_dir or generate_fu_world(
-        str(settings.data_dir / f"fu_world_n{params.world_n}_s{params.world_seed}"), params.world_n,
-        params.world_seed,
+        str(settings.data_dir / world_folder_name(params.world_n, params.world_seed, WorldConfig.image_size)),
+        params.world_n, params.world_seed,
     )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     study_name = params.study_name or f"search-{stamp}"

@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from saofu.settings import get_settings
-from tasks.data.fu_world import WorldConfig
+from tasks.data.fu_world import WorldConfig, world_folder_name
 from tasks.tracking import finish_run
 from tasks.train.loop import TrainConfig
 from tasks.train.steps import (
@@ -86,7 +86,8 @@ class TrainFlowResult(BaseModel):
 def train_flow(params: TrainFlowParams = TrainFlowParams()) -> TrainFlowResult:
     """Train, export, evaluate and register one recogniser."""
     settings = get_settings()
-    world_name = f"fu_world_n{params.world_n}_s{params.world_seed}" + ("_merchant" if params.merchant else "")
+    world_name = world_folder_name(params.world_n, params.world_seed, params.image_size,
+                                   "merchant" if params.merchant else "")
     data_dir = params.data_dir or generate_fu_world(
         str(settings.data_dir / world_name), params.world_n, params.world_seed, params.image_size,
         params.merchant,

@@ -159,13 +159,14 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> DemoSummary:
     from flows.release import ReleaseParams, release_flow
     from flows.train import TrainFlowParams, train_flow
     from tasks import tracking
-    from tasks.data.fu_world import WorldConfig, generate_world
+    from tasks.data.fu_world import WorldConfig, generate_world, is_same_world
     from tasks.release import registry
 
     # 2. The world: fu / not_fu now, fu_merchant for the campaign later.
-    world = settings.data_dir / f"fu_world_demo_n{cfg.world_n}_s{cfg.seed}_d{cfg.difficulty:g}"
-    if not (world / "manifest.csv").is_file():
-        generate_world(world, WorldConfig(n=cfg.world_n, seed=cfg.seed, merchant=True, difficulty=cfg.difficulty))
+    world_cfg = WorldConfig(n=cfg.world_n, seed=cfg.seed, merchant=True, difficulty=cfg.difficulty)
+    world = settings.data_dir / f"fu_world_demo_n{cfg.world_n}_s{cfg.seed}_d{cfg.difficulty:g}_{world_cfg.image_size}px"
+    if not is_same_world(world, world_cfg):
+        generate_world(world, world_cfg)
     seed_images, merchant = _seed_and_campaign(world, cfg)
     clock.lap("world", f"{world.name}: {len(seed_images)} seed images, {len(merchant)} merchant labels to come")
 

@@ -75,7 +75,7 @@ def test_the_labelled_badcases_join_a_linked_copy_and_the_worlds_dataset_is_unto
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("world, budget", [("selection", 60.0), ("bench", 60.0)])
 def test_each_world_runs_at_its_own_budget_unless_told(world, budget, tmp_path, monkeypatch):
-    """The selection world at the flow's default minute; the bench's world at the bench's budget (now that minute too)."""
+    """The selection world at the flow's default minute; the bench's world at the bench's budget."""
     import bench.second_round as second_round
 
     calls = []

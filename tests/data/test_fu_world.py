@@ -29,6 +29,7 @@ from tasks.data.fu_world import (
     generate_world,
     is_same_world,
     plan_world,
+    world_folder_name,
 )
 
 SMALL = {"n": 60, "seed": 3, "image_size": 32}
@@ -291,6 +292,21 @@ def test_folder_with_other_world_is_refused(small_world: Path, tmp_path: Path) -
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(SaofuError, match="no world.json"):
         generate_world(stranger, WorldConfig(**SMALL))
+
+
+@pytest.mark.timeout(120)
+def test_worlds_of_two_sizes_generated_by_name_keep_their_own_folders(small_world: Path, tmp_path: Path) -> None:
+    """A project's world from before the default size changed stays where it was, untouched, beside the new one."""
+    import shutil
+
+    old = tmp_path / world_folder_name(SMALL["n"], SMALL["seed"], SMALL["image_size"])
+    shutil.copytree(small_world, old)
+    bigger = WorldConfig(**{**SMALL, "image_size": 40})
+    new = tmp_path / world_folder_name(bigger.n, bigger.seed, bigger.image_size)
+    generate_world(new, bigger)
+    assert new != old and is_same_world(new, bigger) and is_same_world(old, WorldConfig(**SMALL))
+    assert tree_bytes(old) == tree_bytes(small_world)
+    assert world_folder_name(60, 3, 96, "merchant") == "fu_world_n60_s3_96px_merchant"
 
 
 def test_same_world_may_be_regenerated_in_place(faces: list[FontFace], tmp_path: Path) -> None:

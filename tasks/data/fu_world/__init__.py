@@ -40,6 +40,7 @@ from tasks.data.fu_world.world import (
     pick_face,
     plan_world,
     png_bytes,
+    world_folder_name,
 )
 
 __all__ = [
@@ -65,4 +66,5 @@ __all__ = [
     "plan_world",
     "png_bytes",
     "render_crop",
+    "world_folder_name",
 ]
