@@ -198,3 +198,32 @@ def test_demo_ends_by_naming_the_next_commands(saofu_home, monkeypatch, capsys):
 
     train_cli.demo(train_only=True, n=60, epochs=1, as_json=True)
     assert json.loads(capsys.readouterr().out) == summary  # --json: the summary alone
+
+
+@pytest.mark.timeout(60)
+def test_fast_retrain_command_runs_the_form_s_defaults_unless_told(monkeypatch):
+    """What the command leaves unset is what the Prefect UI's form starts from; `--parent-gate 0` turns the gate off."""
+    from typer.testing import CliRunner
+
+    import saofu.cli.retrain as retrain_cli
+    from flows.fast_retrain import FastRetrainParams
+    from saofu.cli import app
+
+    class Stop(Exception):
+        pass
+
+    sent = []
+
+    def fake_run_flow(flow, params):
+        sent.append(params)
+        raise Stop
+
+    monkeypatch.setattr(retrain_cli, "run_flow", fake_run_flow)
+    runner = CliRunner()
+    runner.invoke(app, ["fast-retrain", "--add", "fu_merchant", "--refines", "fu", "--labels", "fu-recognizer"])
+    runner.invoke(app, ["fast-retrain", "--add", "fu_merchant", "--labels", "fu-recognizer", "--parent-gate", "0"])
+    form = FastRetrainParams()
+    fields = ("budget_min", "replay_share", "new_class_recall", "max_old_class_drop_pts", "parent_gate",
+              "canary_share", "registered_model", "base_version")
+    assert {f: getattr(sent[0], f) for f in fields} == {f: getattr(form, f) for f in fields}
+    assert form.parent_gate == 0.99 and sent[1].parent_gate == 0.0
