@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.fast_retrain import MODEL, SHIP_GATE, _free_port, _label_in_label_studio, campaign_dataset
+from bench.fast_retrain import BUDGET_MIN, MODEL, SHIP_GATE, _free_port, _label_in_label_studio, campaign_dataset
 from bench.held_out_world import world_image_size
 
 WAYS = ("click", "in-process")
@@ -158,7 +158,7 @@ def run(draws: int = 3, home: Path = Path("bench/work/fast_retrain"),
                 params = FastRetrainParams(
                     registered_model=MODEL, changes=[ClassChange(name="fu_merchant", kind="new", refines="fu")],
                     labels=project, labels_kind="label-studio", dataset_dir=str(dataset), base_version=champion,
-                    budget_min=0.45, serve_url=serve_url, seed=draw, experiment="bench-click-path", **SHIP_GATE)
+                    budget_min=BUDGET_MIN, serve_url=serve_url, seed=draw, experiment="bench-click-path", **SHIP_GATE)
                 d = _click(params) if way == "click" else _in_process(params)
                 print(f"draw {draw + 1}/{draws}, {way}: {d['wall_s']:.1f} s to served"
                       + ("".join(f", {p} {s:.1f}" for p, s in d["phases"].items()) if "phases" in d else ""),
@@ -169,7 +169,7 @@ def run(draws: int = 3, home: Path = Path("bench/work/fast_retrain"),
     summary = summarize(results)
     from flows.deployments import POLL_S
 
-    result = {"summary": summary, "draws": results, "device": _device_name(), "budget_min": 0.45,
+    result = {"summary": summary, "draws": results, "device": _device_name(), "budget_min": BUDGET_MIN,
               "executor_poll_s": POLL_S,
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out.parent.mkdir(parents=True, exist_ok=True)
